@@ -1,0 +1,34 @@
+"""covergate's hot path: one call decides one coverage request, a batch, or a stream message.
+
+The Cython gate (`_gate_c`) is used when it is built; `_gate_py` is the pure-Python reference with
+identical behaviour. COVERGATE_NO_EXTENSIONS=1 forces the reference; COVERGATE_REQUIRE_EXTENSIONS=1
+makes a missing or broken extension a hard error instead of a silent fallback (CI, benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from fastpath import rules
+from fastpath.rules import Keys, Practitioner
+
+__all__ = ["IMPLEMENTATION", "Gate", "Keys", "Practitioner", "rules"]
+
+_NO_EXTENSIONS = os.environ.get("COVERGATE_NO_EXTENSIONS", "") not in ("", "0")
+_REQUIRE_EXTENSIONS = os.environ.get("COVERGATE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+
+if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
+    raise RuntimeError("COVERGATE_NO_EXTENSIONS and COVERGATE_REQUIRE_EXTENSIONS are both set")
+
+if TYPE_CHECKING:
+    from fastpath._gate_py import IMPLEMENTATION, Gate
+elif _NO_EXTENSIONS:
+    from fastpath._gate_py import IMPLEMENTATION, Gate
+else:
+    try:
+        from fastpath._gate_c import IMPLEMENTATION, Gate
+    except ImportError:
+        if _REQUIRE_EXTENSIONS:
+            raise
+        from fastpath._gate_py import IMPLEMENTATION, Gate

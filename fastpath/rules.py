@@ -1,0 +1,473 @@
+"""The domain rules both fast-path implementations share: field formats, keyed hashes, the rights
+record layout, attestation format and the google.rpc error payloads.
+
+Everything here is pure Python and deterministic; the Cython gate re-implements the per-item parts
+in C and is differential-tested against the reference gate that calls these functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+# -- care domains -------------------------------------------------------------------------------
+
+DOMAIN_CODES: dict[str, int] = {
+    "PHAR": 1,
+    "MEDE": 2,
+    "HOSP": 3,
+    "DENT": 4,
+    "OPTI": 5,
+    "AUDI": 6,
+    "LABO": 7,
+    "AUXM": 8,
+    "RADI": 9,
+    "TRAN": 10,
+}
+DOMAIN_NAMES: dict[int, str] = {v: k for k, v in DOMAIN_CODES.items()}
+MAX_DOMAIN = 10
+
+# -- decisions (covergate.v1.Decision) ------------------------------------------------------------
+
+DECISION_UNSPECIFIED = 0
+DECISION_COVERED = 1
+DECISION_NOT_COVERED = 2
+DECISION_NO_MATCH = 3
+
+# -- request fields, by protobuf field number ------------------------------------------------------
+
+F_REQUEST_ID = 1
+F_NIR = 2
+F_NIR_KEY = 3
+F_BIRTH_DATE = 4
+F_BIRTH_RANK = 5
+F_AMC_NUMBER = 6
+F_MEMBER_NUMBER = 7
+F_DOMAIN = 8
+F_CARE_DATE = 9
+
+FIELD_NAMES: dict[int, str] = {
+    F_REQUEST_ID: "request_id",
+    F_NIR: "nir",
+    F_NIR_KEY: "nir_key",
+    F_BIRTH_DATE: "birth_date",
+    F_BIRTH_RANK: "birth_rank",
+    F_AMC_NUMBER: "amc_number",
+    F_MEMBER_NUMBER: "member_number",
+    F_DOMAIN: "domain",
+    F_CARE_DATE: "care_date",
+}
+
+# What a valid value looks like. Never the value that was sent: these go back to the caller.
+FIELD_RULES: dict[int, str] = {
+    F_REQUEST_ID: "at most 64 printable ASCII characters",
+    F_NIR: "13 characters: digits, with 2A or 2B allowed at positions 6-7",
+    F_NIR_KEY: "2 digits equal to 97 - (nir mod 97), 2A counting as 19 and 2B as 18",
+    F_BIRTH_DATE: "YYYYMMDD from 1850 on; day and/or month may be 00",
+    F_BIRTH_RANK: "an integer from 1 to 9",
+    F_AMC_NUMBER: "1 to 10 digits",
+    F_MEMBER_NUMBER: "empty, or 1 to 20 letters and digits",
+    F_DOMAIN: "a CareDomain other than CARE_DOMAIN_UNSPECIFIED",
+    F_CARE_DATE: "empty (today), or a calendar date YYYYMMDD between 1900 and 2199",
+}
+
+MAX_REQUEST_ID = 64
+MAX_MEMBER_NUMBER = 20
+MAX_AMC_NUMBER = 10
+MAX_CONVENTION_TYPE = 16
+
+ERROR_DOMAIN = "covergate.v1"
+
+# -- field checks ----------------------------------------------------------------------------------
+
+_DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def days_in_month(year: int, month: int) -> int:
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _DAYS_IN_MONTH[month - 1]
+
+
+def _digits(s: str) -> bool:
+    # str.isdigit() accepts non-ASCII digits; the contract is ASCII.
+    return s.isascii() and s.isdigit()
+
+
+def valid_request_id(s: str) -> bool:
+    return len(s) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in s)
+
+
+def normalise_nir(s: str) -> str:
+    """Corsican department letters are accepted in either case; everything else is as printed."""
+    return s.upper() if len(s) == 13 else s
+
+
+def valid_nir(nir: str) -> bool:
+    """`nir` already normalised."""
+    if len(nir) != 13 or not nir.isascii():
+        return False
+    if nir[0] not in "123478":
+        return False
+    middle = nir[5:7]
+    if not (_digits(middle) or middle in ("2A", "2B")):
+        return False
+    return _digits(nir[:5]) and _digits(nir[7:])
+
+
+def nir_number(nir: str) -> int:
+    """The integer the key is computed on: 2A counts as 19, 2B as 18."""
+    middle = nir[5:7]
+    if middle == "2A":
+        middle = "19"
+    elif middle == "2B":
+        middle = "18"
+    return int(nir[:5] + middle + nir[7:])
+
+
+def nir_key_for(nir: str) -> int:
+    return 97 - nir_number(nir) % 97
+
+
+def valid_nir_key_format(key: str) -> bool:
+    return len(key) == 2 and _digits(key)
+
+
+def valid_birth_date(s: str) -> bool:
+    """Lunar dates (unknown day and/or month, printed 00) are legitimate birth dates."""
+    if len(s) != 8 or not _digits(s):
+        return False
+    year, month, day = int(s[:4]), int(s[4:6]), int(s[6:])
+    if year < 1850 or month > 12 or day > 31:
+        return False
+    return not (month and day and day > days_in_month(year, month))
+
+
+def valid_calendar_date(s: str, min_year: int = 1900, max_year: int = 2199) -> bool:
+    if len(s) != 8 or not _digits(s):
+        return False
+    year, month, day = int(s[:4]), int(s[4:6]), int(s[6:])
+    if not (min_year <= year <= max_year) or not 1 <= month <= 12:
+        return False
+    return 1 <= day <= days_in_month(year, month)
+
+
+def valid_amc_number(s: str) -> bool:
+    return 1 <= len(s) <= MAX_AMC_NUMBER and _digits(s)
+
+
+def valid_member_number(s: str) -> bool:
+    return len(s) <= MAX_MEMBER_NUMBER and s.isascii() and (s == "" or s.isalnum())
+
+
+def valid_convention_type(s: str) -> bool:
+    return 1 <= len(s) <= MAX_CONVENTION_TYPE and s.isascii() and s.isalnum()
+
+
+def identity_bytes(nir: str, birth_date: str, birth_rank: int) -> bytes:
+    """The normalised identity every keyed hash is computed on (22 ASCII bytes)."""
+    return f"{nir}{birth_date}{birth_rank}".encode("ascii")
+
+
+# -- keyed hashes ----------------------------------------------------------------------------------
+
+# BLAKE2b personalisation strings keep each use of the pepper independent of the others.
+PERSON_STORE = b"cg.store.v1"
+PERSON_MEMBER = b"cg.member.v1"
+PERSON_PSEUDONYM = b"cg.pseudo.v1"
+PERSON_ATTEST = b"cg.attest.v1"
+PERSON_ATTEST_KEY = b"cg.attkey.v1"
+PERSON_FINGERPRINT = b"cg.fprint.v1"
+
+STORAGE_KEY_SIZE = 16
+MEMBER_HASH_SIZE = 16
+PSEUDONYM_SIZE = 8
+BENEFICIARY_TAG_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Everything derived from the pepper. The pepper never leaves this object."""
+
+    pepper: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 16 <= len(self.pepper) <= 64:
+            raise ValueError("the pepper must be 16 to 64 bytes")
+
+    def storage_key(self, identity: bytes) -> bytes:
+        return hashlib.blake2b(
+            identity, digest_size=STORAGE_KEY_SIZE, key=self.pepper, person=PERSON_STORE
+        ).digest()
+
+    def member_hash(self, storage_key: bytes, member_number: str) -> bytes:
+        return hashlib.blake2b(
+            member_number.encode("ascii"),
+            digest_size=MEMBER_HASH_SIZE,
+            key=self.pepper,
+            salt=storage_key,
+            person=PERSON_MEMBER,
+        ).digest()
+
+    def pseudonym(self, identity: bytes) -> bytes:
+        """Beneficiary pseudonym for traces: distinct from, and not linkable to, the storage key."""
+        return hashlib.blake2b(
+            identity, digest_size=PSEUDONYM_SIZE, key=self.pepper, person=PERSON_PSEUDONYM
+        ).digest()
+
+    def beneficiary_tag(self, identity: bytes) -> bytes:
+        return hashlib.blake2b(
+            identity, digest_size=BENEFICIARY_TAG_SIZE, key=self.pepper, person=PERSON_ATTEST
+        ).digest()
+
+    @property
+    def attestation_key(self) -> bytes:
+        return hashlib.blake2b(
+            b"", digest_size=32, key=self.pepper, person=PERSON_ATTEST_KEY
+        ).digest()
+
+    @property
+    def fingerprint(self) -> str:
+        """Recorded with the data so a server started with the wrong pepper refuses to serve."""
+        return hashlib.blake2b(
+            b"", digest_size=16, key=self.pepper, person=PERSON_FINGERPRINT
+        ).hexdigest()
+
+
+# -- rights records --------------------------------------------------------------------------------
+#
+# One LMDB value per beneficiary (storage key), holding every right row of that beneficiary:
+#   u8 version=1, u16 row count, then per row:
+#   u8 domain, u8 rate_percent, u32 start YYYYMMDD, u32 end YYYYMMDD, u8 flags (bit 0: member hash),
+#   u8 amc length, amc bytes, u8 convention length, convention bytes, [16-byte member hash]
+# All integers little-endian. No NIR, birth date or member number appears in it.
+
+RECORD_VERSION = 1
+_ROW_HEAD = struct.Struct("<BBIIBB")
+_REC_HEAD = struct.Struct("<BH")
+FLAG_MEMBER = 1
+
+
+@dataclass(frozen=True)
+class RightRow:
+    domain: int
+    rate_percent: int
+    start: int
+    end: int
+    amc_number: str
+    convention_type: str
+    member_hash: bytes | None
+
+
+def encode_record(rows: list[RightRow]) -> bytes:
+    out = [_REC_HEAD.pack(RECORD_VERSION, len(rows))]
+    for r in rows:
+        amc = r.amc_number.encode("ascii")
+        conv = r.convention_type.encode("ascii")
+        flags = FLAG_MEMBER if r.member_hash is not None else 0
+        out.append(_ROW_HEAD.pack(r.domain, r.rate_percent, r.start, r.end, flags, len(amc)))
+        out.append(amc)
+        out.append(bytes((len(conv),)))
+        out.append(conv)
+        if r.member_hash is not None:
+            out.append(r.member_hash)
+    return b"".join(out)
+
+
+def decode_record(value: bytes) -> list[RightRow]:
+    version, count = _REC_HEAD.unpack_from(value, 0)
+    if version != RECORD_VERSION:
+        raise ValueError("unknown rights record version")
+    pos = _REC_HEAD.size
+    rows = []
+    for _ in range(count):
+        domain, rate, start, end, flags, amc_len = _ROW_HEAD.unpack_from(value, pos)
+        pos += _ROW_HEAD.size
+        amc = value[pos : pos + amc_len].decode("ascii")
+        pos += amc_len
+        conv_len = value[pos]
+        pos += 1
+        conv = value[pos : pos + conv_len].decode("ascii")
+        pos += conv_len
+        member = None
+        if flags & FLAG_MEMBER:
+            member = bytes(value[pos : pos + MEMBER_HASH_SIZE])
+            pos += MEMBER_HASH_SIZE
+        rows.append(RightRow(domain, rate, start, end, amc, conv, member))
+    return rows
+
+
+# -- practitioners as the gate sees them -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Practitioner:
+    """The authenticated caller, resolved from its credential before the gate is called."""
+
+    practitioner_id: str
+    profession: str = ""
+    role: str = "practitioner"
+    amc_numbers: frozenset[str] = frozenset()
+    status: str = "active"
+
+
+# -- attestations ----------------------------------------------------------------------------------
+#
+# base64url(payload || HMAC-SHA256(attestation_key, payload)[:16]) where payload is
+#   u8 version=1, u32 expires (unix seconds), u8 domain, u32 care date YYYYMMDD,
+#   u8 amc length, amc, u8 practitioner id length, practitioner id, 8-byte beneficiary tag.
+# The beneficiary tag is a keyed hash of the identity: the attestation names nobody.
+
+ATTESTATION_VERSION = 1
+ATTESTATION_MAC_SIZE = 16
+_ATT_HEAD = struct.Struct(">BIBIB")
+
+
+def encode_attestation(
+    attestation_key: bytes,
+    *,
+    expires: int,
+    domain: int,
+    care_date: int,
+    amc_number: str,
+    practitioner_id: str,
+    beneficiary_tag: bytes,
+) -> str:
+    amc = amc_number.encode("ascii")
+    pid = practitioner_id.encode("utf-8")
+    payload = b"".join(
+        (
+            _ATT_HEAD.pack(ATTESTATION_VERSION, expires, domain, care_date, len(amc)),
+            amc,
+            bytes((len(pid),)),
+            pid,
+            beneficiary_tag,
+        )
+    )
+    mac = hmac.digest(attestation_key, payload, "sha256")[:ATTESTATION_MAC_SIZE]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True)
+class AttestationClaims:
+    expires: int
+    domain: int
+    care_date: int
+    amc_number: str
+    practitioner_id: str
+    beneficiary_tag: bytes
+
+
+def decode_attestation(attestation_key: bytes, token: str) -> AttestationClaims | str:
+    """The verified claims, or the reason (MALFORMED, TAMPERED) they can't be trusted."""
+    if not token.isascii() or len(token) > 512:
+        return "MALFORMED"
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        return "MALFORMED"
+    if len(raw) < _ATT_HEAD.size + 1 + BENEFICIARY_TAG_SIZE + ATTESTATION_MAC_SIZE:
+        return "MALFORMED"
+    payload, mac = raw[:-ATTESTATION_MAC_SIZE], raw[-ATTESTATION_MAC_SIZE:]
+    expected = hmac.digest(attestation_key, payload, "sha256")[:ATTESTATION_MAC_SIZE]
+    if not hmac.compare_digest(mac, expected):
+        return "TAMPERED"
+    version, expires, domain, care_date, amc_len = _ATT_HEAD.unpack_from(payload, 0)
+    if version != ATTESTATION_VERSION:
+        return "MALFORMED"
+    pos = _ATT_HEAD.size
+    amc = payload[pos : pos + amc_len].decode("ascii")
+    pos += amc_len
+    pid_len = payload[pos]
+    pos += 1
+    pid = payload[pos : pos + pid_len].decode("utf-8")
+    pos += pid_len
+    tag = payload[pos:]
+    if len(tag) != BENEFICIARY_TAG_SIZE:
+        return "MALFORMED"
+    return AttestationClaims(expires, domain, care_date, amc, pid, tag)
+
+
+# -- google.rpc error payloads ---------------------------------------------------------------------
+#
+# Built once per distinct error and cached: the set is small (a bit mask of invalid fields, a few
+# reasons) and both gates return these exact bytes, so their errors cannot drift apart.
+
+OK = code_pb2.OK
+INVALID_ARGUMENT = code_pb2.INVALID_ARGUMENT
+PERMISSION_DENIED = code_pb2.PERMISSION_DENIED
+UNAUTHENTICATED = code_pb2.UNAUTHENTICATED
+RESOURCE_EXHAUSTED = code_pb2.RESOURCE_EXHAUSTED
+UNAVAILABLE = code_pb2.UNAVAILABLE
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def status_bytes(code: int, message: str, *details: object) -> bytes:
+    return status_pb2.Status(
+        code=code, message=message, details=[_pack(d) for d in details]
+    ).SerializeToString()
+
+
+@lru_cache(maxsize=1024)
+def invalid_fields_status(mask: int) -> bytes:
+    """INVALID_ARGUMENT for the fields whose bit (1 << field number) is set in `mask`."""
+    names = [n for f, n in FIELD_NAMES.items() if mask & (1 << f)]
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=FIELD_NAMES[f], description=FIELD_RULES[f])
+        for f in FIELD_NAMES
+        if mask & (1 << f)
+    ]
+    return status_bytes(
+        INVALID_ARGUMENT,
+        "invalid field(s): " + ", ".join(names),
+        error_details_pb2.BadRequest(field_violations=violations),
+    )
+
+
+@lru_cache(maxsize=8)
+def malformed_message_status(what: str) -> bytes:
+    return status_bytes(
+        INVALID_ARGUMENT,
+        f"the request is not a valid {what} message",
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="", description=f"a serialized covergate.v1.{what}"
+                )
+            ]
+        ),
+    )
+
+
+@lru_cache(maxsize=8)
+def batch_too_large_status(max_items: int) -> bytes:
+    return status_bytes(
+        INVALID_ARGUMENT,
+        f"a batch holds at most {max_items} items",
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="items", description=f"at most {max_items} items"
+                )
+            ]
+        ),
+    )
+
+
+@lru_cache(maxsize=64)
+def error_info_status(code: int, reason: str, message: str) -> bytes:
+    return status_bytes(
+        code, message, error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    )

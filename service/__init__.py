@@ -1,0 +1,1 @@
+"""covergate service: gRPC server, authentication, store, importer, telemetry, configuration, CLI."""
