@@ -171,6 +171,11 @@ def valid_convention_type(s: str) -> bool:
     return 1 <= len(s) <= MAX_CONVENTION_TYPE and s.isascii() and s.isalnum()
 
 
+def valid_practitioner_id(s: str) -> bool:
+    """RPPS (11 digits), ADELI or FINESS (9 digits): 9 to 14 digits."""
+    return 9 <= len(s) <= 14 and _digits(s)
+
+
 def identity_bytes(nir: str, birth_date: str, birth_rank: int) -> bytes:
     """The normalised identity every keyed hash is computed on (22 ASCII bytes)."""
     return f"{nir}{birth_date}{birth_rank}".encode("ascii")

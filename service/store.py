@@ -1,0 +1,276 @@
+"""The covergate store: one LMDB environment holding rights (keyed by pseudonym), practitioners,
+credentials (token hashes only) and metadata.
+
+Every change is one LMDB write transaction, so readers see the old data or the new, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from service.config import StoreSettings
+
+SCHEMA_VERSION = 1
+STORE_SUBDIR = "store"
+
+DB_RIGHTS = b"rights"
+DB_PRACTITIONERS = b"practitioners"
+DB_CREDENTIALS = b"credentials"
+DB_META = b"meta"
+
+# meta keys
+META_SCHEMA = b"schema_version"
+META_DATASET = b"dataset"  # JSON: dataset id, import time, counts
+META_PEPPER = b"pepper_fingerprint"
+META_GENERATION = b"generation"  # bumped by every change to practitioners or credentials
+
+
+@dataclass
+class PractitionerRecord:
+    practitioner_id: str
+    profession: str
+    amc_numbers: list[str]
+    status: str = "active"  # active | suspended | revoked
+    suspension_reason: str = ""
+    updated_at: float = 0.0
+    quota: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PractitionerRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class CredentialRecord:
+    """A bearer token, stored as the SHA-256 of its secret part; the token itself is never kept."""
+
+    token_id: str
+    practitioner_id: str
+    role: str
+    secret_sha256: str
+    created_at: float
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CredentialRecord:
+        return cls(**json.loads(raw))
+
+
+class StoreError(Exception):
+    """The data dir cannot be opened or is not a covergate store of a supported version."""
+
+
+class Store:
+    """One open LMDB environment. Open it after fork: LMDB handles do not survive fork."""
+
+    def __init__(self, data_dir: Path, settings: StoreSettings | None = None) -> None:
+        settings = settings or StoreSettings()
+        self.data_dir = Path(data_dir)
+        path = self.data_dir / STORE_SUBDIR
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=settings.map_size,
+                max_dbs=8,
+                max_readers=settings.max_readers,
+                readahead=False,  # random point reads: readahead only pollutes the page cache
+                meminit=False,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the store in {path}: {exc}") from exc
+        with self.env.begin(write=True) as txn:
+            self.rights_db = self.env.open_db(DB_RIGHTS, txn=txn)
+            self.practitioners_db = self.env.open_db(DB_PRACTITIONERS, txn=txn)
+            self.credentials_db = self.env.open_db(DB_CREDENTIALS, txn=txn)
+            self.meta_db = self.env.open_db(DB_META, txn=txn)
+            schema = txn.get(META_SCHEMA, db=self.meta_db)
+            if schema is None:
+                txn.put(META_SCHEMA, str(SCHEMA_VERSION).encode(), db=self.meta_db)
+            elif int(schema) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store in {path} has schema {int(schema)}, this covergate reads "
+                    f"{SCHEMA_VERSION}"
+                )
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    def dataset(self) -> dict[str, Any] | None:
+        """What the last rights import recorded, or None when no rights are loaded yet."""
+        with self.env.begin(db=self.meta_db) as txn:
+            raw = txn.get(META_DATASET)
+        return json.loads(raw) if raw else None
+
+    def pepper_fingerprint(self) -> str | None:
+        with self.env.begin(db=self.meta_db) as txn:
+            raw = txn.get(META_PEPPER)
+        return raw.decode() if raw else None
+
+    def check_pepper(self, txn: lmdb.Transaction, fingerprint: str) -> None:
+        """Refuse to mix hashes made with two peppers: they would silently never match."""
+        stored = txn.get(META_PEPPER, db=self.meta_db)
+        if stored is None:
+            txn.put(META_PEPPER, fingerprint.encode(), db=self.meta_db)
+        elif stored.decode() != fingerprint:
+            raise StoreError(
+                "this pepper is not the one the store was built with (fingerprints differ)"
+            )
+
+    def generation(self, txn: lmdb.Transaction | None = None) -> int:
+        if txn is None:
+            with self.env.begin(db=self.meta_db) as own:
+                raw = own.get(META_GENERATION)
+        else:
+            raw = txn.get(META_GENERATION, db=self.meta_db)
+        return int(raw) if raw else 0
+
+    def _bump_generation(self, txn: lmdb.Transaction) -> None:
+        txn.put(META_GENERATION, str(self.generation(txn) + 1).encode(), db=self.meta_db)
+
+    def counts(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return {
+                "beneficiaries": txn.stat(self.rights_db)["entries"],
+                "practitioners": txn.stat(self.practitioners_db)["entries"],
+                "credentials": txn.stat(self.credentials_db)["entries"],
+            }
+
+    # -- rights ------------------------------------------------------------------------------------
+
+    def write_rights(
+        self,
+        records: Iterable[tuple[bytes, bytes]],
+        *,
+        replace: bool,
+        pepper_fingerprint: str,
+        dataset: dict[str, Any],
+    ) -> None:
+        """Write (storage key, record) pairs in one transaction: all visible at once, or none.
+
+        With `replace`, every previous right goes; records must then come sorted by key.
+        """
+        with self.env.begin(write=True) as txn:
+            self.check_pepper(txn, pepper_fingerprint)
+            if replace:
+                txn.drop(self.rights_db, delete=False)
+                with txn.cursor(self.rights_db) as cursor:
+                    for key, value in records:
+                        cursor.put(key, value, append=True)
+            else:
+                for key, value in records:
+                    txn.put(key, value, db=self.rights_db)
+            dataset = dict(dataset, beneficiaries=txn.stat(self.rights_db)["entries"])
+            txn.put(META_DATASET, json.dumps(dataset).encode(), db=self.meta_db)
+
+    def get_rights(self, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        with self.env.begin(db=self.rights_db) as txn:
+            return {k: v for k in keys if (v := txn.get(k)) is not None}
+
+    # -- practitioners -----------------------------------------------------------------------------
+
+    def practitioner(
+        self, practitioner_id: str, txn: lmdb.Transaction | None = None
+    ) -> PractitionerRecord | None:
+        if txn is None:
+            with self.env.begin(db=self.practitioners_db) as own:
+                raw = own.get(practitioner_id.encode())
+        else:
+            raw = txn.get(practitioner_id.encode(), db=self.practitioners_db)
+        return PractitionerRecord.from_bytes(raw) if raw else None
+
+    def practitioners(self) -> Iterator[PractitionerRecord]:
+        with self.env.begin(db=self.practitioners_db) as txn:
+            for _, raw in txn.cursor():
+                yield PractitionerRecord.from_bytes(raw)
+
+    def write_practitioners(self, records: Iterable[PractitionerRecord], *, replace: bool) -> None:
+        """Replace or upsert practitioners. A replace keeps the suspension of one still listed:
+        an automatic suspension must be lifted by a human, not by the next nightly import."""
+        now = time.time()
+        with self.env.begin(write=True) as txn:
+            previous = {}
+            if replace:
+                previous = {
+                    k.decode(): PractitionerRecord.from_bytes(v)
+                    for k, v in txn.cursor(self.practitioners_db)
+                }
+                txn.drop(self.practitioners_db, delete=False)
+            for rec in records:
+                old = previous.get(rec.practitioner_id) or self.practitioner(rec.practitioner_id, txn)
+                if old is not None and old.status == "suspended" and rec.status == "active":
+                    rec.status, rec.suspension_reason = old.status, old.suspension_reason
+                rec.updated_at = now
+                txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
+            self._bump_generation(txn)
+
+    def update_practitioner(self, practitioner_id: str, **changes: Any) -> PractitionerRecord:
+        with self.env.begin(write=True) as txn:
+            rec = self.practitioner(practitioner_id, txn)
+            if rec is None:
+                raise KeyError(practitioner_id)
+            for name, value in changes.items():
+                setattr(rec, name, value)
+            rec.updated_at = time.time()
+            txn.put(practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
+            self._bump_generation(txn)
+        return rec
+
+    # -- credentials -------------------------------------------------------------------------------
+
+    def credential(
+        self, token_id: str, txn: lmdb.Transaction | None = None
+    ) -> CredentialRecord | None:
+        if txn is None:
+            with self.env.begin(db=self.credentials_db) as own:
+                raw = own.get(token_id.encode())
+        else:
+            raw = txn.get(token_id.encode(), db=self.credentials_db)
+        return CredentialRecord.from_bytes(raw) if raw else None
+
+    def add_credential(self, record: CredentialRecord) -> None:
+        with self.env.begin(write=True) as txn:
+            if not txn.put(
+                record.token_id.encode(), record.to_bytes(), db=self.credentials_db, overwrite=False
+            ):
+                raise StoreError("token id collision; create the token again")
+            self._bump_generation(txn)
+
+    def revoke_credentials(self, practitioner_id: str) -> int:
+        """Delete every token of a practitioner; returns how many there were."""
+        with self.env.begin(write=True) as txn:
+            doomed = [
+                k
+                for k, v in txn.cursor(self.credentials_db)
+                if CredentialRecord.from_bytes(v).practitioner_id == practitioner_id
+            ]
+            for k in doomed:
+                txn.delete(k, db=self.credentials_db)
+            self._bump_generation(txn)
+        return len(doomed)
+
+
+def data_files(data_dir: Path) -> list[Path]:
+    """Every file under the data dir (for audits and the no-personal-data test)."""
+    return [Path(root) / name for root, _, names in os.walk(data_dir) for name in names]
