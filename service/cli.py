@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastpath.rules import DOMAIN_CODES
 from service.config import ConfigError, PepperError, load_config, load_pepper, resolve_data_dir
+from service.store import StoreError
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -151,10 +152,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lines.append(f"TOKEN_{p.profession.upper()}={token}  # {p.practitioner_id}")
     lines.append(f"TOKEN_CLAIMS={claims_token}  # claims system 900000001")
     lines.append("# Synthetic identities to try (label: decision expected today):")
-    pharmacist = next(t for p, t in tokens if p.profession == "pharmacist")
-    hospital = next(t for p, t in tokens if p.profession == "hospital")
     for ex in files.examples:
-        token = pharmacist if ex.domain == "PHAR" else hospital
+        # A token whose profession may check the example's domain.
+        token = next(t for p, t in tokens if ex.domain in config.profession_domains[p.profession])
         check = [
             "covergate", "check", "--insecure", "--token", token,
             "--nir", ex.nir, "--nir-key", ex.nir_key, "--birth-date", ex.birth_date,
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, PepperError) as exc:
+    except (ConfigError, PepperError, StoreError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fastpath.rules import DOMAIN_CODES
+
 # Profession -> care domains it may check (CSV codes). Overridable under [professions.NAME].
 DEFAULT_PROFESSION_DOMAINS: dict[str, tuple[str, ...]] = {
     "pharmacist": ("PHAR",),
@@ -87,11 +89,26 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     domains = dict(DEFAULT_PROFESSION_DOMAINS)
-    for name, section in raw.get("professions", {}).items():
+    professions = raw.get("professions", {})
+    if not isinstance(professions, dict):
+        raise ConfigError("[professions] must hold one table per profession")
+    for name, section in professions.items():
         if name not in domains:
             raise ConfigError(f"[professions.{name}] is not a known profession")
+        if not isinstance(section, dict):
+            raise ConfigError(f"[professions.{name}] must be a table")
+        unknown_keys = set(section) - {"domains"}
+        if unknown_keys:
+            raise ConfigError(
+                f"[professions.{name}] has no setting {', '.join(sorted(unknown_keys))}"
+            )
         if "domains" in section:
-            domains[name] = tuple(section["domains"])
+            codes = section["domains"]
+            if not isinstance(codes, list) or not all(c in DOMAIN_CODES for c in codes):
+                raise ConfigError(
+                    f"[professions.{name}] domains must be a list of: {', '.join(DOMAIN_CODES)}"
+                )
+            domains[name] = tuple(codes)
     return Config(
         server=_section(ServerSettings, raw.get("server", {}), "server"),
         store=_section(StoreSettings, raw.get("store", {}), "store"),

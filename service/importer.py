@@ -94,7 +94,7 @@ def _open_csv(path: Path, progress: bool | None) -> Iterator[IO[str]]:
     size = path.stat().st_size
     show = progress if progress is not None else (size >= PROGRESS_MIN_BYTES)
     if not show:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             yield f
         return
     bar = Progress(
@@ -106,8 +106,27 @@ def _open_csv(path: Path, progress: bool | None) -> Iterator[IO[str]]:
         console=Console(stderr=True),
         transient=False,
     )
-    with bar, bar.open(path, "r", encoding="utf-8", newline="", description=f"validating {path.name}") as f:
+    with bar, bar.open(
+        path,
+        "r",
+        encoding="utf-8",
+        errors="surrogateescape",
+        newline="",
+        description=f"validating {path.name}",
+    ) as f:
         yield f
+
+
+def _undecodable(row: list[str]) -> bool:
+    """Bytes that are not UTF-8 arrive as lone surrogates (surrogateescape), on their own line."""
+    text = "".join(row)
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _rows(
@@ -119,8 +138,11 @@ def _rows(
     except StopIteration:
         errors.append(RowError(1, "", "the file is empty; a header line is required"))
         return
-    except (csv.Error, UnicodeDecodeError):
-        errors.append(RowError(1, "", "the header is not valid UTF-8 CSV"))
+    except csv.Error:
+        errors.append(RowError(1, "", "the header is not valid CSV"))
+        return
+    if _undecodable(header):
+        errors.append(RowError(1, "", "the header is not valid UTF-8"))
         return
     header = [h.strip().lstrip("\ufeff") for h in header]
     if tuple(header) != columns:
@@ -134,10 +156,10 @@ def _rows(
         except csv.Error:
             errors.append(RowError(reader.line_num, "", "not valid CSV"))
             return
-        except UnicodeDecodeError:
-            errors.append(RowError(reader.line_num + 1, "", "not valid UTF-8"))
-            return
         if not row:
+            continue
+        if _undecodable(row):
+            errors.append(RowError(reader.line_num, "", "not valid UTF-8"))
             continue
         if len(row) != len(columns):
             errors.append(

@@ -88,7 +88,9 @@ class Store:
                 max_dbs=8,
                 max_readers=settings.max_readers,
                 readahead=False,  # random point reads: readahead only pollutes the page cache
-                meminit=False,
+                # meminit stays on: without it LMDB writes leftover heap bytes (the CSV being
+                # imported, identities included) into the unused part of pages.
+                mode=0o600,
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open the store in {path}: {exc}") from exc
@@ -219,8 +221,11 @@ class Store:
                 txn.drop(self.practitioners_db, delete=False)
             for rec in records:
                 old = previous.get(rec.practitioner_id) or self.practitioner(rec.practitioner_id, txn)
-                if old is not None and old.status == "suspended" and rec.status == "active":
-                    rec.status, rec.suspension_reason = old.status, old.suspension_reason
+                if old is not None:
+                    if old.status == "suspended" and rec.status == "active":
+                        rec.status, rec.suspension_reason = old.status, old.suspension_reason
+                    # Overrides are set by administrators, not by the practitioners file.
+                    rec.quota = rec.quota or old.quota
                 rec.updated_at = now
                 txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
             self._bump_generation(txn)
