@@ -31,6 +31,23 @@ DEFAULT_PROFESSION_DOMAINS: dict[str, tuple[str, ...]] = {
 PROFESSIONS: tuple[str, ...] = tuple(DEFAULT_PROFESSION_DOMAINS)
 
 
+# Default quota profile per profession, over QuotaSettings' base values. A pharmacy sees a few
+# hundred patients a day and checks some of them several times; a hospital credential serves a
+# whole admissions desk. Overridable under [professions.NAME.quota] and per practitioner.
+DEFAULT_PROFESSION_QUOTAS: dict[str, dict[str, int]] = {
+    "pharmacist": {"rate_per_minute": 60, "burst": 40, "daily_limit": 3000, "distinct_limit": 1500},
+    "physician": {"rate_per_minute": 20, "burst": 20, "daily_limit": 600, "distinct_limit": 300},
+    "dentist": {"rate_per_minute": 20, "burst": 20, "daily_limit": 400, "distinct_limit": 200},
+    "optician": {"rate_per_minute": 20, "burst": 20, "daily_limit": 400, "distinct_limit": 200},
+    "audiologist": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
+    "laboratory": {"rate_per_minute": 120, "burst": 60, "daily_limit": 6000, "distinct_limit": 3000},
+    "radiology": {"rate_per_minute": 60, "burst": 40, "daily_limit": 2000, "distinct_limit": 1000},
+    "paramedical": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
+    "hospital": {"rate_per_minute": 300, "burst": 150, "daily_limit": 20000, "distinct_limit": 3000},
+    "transport": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     listen: str = "127.0.0.1:50051"
@@ -50,12 +67,53 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    # Credentials accepted: "token" (authorization: Bearer), "certificate" (mTLS client cert).
+    methods: list[str] = field(default_factory=lambda: ["token", "certificate"])
+    # Refuse client certificates whose fingerprint is not registered for their practitioner.
+    pin_certificates: bool = False
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """Base quota values; each profession's defaults and each practitioner's overrides apply on top."""
+
+    rate_per_minute: int = 60
+    burst: int = 30
+    daily_limit: int = 2000
+    distinct_limit: int = 600
+    guard_window: int = 40
+    guard_min_lookups: int = 20
+    guard_bad_percent: int = 50
+    shadow: list[str] = field(default_factory=list)  # rules in shadow mode: rate, daily, ...
+    slots: int = 16384  # practitioners the shared quota file has room for (sparse file)
+
+
+QUOTA_FIELDS = (
+    "rate_per_minute", "burst", "daily_limit", "distinct_limit",
+    "guard_window", "guard_min_lookups", "guard_bad_percent", "shadow",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
     profession_domains: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_PROFESSION_DOMAINS)
     )
+    profession_quotas: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFESSION_QUOTAS.items()}
+    )
+
+    def quota_values(self, profession: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Base values, then the profession's, then the practitioner's overrides."""
+        values = {name: getattr(self.quota, name) for name in QUOTA_FIELDS}
+        values.update(self.profession_quotas.get(profession, {}))
+        values.update(overrides or {})
+        return values
 
 
 class ConfigError(Exception):
@@ -63,6 +121,8 @@ class ConfigError(Exception):
 
 
 def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
     known = {f.name: f for f in fields(cls)}
     values = {}
     for key, value in raw.items():
@@ -77,6 +137,21 @@ def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
     return replace(cls(), **values)
 
 
+def check_quota_overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Quota overrides (config table, CLI or import): known names, right types."""
+    for key, value in values.items():
+        if key not in QUOTA_FIELDS:
+            raise ConfigError(f"{where} has no quota setting {key!r}")
+        if key == "shadow":
+            if not isinstance(value, list) or not all(
+                v in ("rate", "daily", "distinct", "guard") for v in value
+            ):
+                raise ConfigError(f"{where} shadow must list some of: rate, daily, distinct, guard")
+        elif type(value) is not int or value < 1:
+            raise ConfigError(f"{where} {key} must be a positive integer")
+    return values
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
@@ -85,10 +160,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    unknown = set(raw) - {"server", "store", "professions"}
+    unknown = set(raw) - {"server", "store", "auth", "quota", "professions"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     domains = dict(DEFAULT_PROFESSION_DOMAINS)
+    quotas = {k: dict(v) for k, v in DEFAULT_PROFESSION_QUOTAS.items()}
     professions = raw.get("professions", {})
     if not isinstance(professions, dict):
         raise ConfigError("[professions] must hold one table per profession")
@@ -97,7 +173,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError(f"[professions.{name}] is not a known profession")
         if not isinstance(section, dict):
             raise ConfigError(f"[professions.{name}] must be a table")
-        unknown_keys = set(section) - {"domains"}
+        unknown_keys = set(section) - {"domains", "quota"}
         if unknown_keys:
             raise ConfigError(
                 f"[professions.{name}] has no setting {', '.join(sorted(unknown_keys))}"
@@ -109,11 +185,26 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
                     f"[professions.{name}] domains must be a list of: {', '.join(DOMAIN_CODES)}"
                 )
             domains[name] = tuple(codes)
-    return Config(
+        if "quota" in section:
+            if not isinstance(section["quota"], dict):
+                raise ConfigError(f"[professions.{name}.quota] must be a table")
+            quotas[name].update(
+                check_quota_overrides(section["quota"], f"[professions.{name}.quota]")
+            )
+    config = Config(
         server=_section(ServerSettings, raw.get("server", {}), "server"),
         store=_section(StoreSettings, raw.get("store", {}), "store"),
+        auth=_section(AuthSettings, raw.get("auth", {}), "auth"),
+        quota=_section(QuotaSettings, raw.get("quota", {}), "quota"),
         profession_domains=domains,
+        profession_quotas=quotas,
     )
+    bad_methods = set(config.auth.methods) - {"token", "certificate"}
+    if bad_methods or not config.auth.methods:
+        raise ConfigError("[auth] methods must list token and/or certificate")
+    check_quota_overrides({k: getattr(config.quota, k) for k in QUOTA_FIELDS}, "[quota]")
+    return config
+
 
 
 # -- data dir and pepper ---------------------------------------------------------------------------

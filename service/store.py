@@ -31,6 +31,7 @@ META_SCHEMA = b"schema_version"
 META_DATASET = b"dataset"  # JSON: dataset id, import time, counts
 META_PEPPER = b"pepper_fingerprint"
 META_GENERATION = b"generation"  # bumped by every change to practitioners or credentials
+META_NEXT_SLOT = b"next_quota_slot"
 
 
 @dataclass
@@ -41,7 +42,9 @@ class PractitionerRecord:
     status: str = "active"  # active | suspended | revoked
     suspension_reason: str = ""
     updated_at: float = 0.0
-    quota: dict[str, Any] = field(default_factory=dict)
+    quota: dict[str, Any] = field(default_factory=dict)  # per-practitioner overrides
+    cert_fingerprints: list[str] = field(default_factory=list)  # SHA-256 hex, when pinned
+    slot: int = -1  # index of the practitioner's quota slot; stable once given
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -224,11 +227,22 @@ class Store:
                 if old is not None:
                     if old.status == "suspended" and rec.status == "active":
                         rec.status, rec.suspension_reason = old.status, old.suspension_reason
-                    # Overrides are set by administrators, not by the practitioners file.
+                    # Overrides and pins are set by administrators, not by the practitioners file.
                     rec.quota = rec.quota or old.quota
+                    rec.cert_fingerprints = rec.cert_fingerprints or old.cert_fingerprints
+                    rec.slot = old.slot
+                if rec.slot < 0:
+                    rec.slot = self._next_slot(txn)
                 rec.updated_at = now
                 txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
             self._bump_generation(txn)
+
+    def _next_slot(self, txn: lmdb.Transaction) -> int:
+        """Quota slots are never reused: a new practitioner never inherits someone's counters."""
+        raw = txn.get(META_NEXT_SLOT, db=self.meta_db)
+        slot = int(raw) if raw else 0
+        txn.put(META_NEXT_SLOT, str(slot + 1).encode(), db=self.meta_db)
+        return slot
 
     def update_practitioner(self, practitioner_id: str, **changes: Any) -> PractitionerRecord:
         with self.env.begin(write=True) as txn:
