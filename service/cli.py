@@ -99,6 +99,19 @@ def cmd_practitioner(args: argparse.Namespace) -> int:
                 rec = store.update_practitioner(
                     args.practitioner_id, status="active", suspension_reason=""
                 )
+            elif args.action == "pin":
+                fingerprint = (args.fingerprint or "").replace(":", "").lower()
+                if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+                    return _fail("--fingerprint must be a SHA-256 fingerprint in hex", 2)
+                current = store.practitioner(args.practitioner_id)
+                if current is None:
+                    raise KeyError(args.practitioner_id)
+                rec = store.update_practitioner(
+                    args.practitioner_id,
+                    cert_fingerprints=sorted({*current.cert_fingerprints, fingerprint}),
+                )
+            elif args.action == "unpin":
+                rec = store.update_practitioner(args.practitioner_id, cert_fingerprints=[])
             else:
                 rec = store.practitioner(args.practitioner_id)
                 if rec is None:
@@ -109,6 +122,8 @@ def cmd_practitioner(args: argparse.Namespace) -> int:
     print(f"profession    {rec.profession}")
     print(f"insurers      {', '.join(rec.amc_numbers)}")
     print(f"status        {rec.status}" + (f" ({rec.suspension_reason})" if rec.suspension_reason else ""))
+    if rec.cert_fingerprints:
+        print(f"certificates  {', '.join(rec.cert_fingerprints)}")
     return 0
 
 
@@ -296,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("practitioner", parents=[common], help="show, suspend or reinstate")
-    p.add_argument("action", choices=("show", "suspend", "reinstate"))
+    p.add_argument("action", choices=("show", "suspend", "reinstate", "pin", "unpin"))
     p.add_argument("practitioner_id")
     p.add_argument("--reason", help="why (suspend)")
+    p.add_argument("--fingerprint", help="client certificate SHA-256, hex (pin)")
     p.set_defaults(func=cmd_practitioner)
 
     p = sub.add_parser("serve", parents=[common], help="serve gRPC")

@@ -31,7 +31,7 @@ import fastpath
 from covergate.v1 import covergate_pb2
 from fastpath import Keys, Practitioner, rules
 from service.attestation import AttestationVerifier
-from service.auth import AuthFailure, Authenticator
+from service.auth import AuthFailure, Authenticator, peer_certificate
 from service.clock import ParisClock
 from service.config import Config, PepperError, load_pepper
 from service.store import Store
@@ -93,7 +93,9 @@ class CovergateHandlers:
         self._store = store
         self._options = options
         self._settings = options.config.server
-        self._auth = Authenticator(store)
+        self._auth = Authenticator(store, options.config.auth)
+        # Client certificates exist only with --client-ca; otherwise skip the auth context.
+        self._mtls = options.tls is not None and options.tls.client_ca is not None
         self._clock = ParisClock()
         self.gate: Any = None
         self._verifier: AttestationVerifier | None = None
@@ -142,7 +144,8 @@ class CovergateHandlers:
     # -- the common prologue ----------------------------------------------------------------------
 
     def _caller(self, context: grpc.aio.ServicerContext, role: str) -> Practitioner:
-        caller = self._auth.authenticate(context.invocation_metadata(), role)
+        certificate = peer_certificate(context.auth_context()) if self._mtls else None
+        caller = self._auth.authenticate(context.invocation_metadata(), role, certificate)
         if isinstance(caller, AuthFailure):
             raise Refusal(caller.code, caller.status)
         if self.gate is None:

@@ -200,7 +200,9 @@ class RunningServer:
         env: dict[str, str] | None = None,
         wait_serving: bool = True,
         log_path: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.credentials = credentials
         full_env = dict(os.environ, COVERGATE_DATA=str(data_dir), **(env or {}))
         self.log_path = log_path or data_dir.parent / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
@@ -227,8 +229,13 @@ class RunningServer:
         self._log.flush()
         return self.log_path.read_text()
 
+    def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials)
+        return grpc.insecure_channel(self.target)
+
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             return health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2
             ).status
