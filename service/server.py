@@ -100,6 +100,7 @@ class CovergateHandlers:
         self.gate: Any = None
         self._verifier: AttestationVerifier | None = None
         self.health = grpc_health.aio.HealthServicer()
+        self.last_call_started = 0.0
 
     # -- readiness --------------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class CovergateHandlers:
     # -- the common prologue ----------------------------------------------------------------------
 
     def _caller(self, context: grpc.aio.ServicerContext, role: str) -> Practitioner:
+        self.last_call_started = time.monotonic()
         certificate = peer_certificate(context.auth_context()) if self._mtls else None
         caller = self._auth.authenticate(context.invocation_metadata(), role, certificate)
         if isinstance(caller, AuthFailure):
@@ -280,7 +282,13 @@ async def run_worker(
     log.info("worker %d draining (grace %.0fs)", index, settings.shutdown_grace_seconds)
     readiness.cancel()
     await handlers.health.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_seconds)
+    # grpc.aio hands calls to the loop one at a time; calls it has received but not yet started
+    # would be CANCELLED by stop(), and a client cannot tell whether they ran. Keep serving until
+    # no call has started for a moment (load balancers have seen NOT_SERVING by then), then stop.
+    deadline = time.monotonic() + settings.shutdown_grace_seconds
+    while time.monotonic() < deadline and time.monotonic() - handlers.last_call_started < 0.25:
+        await asyncio.sleep(0.05)
+    await server.stop(max(0.0, deadline - time.monotonic()))
     store.close()
     log.info("worker %d stopped", index)
 

@@ -226,7 +226,8 @@ class RunningServer:
             self.wait_health(health_pb2.HealthCheckResponse.SERVING)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def channel(self) -> grpc.Channel:
