@@ -1,0 +1,1055 @@
+"""Cython gate: the decisions, errors and response bytes of the pure-Python reference
+`_gate_py`, byte for byte, with requests parsed and responses encoded in C.
+
+How it stays identical to the reference:
+
+* The hand-written protobuf parser accepts only what it fully understands: one-byte
+  tags of known fields with their proto3 wire types, ASCII strings, varints of at most
+  5 bytes and in range. Anything else is parsed by the generated class (upb), exactly
+  as the reference does; upb's re-serialization of it (unknown fields dropped) is then
+  read by the same parser in "canonical" mode, so what is accepted, and every field
+  value, is upb's by construction.
+* Field rules mirror rules.py one for one; refusals are the cached google.rpc.Status
+  bytes from rules.py. Rights records are read with the reference decoder's tolerance
+  (short slices in the last row); a record that decoder rejects is handed to it so
+  that it raises its own exception.
+* Keyed hashes are hashlib's, with the reference's parameters (pre-keyed copies).
+"""
+
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport (
+    PyUnicode_AsUTF8AndSize,
+    PyUnicode_DecodeASCII,
+    PyUnicode_GET_LENGTH,
+)
+from libc.limits cimport LLONG_MAX, LLONG_MIN
+from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, uint32_t
+from libc.string cimport memcmp, memcpy, memset
+
+import hashlib
+
+from google.protobuf.message import DecodeError
+
+from covergate.v1 import covergate_pb2 as pb
+from fastpath import rules
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+IMPLEMENTATION = "cython"
+
+
+# -- constants (checked against rules.py at import, below)
+
+cdef enum:
+    # covergate.v1.CheckCoverageRequest field numbers (rules.F_*)
+    F_REQUEST_ID = 1
+    F_NIR = 2
+    F_NIR_KEY = 3
+    F_BIRTH_DATE = 4
+    F_BIRTH_RANK = 5
+    F_AMC_NUMBER = 6
+    F_MEMBER_NUMBER = 7
+    F_DOMAIN = 8
+    F_CARE_DATE = 9
+    N_FIELDS = 10
+    STRING_FIELDS = (
+        (1 << F_REQUEST_ID) | (1 << F_NIR) | (1 << F_NIR_KEY) | (1 << F_BIRTH_DATE)
+        | (1 << F_AMC_NUMBER) | (1 << F_MEMBER_NUMBER) | (1 << F_CARE_DATE)
+    )
+
+    WIRE_VARINT = 0
+    WIRE_LEN = 2
+
+    # CheckCoverageResponse tags (field number << 3 | wire type), in field order
+    TAG_REQUEST_ID = 0x0A
+    TAG_DECISION = 0x10
+    TAG_RATE_PERCENT = 0x18
+    TAG_CONVENTION_TYPE = 0x22
+    TAG_RIGHTS_END_DATE = 0x2A
+    TAG_ATTESTATION = 0x32
+    TAG_ERROR = 0x3A
+    # CheckCoverageBatchRequest / ...Response: repeated items = 1
+    TAG_ITEMS = 0x0A
+
+    DECISION_COVERED = 1
+    DECISION_NOT_COVERED = 2
+    DECISION_NO_MATCH = 3
+
+    MAX_REQUEST_ID = 64
+    MAX_AMC_NUMBER = 10
+    MAX_MEMBER_NUMBER = 20
+    MAX_DOMAIN = 10
+    NIR_SIZE = 13
+    BIRTH_DATE_SIZE = 8
+    IDENTITY_SIZE = 22      # NIR, birth date, rank digit (rules.identity_bytes)
+
+    RECORD_VERSION = 1
+    ROW_HEAD_SIZE = 12      # domain, rate, start, end, flags, amc length
+    FLAG_MEMBER = 1
+    MEMBER_HASH_SIZE = 16
+
+    ATTESTATION_VERSION = 1
+    ATTESTATION_MAC_SIZE = 16
+    BENEFICIARY_TAG_SIZE = 8
+    # version, expires, domain, care date, amc (+ length), practitioner id (+ length),
+    # beneficiary tag
+    MAX_ATTESTATION_PAYLOAD = 1 + 4 + 1 + 4 + 1 + 10 + 1 + 255 + 8
+
+    # what _match_rights found
+    MATCH_NONE = 0          # no row for this AMC (and member hash): NO_MATCH
+    MATCH_CLOSED = 1        # rows, none open for the domain and date: NOT_COVERED
+    MATCH_OPEN = 2          # COVERED by the row returned
+
+_SHARED_CONSTANTS = {
+    "F_REQUEST_ID": F_REQUEST_ID,
+    "F_NIR": F_NIR,
+    "F_NIR_KEY": F_NIR_KEY,
+    "F_BIRTH_DATE": F_BIRTH_DATE,
+    "F_BIRTH_RANK": F_BIRTH_RANK,
+    "F_AMC_NUMBER": F_AMC_NUMBER,
+    "F_MEMBER_NUMBER": F_MEMBER_NUMBER,
+    "F_DOMAIN": F_DOMAIN,
+    "F_CARE_DATE": F_CARE_DATE,
+    "DECISION_COVERED": DECISION_COVERED,
+    "DECISION_NOT_COVERED": DECISION_NOT_COVERED,
+    "DECISION_NO_MATCH": DECISION_NO_MATCH,
+    "MAX_REQUEST_ID": MAX_REQUEST_ID,
+    "MAX_AMC_NUMBER": MAX_AMC_NUMBER,
+    "MAX_MEMBER_NUMBER": MAX_MEMBER_NUMBER,
+    "MAX_DOMAIN": MAX_DOMAIN,
+    "RECORD_VERSION": RECORD_VERSION,
+    "FLAG_MEMBER": FLAG_MEMBER,
+    "MEMBER_HASH_SIZE": MEMBER_HASH_SIZE,
+    "ATTESTATION_VERSION": ATTESTATION_VERSION,
+    "ATTESTATION_MAC_SIZE": ATTESTATION_MAC_SIZE,
+    "BENEFICIARY_TAG_SIZE": BENEFICIARY_TAG_SIZE,
+}
+# A change to rules.py that this file does not follow must fail loudly, not drift.
+for _name, _value in _SHARED_CONSTANTS.items():
+    if getattr(rules, _name) != _value:
+        raise ImportError(f"fastpath._gate_c is out of date with rules.{_name}")
+if rules._ROW_HEAD.size != ROW_HEAD_SIZE:
+    raise ImportError("fastpath._gate_c is out of date with the rights record layout")
+
+# Looked up once: these run for every request.
+_Request = pb.CheckCoverageRequest
+_BatchRequest = pb.CheckCoverageBatchRequest
+_invalid_fields_status = rules.invalid_fields_status
+_blake2b = hashlib.blake2b
+_OK = rules.OK
+_INVALID_ARGUMENT = rules.INVALID_ARGUMENT
+# HMAC pads (RFC 2104), built as the stdlib hmac module builds them.
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+cdef const char* _B64URL = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+)
+
+
+# -- output buffer
+#
+# One per call, never shared: py-lmdb and hashlib release the GIL, so two threads may be
+# inside one Gate at once.
+
+cdef struct Buf:
+    unsigned char* data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef int _grow(Buf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t capacity = max(b.size + extra, 2 * b.capacity, 256)
+    cdef void* data = PyMem_Realloc(b.data, capacity)
+    if data == NULL:
+        raise MemoryError()
+    b.data = <unsigned char*>data
+    b.capacity = capacity
+    return 0
+
+
+cdef inline int _reserve(Buf* b, Py_ssize_t extra) except -1:
+    if b.size + extra > b.capacity:
+        _grow(b, extra)
+    return 0
+
+
+cdef inline void _put_varint_unchecked(Buf* b, unsigned long long value) noexcept:
+    while value >= 0x80:
+        b.data[b.size] = <unsigned char>(value | 0x80)
+        b.size += 1
+        value >>= 7
+    b.data[b.size] = <unsigned char>value
+    b.size += 1
+
+
+cdef int _put_varint_field(Buf* b, unsigned char tag,
+                           unsigned long long value) except -1:
+    _reserve(b, 11)
+    b.data[b.size] = tag
+    b.size += 1
+    _put_varint_unchecked(b, value)
+    return 0
+
+
+cdef int _put_len_field(Buf* b, unsigned char tag, const void* src,
+                        Py_ssize_t size) except -1:
+    """Written even when empty (batch items): callers omit empty proto3 strings."""
+    _reserve(b, 11 + size)
+    b.data[b.size] = tag
+    b.size += 1
+    _put_varint_unchecked(b, <unsigned long long>size)
+    if size:
+        memcpy(b.data + b.size, src, size)
+        b.size += size
+    return 0
+
+
+cdef inline object _buf_bytes(const Buf* b):
+    if b.size == 0:
+        return b""
+    return PyBytes_FromStringAndSize(<const char*>b.data, b.size)
+
+
+# -- request parsing
+
+cdef struct Request:
+    # String fields by field number, pointing into the bytes they were parsed from.
+    const unsigned char* text[N_FIELDS]
+    Py_ssize_t size[N_FIELDS]
+    # Only set in canonical mode (upb checked the UTF-8). No rule accepts a non-ASCII
+    # value, not even the NIR's: no non-ASCII character upper-cases into 0-9, A or B.
+    unsigned char non_ascii[N_FIELDS]
+    unsigned long long birth_rank       # uint32
+    long long domain                    # int32 (an open enum)
+
+
+cdef inline bint _read_varint(const unsigned char* p, Py_ssize_t n,
+                              Py_ssize_t* pos, int max_bytes,
+                              unsigned long long* value) noexcept nogil:
+    """False when truncated or longer than max_bytes (then upb says what it means)."""
+    cdef unsigned long long v = 0
+    cdef int shift = 0
+    cdef Py_ssize_t i = pos[0]
+    cdef unsigned char byte
+    while True:
+        if i >= n or shift >= 7 * max_bytes:
+            return False
+        byte = p[i]
+        i += 1
+        v |= <unsigned long long>(byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+    pos[0] = i
+    value[0] = v
+    return True
+
+
+cdef bint _parse_request(const unsigned char* p, Py_ssize_t n, Request* r,
+                         bint canonical) noexcept nogil:
+    """Fill `r` from a serialized CheckCoverageRequest; False when the bytes hold
+    anything this parser does not read exactly as upb does.
+
+    Strict mode (client bytes) also refuses non-ASCII strings, and varints over 5 bytes
+    or out of their field's range. Canonical mode reads upb's own serialization: there
+    non-ASCII strings are flagged, and the 10-byte varints of negative enums are
+    truncated to 32 bits as upb truncates them.
+    """
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t size, i
+    cdef unsigned long long value
+    cdef unsigned char tag, high
+    cdef int field
+    cdef int max_varint = 10 if canonical else 5
+    memset(r, 0, sizeof(Request))
+    while pos < n:
+        tag = p[pos]
+        pos += 1
+        if tag & 0x80:
+            # A multi-byte tag: a field number beyond ours, or an over-long encoding.
+            return False
+        field = tag >> 3
+        if (tag & 7) == WIRE_LEN and (STRING_FIELDS >> field) & 1:
+            if not _read_varint(p, n, &pos, 5, &value):
+                return False
+            if value > <unsigned long long>(n - pos):
+                return False
+            size = <Py_ssize_t>value
+            high = 0
+            for i in range(pos, pos + size):
+                high |= p[i]
+            r.non_ascii[field] = 0
+            if high & 0x80:
+                if not canonical:
+                    return False
+                r.non_ascii[field] = 1
+            # A field seen twice: the last one wins, as in upb.
+            r.text[field] = p + pos
+            r.size[field] = size
+            pos += size
+        elif tag == ((F_BIRTH_RANK << 3) | WIRE_VARINT):
+            if not _read_varint(p, n, &pos, max_varint, &value):
+                return False
+            if canonical:
+                value = <uint32_t>value
+            elif value > UINT32_MAX:
+                return False
+            r.birth_rank = value
+        elif tag == ((F_DOMAIN << 3) | WIRE_VARINT):
+            if not _read_varint(p, n, &pos, max_varint, &value):
+                return False
+            if canonical:
+                r.domain = <int32_t><uint32_t>value
+            elif value > INT32_MAX:
+                return False
+            else:
+                r.domain = <long long>value
+        else:
+            # Unknown field, wire-type mismatch, group, field 0: upb knows best.
+            return False
+    return True
+
+
+cdef bint _next_item(const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos,
+                     const unsigned char** item, Py_ssize_t* size) noexcept nogil:
+    """Step over one `items` entry of a batch (pos < n); False for anything else."""
+    cdef unsigned long long value
+    cdef Py_ssize_t i = pos[0]
+    if p[i] != TAG_ITEMS:
+        return False
+    i += 1
+    if not _read_varint(p, n, &i, 5, &value):
+        return False
+    if value > <unsigned long long>(n - i):
+        return False
+    item[0] = p + i
+    size[0] = <Py_ssize_t>value
+    pos[0] = i + <Py_ssize_t>value
+    return True
+
+
+cdef bint _scan_batch(const unsigned char* p, Py_ssize_t n, bint canonical,
+                      Py_ssize_t* count) noexcept nogil:
+    """Count the items, checking that every one parses: upb accepts or refuses a
+    batch whole, so a single item it must judge sends the whole batch to it."""
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t size
+    cdef const unsigned char* item
+    cdef Request r
+    count[0] = 0
+    while pos < n:
+        if not _next_item(p, n, &pos, &item, &size):
+            return False
+        if not _parse_request(item, size, &r, canonical):
+            return False
+        count[0] += 1
+    return True
+
+
+cdef object _load_request(object request, Request* r):
+    """Parse `request` into `r`. Returns the object whose bytes `r` points into (keep
+    it alive while `r` is used), or None when upb rejects the message."""
+    if type(request) is bytes and _parse_request(
+        <const unsigned char*>PyBytes_AS_STRING(request),
+        PyBytes_GET_SIZE(request), r, False,
+    ):
+        return request
+    try:
+        message = _Request.FromString(request)
+    except DecodeError:
+        return None
+    message.DiscardUnknownFields()
+    canonical = message.SerializeToString()
+    if not _parse_request(<const unsigned char*>PyBytes_AS_STRING(canonical),
+                          PyBytes_GET_SIZE(canonical), r, True):
+        raise AssertionError("upb's serialization of a request was not understood")
+    return canonical
+
+
+# -- field rules (rules.py, field for field)
+
+cdef inline bint _all_digits(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if s[i] < 48 or s[i] > 57:
+            return False
+    return True
+
+
+cdef inline int _number(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """The value of n <= 9 ASCII digits, already checked."""
+    cdef int v = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = v * 10 + (s[i] - 48)
+    return v
+
+
+cdef inline int _days_in_month(int year, int month) noexcept nogil:
+    if month == 2:
+        if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+            return 29
+        return 28
+    if month == 4 or month == 6 or month == 9 or month == 11:
+        return 30
+    return 31
+
+
+cdef bint _valid_birth_date(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    """Lunar dates (day and/or month 00) are legitimate birth dates."""
+    cdef int year, month, day
+    if n != 8 or not _all_digits(s, 8):
+        return False
+    year = _number(s, 4)
+    month = _number(s + 4, 2)
+    day = _number(s + 6, 2)
+    if year < 1850 or month > 12 or day > 31:
+        return False
+    return not (month and day and day > _days_in_month(year, month))
+
+
+cdef bint _valid_calendar_date(const unsigned char* s,
+                               Py_ssize_t n) noexcept nogil:
+    cdef int year, month, day
+    if n != 8 or not _all_digits(s, 8):
+        return False
+    year = _number(s, 4)
+    month = _number(s + 4, 2)
+    day = _number(s + 6, 2)
+    if year < 1900 or year > 2199 or month < 1 or month > 12:
+        return False
+    return 1 <= day <= _days_in_month(year, month)
+
+
+cdef bint _valid_nir(const unsigned char* nir) noexcept nogil:
+    """`nir`: 13 bytes, already upper-cased (rules.normalise_nir)."""
+    cdef unsigned char first = nir[0]
+    if not (first == 49 or first == 50 or first == 51 or first == 52
+            or first == 55 or first == 56):                         # "123478"
+        return False
+    if not (_all_digits(nir + 5, 2)
+            or (nir[5] == 50 and (nir[6] == 65 or nir[6] == 66))):  # 2A, 2B
+        return False
+    return _all_digits(nir, 5) and _all_digits(nir + 7, 6)
+
+
+cdef int _nir_key_for(const unsigned char* nir) noexcept nogil:
+    """97 - (nir mod 97), with 2A counting as 19 and 2B as 18."""
+    cdef unsigned long long number = _number(nir, 5)
+    if nir[6] == 65:
+        number = number * 100 + 19
+    elif nir[6] == 66:
+        number = number * 100 + 18
+    else:
+        number = number * 100 + <unsigned long long>_number(nir + 5, 2)
+    number = number * 1000000 + <unsigned long long>_number(nir + 7, 6)
+    return <int>(97 - number % 97)
+
+
+cdef bint _valid_request_id(const Request* r) noexcept nogil:
+    cdef const unsigned char* s = r.text[F_REQUEST_ID]
+    cdef Py_ssize_t n = r.size[F_REQUEST_ID]
+    cdef Py_ssize_t i
+    if r.non_ascii[F_REQUEST_ID] or n > MAX_REQUEST_ID:
+        return False
+    for i in range(n):
+        if s[i] < 0x20 or s[i] > 0x7E:
+            return False
+    return True
+
+
+cdef unsigned int _invalid_fields(const Request* r, unsigned char* nir,
+                                  long long* care_date) noexcept nogil:
+    """The mask (1 << field number) of the fields breaking rules.FIELD_RULES. Also
+    writes the normalised NIR to `nir`, and the care date asked for to `care_date`
+    (-1 when none was)."""
+    cdef unsigned int bad = 0
+    cdef const unsigned char* s
+    cdef Py_ssize_t n, i
+    cdef bint nir_ok
+    cdef unsigned char c
+
+    if not _valid_request_id(r):
+        bad |= 1 << F_REQUEST_ID
+
+    s = r.text[F_NIR]
+    n = r.size[F_NIR]
+    nir_ok = not r.non_ascii[F_NIR] and n == NIR_SIZE
+    if nir_ok:
+        # Corsican letters in either case: rules.normalise_nir upper-cases 13-character
+        # values (for ASCII, str.upper changes a-z only).
+        for i in range(NIR_SIZE):
+            c = s[i]
+            if 97 <= c <= 122:
+                c -= 32
+            nir[i] = c
+        nir_ok = _valid_nir(nir)
+    if not nir_ok:
+        bad |= 1 << F_NIR
+
+    s = r.text[F_NIR_KEY]
+    n = r.size[F_NIR_KEY]
+    if r.non_ascii[F_NIR_KEY] or n != 2 or not _all_digits(s, 2):
+        bad |= 1 << F_NIR_KEY
+    elif nir_ok and _number(s, 2) != _nir_key_for(nir):
+        bad |= 1 << F_NIR_KEY
+
+    if r.non_ascii[F_BIRTH_DATE] or not _valid_birth_date(
+        r.text[F_BIRTH_DATE], r.size[F_BIRTH_DATE]
+    ):
+        bad |= 1 << F_BIRTH_DATE
+
+    if not 1 <= r.birth_rank <= 9:
+        bad |= 1 << F_BIRTH_RANK
+
+    n = r.size[F_AMC_NUMBER]
+    if (r.non_ascii[F_AMC_NUMBER] or not 1 <= n <= MAX_AMC_NUMBER
+            or not _all_digits(r.text[F_AMC_NUMBER], n)):
+        bad |= 1 << F_AMC_NUMBER
+
+    s = r.text[F_MEMBER_NUMBER]
+    n = r.size[F_MEMBER_NUMBER]
+    if r.non_ascii[F_MEMBER_NUMBER] or n > MAX_MEMBER_NUMBER:
+        bad |= 1 << F_MEMBER_NUMBER
+    else:
+        for i in range(n):
+            c = s[i]
+            if not (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122):
+                bad |= 1 << F_MEMBER_NUMBER
+                break
+
+    if not 1 <= r.domain <= MAX_DOMAIN:
+        bad |= 1 << F_DOMAIN
+
+    care_date[0] = -1
+    n = r.size[F_CARE_DATE]
+    if n:
+        s = r.text[F_CARE_DATE]
+        if r.non_ascii[F_CARE_DATE] or not _valid_calendar_date(s, n):
+            bad |= 1 << F_CARE_DATE
+        else:
+            care_date[0] = _number(s, 8)
+    return bad
+
+
+# -- rights records (layout in rules.py)
+
+cdef struct Right:
+    unsigned int rate_percent
+    long long end
+    const unsigned char* convention
+    Py_ssize_t convention_size
+
+
+cdef inline long long _u32le(const unsigned char* p) noexcept nogil:
+    return <long long>(<uint32_t>p[0] | (<uint32_t>p[1] << 8)
+                       | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24))
+
+
+cdef inline Py_ssize_t _available(Py_ssize_t pos, Py_ssize_t want,
+                                  Py_ssize_t n) noexcept nogil:
+    """How many bytes the Python slice value[pos:pos + want] really holds."""
+    if pos >= n:
+        return 0
+    return want if want <= n - pos else n - pos
+
+
+cdef inline bint _ascii(const unsigned char* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if s[i] & 0x80:
+            return False
+    return True
+
+
+cdef bint _record_is_sound(const unsigned char* v, Py_ssize_t n) noexcept nogil:
+    """False exactly when rules.decode_record raises on this value. Like it, this
+    tolerates a short convention or member hash in the last row, and trailing bytes."""
+    cdef Py_ssize_t pos = 3
+    cdef unsigned int rows, _
+    cdef unsigned char flags, amc_size, convention_size
+    if n < 3 or v[0] != RECORD_VERSION:
+        return False
+    rows = v[1] | (<unsigned int>v[2] << 8)
+    for _ in range(rows):
+        if pos + ROW_HEAD_SIZE > n:
+            return False                        # struct.error
+        flags = v[pos + 10]
+        amc_size = v[pos + 11]
+        pos += ROW_HEAD_SIZE
+        if not _ascii(v + pos, _available(pos, amc_size, n)):
+            return False                        # UnicodeDecodeError
+        pos += amc_size
+        if pos >= n:
+            return False                        # IndexError on the convention length
+        convention_size = v[pos]
+        pos += 1
+        if not _ascii(v + pos, _available(pos, convention_size, n)):
+            return False
+        pos += convention_size
+        if flags & FLAG_MEMBER:
+            pos += MEMBER_HASH_SIZE
+    return True
+
+
+cdef int _match_rights(const unsigned char* v, Py_ssize_t n, const Request* r,
+                       const unsigned char* member_hash, long long care_date,
+                       bint care_exact, object care_object, Right* best) except -1:
+    """Rows matching every factor (the AMC, and the member hash when one was sent);
+    among them, the row open for the domain on the care date that runs longest (the
+    first on a tie), in `best`.
+
+    `v` is a sound record. When the caller's `today` is not an exact int (care_exact
+    false) the date test is made on Python objects, exactly as the reference makes it.
+    """
+    cdef Py_ssize_t pos = 3
+    cdef unsigned int rows = v[1] | (<unsigned int>v[2] << 8)
+    cdef unsigned int _
+    cdef const unsigned char* amc = r.text[F_AMC_NUMBER]
+    cdef Py_ssize_t amc_size = r.size[F_AMC_NUMBER]
+    cdef const unsigned char* row_amc
+    cdef const unsigned char* row_member
+    cdef const unsigned char* convention
+    cdef Py_ssize_t member_size, convention_size
+    cdef unsigned char domain, rate, flags, row_amc_size, row_convention_size
+    cdef long long start, end
+    cdef int found = MATCH_NONE
+    for _ in range(rows):
+        domain = v[pos]
+        rate = v[pos + 1]
+        start = _u32le(v + pos + 2)
+        end = _u32le(v + pos + 6)
+        flags = v[pos + 10]
+        row_amc_size = v[pos + 11]
+        pos += ROW_HEAD_SIZE
+        row_amc = v + pos                   # never short in a sound record
+        pos += row_amc_size
+        row_convention_size = v[pos]
+        pos += 1
+        convention = v + pos                # the last row's may be: sliced as Python
+        convention_size = _available(pos, row_convention_size, n)
+        pos += row_convention_size
+        row_member = NULL
+        member_size = 0
+        if flags & FLAG_MEMBER:
+            row_member = v + pos
+            member_size = _available(pos, MEMBER_HASH_SIZE, n)
+            pos += MEMBER_HASH_SIZE
+
+        if row_amc_size != amc_size or memcmp(row_amc, amc, amc_size) != 0:
+            continue
+        if member_hash != NULL and (
+            member_size != MEMBER_HASH_SIZE
+            or memcmp(row_member, member_hash, MEMBER_HASH_SIZE) != 0
+        ):
+            continue
+        if found == MATCH_NONE:
+            found = MATCH_CLOSED
+        if domain != r.domain:
+            continue
+        if care_exact:
+            if not start <= care_date <= end:
+                continue
+        elif not start <= care_object <= end:
+            continue
+        if found == MATCH_OPEN and end <= best.end:
+            continue
+        found = MATCH_OPEN
+        best.rate_percent = rate
+        best.end = end
+        best.convention = convention
+        best.convention_size = convention_size
+    return found
+
+
+# -- response pieces
+
+cdef int _put_rights_end_date(Buf* out, long long end) except -1:
+    """f"{end:08d}" of a u32."""
+    cdef unsigned char digits[20]
+    cdef int i = 20
+    while end or i > 12:
+        i -= 1
+        digits[i] = <unsigned char>(48 + end % 10)
+        end //= 10
+    return _put_len_field(out, TAG_RIGHTS_END_DATE, digits + i, 20 - i)
+
+
+cdef Py_ssize_t _b64url(const unsigned char* src, Py_ssize_t n,
+                        unsigned char* dst) noexcept nogil:
+    """base64url without padding: urlsafe_b64encode(src).rstrip(b"=")."""
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t j = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
+        dst[j] = _B64URL[v >> 18]
+        dst[j + 1] = _B64URL[(v >> 12) & 63]
+        dst[j + 2] = _B64URL[(v >> 6) & 63]
+        dst[j + 3] = _B64URL[v & 63]
+        i += 3
+        j += 4
+    if n - i == 1:
+        v = <unsigned int>src[i] << 16
+        dst[j] = _B64URL[v >> 18]
+        dst[j + 1] = _B64URL[(v >> 12) & 63]
+        j += 2
+    elif n - i == 2:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
+        dst[j] = _B64URL[v >> 18]
+        dst[j + 1] = _B64URL[(v >> 12) & 63]
+        dst[j + 2] = _B64URL[(v >> 6) & 63]
+        j += 3
+    return j
+
+
+cdef inline void _put_u32be(unsigned char* p, long long v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef long long _clamped(object value) except? -1:
+    """An exact int as a C long long, saturated: its order against any u32 date (all
+    that the gate does with it) is unchanged."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow > 0:
+        return LLONG_MAX
+    if overflow < 0:
+        return LLONG_MIN
+    return v
+
+
+cdef int _put_refusal(Buf* out, const Request* r, bytes status) except -1:
+    """A CheckCoverageResponse with `status` in `error`. As in the reference, the
+    request_id is echoed when the request was read and its request_id is valid."""
+    if r != NULL and r.size[F_REQUEST_ID] and _valid_request_id(r):
+        _put_len_field(out, TAG_REQUEST_ID, r.text[F_REQUEST_ID],
+                       r.size[F_REQUEST_ID])
+    return _put_len_field(out, TAG_ERROR, PyBytes_AS_STRING(status),
+                          PyBytes_GET_SIZE(status))
+
+
+# -- the gate
+
+cdef class Gate:
+    """Decides coverage requests against one LMDB rights database, exactly as
+    fastpath._gate_py.Gate does (see there).
+
+    `today` (YYYYMMDD as an int, Europe/Paris) and `now` (unix seconds) come from the
+    caller so that one clock, controlled by tests, drives every decision.
+    """
+
+    cdef object _env
+    cdef object _rights_db
+    cdef object _keys
+    cdef object _attestation_key
+    # Hash states already keyed: copying one is cheaper than keying a new hash.
+    cdef object _storage_hasher
+    cdef object _tag_hasher
+    cdef object _mac_inner
+    cdef object _mac_outer
+    cdef public object max_batch_items
+    cdef public object attestation_ttl
+    # Store reads performed, for tests proving which refusals never touch the store.
+    cdef public unsigned long long store_reads
+
+    def __init__(self, env, rights_db, keys, *, max_batch_items=500,
+                 attestation_ttl=7 * 86400):
+        self._env = env
+        self._rights_db = rights_db
+        self._keys = keys
+        self._attestation_key = keys.attestation_key
+        self.max_batch_items = max_batch_items
+        self.attestation_ttl = attestation_ttl
+        self.store_reads = 0
+        # The parameters of Keys.storage_key and Keys.beneficiary_tag.
+        self._storage_hasher = _blake2b(
+            digest_size=rules.STORAGE_KEY_SIZE,
+            key=keys.pepper,
+            person=rules.PERSON_STORE,
+        )
+        self._tag_hasher = _blake2b(
+            digest_size=rules.BENEFICIARY_TAG_SIZE,
+            key=keys.pepper,
+            person=rules.PERSON_ATTEST,
+        )
+        # HMAC-SHA256(attestation_key, .) as its two keyed SHA-256 states (RFC 2104).
+        key = self._attestation_key
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._mac_inner = hashlib.sha256(key.translate(_IPAD))
+        self._mac_outer = hashlib.sha256(key.translate(_OPAD))
+
+    # -- entry points
+
+    def check(self, practitioner, request, today, now):
+        """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
+        cdef Request r
+        cdef Buf out
+        owner = _load_request(request, &r)
+        if owner is None:
+            return _INVALID_ARGUMENT, rules.malformed_message_status(
+                "CheckCoverageRequest"
+            )
+        out.data = NULL
+        out.size = out.capacity = 0
+        try:
+            with self._env.begin(db=self._rights_db, buffers=False) as txn:
+                status = self._decide(&r, txn.get, today, practitioner, now, &out)
+            if status is not None:
+                return _INVALID_ARGUMENT, status
+            return _OK, _buf_bytes(&out)
+        finally:
+            PyMem_Free(out.data)
+
+    def check_item(self, practitioner, request, today, now):
+        """A stream message: always a CheckCoverageResponse, refusals in `error`."""
+        cdef Request r
+        cdef Buf out
+        out.data = NULL
+        out.size = out.capacity = 0
+        try:
+            owner = _load_request(request, &r)
+            if owner is None:
+                _put_refusal(&out, NULL,
+                             rules.malformed_message_status("CheckCoverageRequest"))
+                return _buf_bytes(&out)
+            with self._env.begin(db=self._rights_db, buffers=False) as txn:
+                status = self._decide(&r, txn.get, today, practitioner, now, &out)
+            if status is not None:
+                _put_refusal(&out, &r, status)
+            return _buf_bytes(&out)
+        finally:
+            PyMem_Free(out.data)
+
+    def check_batch(self, practitioner, request, today, now):
+        """A batch: (OK, CheckCoverageBatchResponse), or (code, google.rpc.Status)
+        for the whole batch."""
+        cdef Request r
+        cdef Buf out, item
+        cdef Py_ssize_t count = 0
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t n
+        cdef Py_ssize_t size = 0
+        cdef const unsigned char* p
+        cdef const unsigned char* item_bytes = NULL
+        cdef bint canonical = False
+
+        owner = request
+        if type(request) is not bytes or not _scan_batch(
+            <const unsigned char*>PyBytes_AS_STRING(request),
+            PyBytes_GET_SIZE(request), False, &count,
+        ):
+            try:
+                message = _BatchRequest.FromString(request)
+            except DecodeError:
+                return _INVALID_ARGUMENT, rules.malformed_message_status(
+                    "CheckCoverageBatchRequest"
+                )
+            message.DiscardUnknownFields()
+            owner = message.SerializeToString()
+            canonical = True
+            if not _scan_batch(<const unsigned char*>PyBytes_AS_STRING(owner),
+                               PyBytes_GET_SIZE(owner), True, &count):
+                raise AssertionError(
+                    "upb's serialization of a batch was not understood"
+                )
+        if count > self.max_batch_items:
+            return _INVALID_ARGUMENT, rules.batch_too_large_status(
+                self.max_batch_items
+            )
+
+        p = <const unsigned char*>PyBytes_AS_STRING(owner)
+        n = PyBytes_GET_SIZE(owner)
+        out.data = item.data = NULL
+        out.size = out.capacity = item.size = item.capacity = 0
+        try:
+            with self._env.begin(db=self._rights_db, buffers=False) as txn:
+                get = txn.get
+                while pos < n:
+                    # Both succeed: _scan_batch read these same bytes.
+                    _next_item(p, n, &pos, &item_bytes, &size)
+                    _parse_request(item_bytes, size, &r, canonical)
+                    item.size = 0
+                    status = self._decide(&r, get, today, practitioner, now, &item)
+                    if status is not None:
+                        _put_refusal(&item, &r, status)
+                    _put_len_field(&out, TAG_ITEMS, item.data, item.size)
+            return _OK, _buf_bytes(&out)
+        finally:
+            PyMem_Free(out.data)
+            PyMem_Free(item.data)
+
+    # -- one decision
+
+    cdef object _decide(self, const Request* r, object txn_get, object today,
+                        object practitioner, object now, Buf* out):
+        """Write the CheckCoverageResponse for `r` to `out` and return None; or write
+        nothing and return the google.rpc.Status bytes (INVALID_ARGUMENT) refusing it.
+        """
+        cdef unsigned char identity[IDENTITY_SIZE]
+        cdef long long care_date
+        cdef bint care_exact = True
+        cdef unsigned int bad
+        cdef const unsigned char* member_hash = NULL
+        cdef const unsigned char* v
+        cdef Py_ssize_t n
+        cdef int found = MATCH_NONE
+        cdef Right best
+        cdef bytes record
+        memset(&best, 0, sizeof(Right))
+
+        # 1. Validate every field; report all bad fields at once, by name only.
+        bad = _invalid_fields(r, identity, &care_date)
+        if bad:
+            return _invalid_fields_status(bad)
+        if care_date < 0:
+            # No care date: the caller's today, compared in C when it is an exact int.
+            if PyLong_CheckExact(today):
+                care_date = _clamped(today)
+            else:
+                care_exact = False
+
+        # 2. Pseudonymise and read the store: one keyed hash, one LMDB get.
+        memcpy(identity + NIR_SIZE, r.text[F_BIRTH_DATE], BIRTH_DATE_SIZE)
+        identity[IDENTITY_SIZE - 1] = <unsigned char>(48 + r.birth_rank)
+        identity_bytes = PyBytes_FromStringAndSize(<const char*>identity,
+                                                   IDENTITY_SIZE)
+        hasher = self._storage_hasher.copy()
+        hasher.update(identity_bytes)
+        storage_key = hasher.digest()
+        self.store_reads += 1
+        value = txn_get(storage_key)
+
+        # 3. Every factor must match; any miss is the same NO_MATCH.
+        if value is not None:
+            if r.size[F_MEMBER_NUMBER]:
+                member = _blake2b(
+                    PyBytes_FromStringAndSize(
+                        <const char*>r.text[F_MEMBER_NUMBER], r.size[F_MEMBER_NUMBER]
+                    ),
+                    digest_size=MEMBER_HASH_SIZE,
+                    key=self._keys.pepper,
+                    salt=storage_key,
+                    person=rules.PERSON_MEMBER,
+                ).digest()
+                member_hash = <const unsigned char*>PyBytes_AS_STRING(member)
+            record = value
+            v = <const unsigned char*>PyBytes_AS_STRING(record)
+            n = PyBytes_GET_SIZE(record)
+            if not _record_is_sound(v, n):
+                # The reference decoder raises on this value: let it raise its own.
+                rules.decode_record(record)
+                raise AssertionError("a rights record judged unsound was decoded")
+            # 4. Rights open for the domain on the care date; the longest running wins.
+            found = _match_rights(v, n, r, member_hash, care_date, care_exact, today,
+                                  &best)
+
+        if r.size[F_REQUEST_ID]:
+            _put_len_field(out, TAG_REQUEST_ID, r.text[F_REQUEST_ID],
+                           r.size[F_REQUEST_ID])
+        if found == MATCH_NONE:
+            _put_varint_field(out, TAG_DECISION, DECISION_NO_MATCH)
+            return None
+        if found == MATCH_CLOSED:
+            _put_varint_field(out, TAG_DECISION, DECISION_NOT_COVERED)
+            return None
+        _put_varint_field(out, TAG_DECISION, DECISION_COVERED)
+        if best.rate_percent:
+            _put_varint_field(out, TAG_RATE_PERCENT, best.rate_percent)
+        if best.convention_size:
+            _put_len_field(out, TAG_CONVENTION_TYPE, best.convention,
+                           best.convention_size)
+        _put_rights_end_date(out, best.end)
+        self._put_attestation(out, r, care_date if care_exact else today,
+                              identity_bytes, practitioner, now)
+        return None
+
+    cdef int _put_attestation(self, Buf* out, const Request* r, object care_date,
+                              bytes identity_bytes, object practitioner,
+                              object now) except -1:
+        """rules.encode_attestation's token, built here when every value fits its
+        field; otherwise rules.encode_attestation itself runs (and raises as it does).
+        """
+        cdef unsigned char payload[MAX_ATTESTATION_PAYLOAD + ATTESTATION_MAC_SIZE]
+        cdef Py_ssize_t size, pid_size, amc_size, token_size
+        cdef const char* pid
+        cdef const char* token
+        cdef long long expires_c = -1
+        cdef long long care_c = -1
+        # In the order the reference evaluates its arguments.
+        expires = now + self.attestation_ttl
+        practitioner_id = practitioner.practitioner_id
+        hasher = self._tag_hasher.copy()
+        hasher.update(identity_bytes)
+        tag = hasher.digest()
+
+        if PyLong_CheckExact(expires):
+            expires_c = _clamped(expires)
+        if PyLong_CheckExact(care_date):
+            care_c = _clamped(care_date)
+        if not (
+            0 <= expires_c <= UINT32_MAX
+            and 0 <= care_c <= UINT32_MAX
+            and type(practitioner_id) is str
+            and PyUnicode_IS_ASCII(practitioner_id)
+            and PyUnicode_GET_LENGTH(practitioner_id) <= 255
+        ):
+            token_str = rules.encode_attestation(
+                self._attestation_key,
+                expires=expires,
+                domain=r.domain,
+                care_date=care_date,
+                amc_number=PyUnicode_DecodeASCII(
+                    <const char*>r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER], NULL
+                ),
+                practitioner_id=practitioner_id,
+                beneficiary_tag=tag,
+            )
+            token = PyUnicode_AsUTF8AndSize(token_str, &token_size)
+            return _put_len_field(out, TAG_ATTESTATION, token, token_size)
+
+        # u8 version, u32 expires, u8 domain, u32 care date, u8 + amc, u8 + practitioner
+        # id, beneficiary tag; all big-endian (rules._ATT_HEAD).
+        pid = PyUnicode_AsUTF8AndSize(practitioner_id, &pid_size)
+        amc_size = r.size[F_AMC_NUMBER]
+        payload[0] = ATTESTATION_VERSION
+        _put_u32be(payload + 1, expires_c)
+        payload[5] = <unsigned char>r.domain
+        _put_u32be(payload + 6, care_c)
+        payload[10] = <unsigned char>amc_size
+        memcpy(payload + 11, r.text[F_AMC_NUMBER], amc_size)
+        size = 11 + amc_size
+        payload[size] = <unsigned char>pid_size
+        memcpy(payload + size + 1, pid, pid_size)
+        size += 1 + pid_size
+        memcpy(payload + size, PyBytes_AS_STRING(tag), BENEFICIARY_TAG_SIZE)
+        size += BENEFICIARY_TAG_SIZE
+
+        inner = self._mac_inner.copy()
+        inner.update(PyBytes_FromStringAndSize(<const char*>payload, size))
+        outer = self._mac_outer.copy()
+        outer.update(inner.digest())
+        mac = outer.digest()
+        memcpy(payload + size, PyBytes_AS_STRING(mac), ATTESTATION_MAC_SIZE)
+        size += ATTESTATION_MAC_SIZE
+
+        token_size = (size * 4 + 2) // 3
+        _reserve(out, 11 + token_size)
+        out.data[out.size] = TAG_ATTESTATION
+        out.size += 1
+        _put_varint_unchecked(out, <unsigned long long>token_size)
+        out.size += _b64url(payload, size, out.data + out.size)
+        return 0
