@@ -21,7 +21,7 @@ $(PY):
 
 $(STAMP_DEPS): $(PY) pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "setuptools>=69" wheel "Cython==3.3.1" "grpcio-tools>=1.66" "googleapis-common-protos>=1.63"
+	$(BIN)/pip install --quiet "setuptools>=77" wheel "Cython==3.3.1" "grpcio-tools>=1.66" "googleapis-common-protos>=1.63"
 	$(BIN)/pip install --quiet -e '.[test,dev]' --no-build-isolation
 	touch $@
 

@@ -29,15 +29,13 @@ from cpython.unicode cimport (
     PyUnicode_GET_LENGTH,
 )
 from libc.limits cimport LLONG_MAX, LLONG_MIN
-from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, uint32_t
+from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
-
-import hashlib
 
 from google.protobuf.message import DecodeError
 
 from covergate.v1 import covergate_pb2 as pb
-from fastpath import rules
+from fastpath import quota, rules
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
@@ -142,12 +140,8 @@ if rules._ROW_HEAD.size != ROW_HEAD_SIZE:
 _Request = pb.CheckCoverageRequest
 _BatchRequest = pb.CheckCoverageBatchRequest
 _invalid_fields_status = rules.invalid_fields_status
-_blake2b = hashlib.blake2b
 _OK = rules.OK
 _INVALID_ARGUMENT = rules.INVALID_ARGUMENT
-# HMAC pads (RFC 2104), built as the stdlib hmac module builds them.
-_IPAD = bytes(x ^ 0x36 for x in range(256))
-_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 cdef const char* _B64URL = (
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -742,6 +736,92 @@ cdef int _put_refusal(Buf* out, const Request* r, bytes status) except -1:
 
 # -- the gate
 
+cdef extern from "cg_blake2b.h" nogil:
+    ctypedef struct cg_blake2b_state:
+        pass
+    void cg_blake2b_init(cg_blake2b_state* s, size_t outlen, const unsigned char* key,
+                         size_t keylen, const unsigned char* salt,
+                         const unsigned char* personal)
+    void cg_blake2b_update(cg_blake2b_state* s, const unsigned char* data, size_t n)
+    void cg_blake2b_final(cg_blake2b_state* s, unsigned char* out)
+
+cdef extern from "cg_sha256.h" nogil:
+    ctypedef struct cg_hmac_sha256_key:
+        pass
+    void cg_hmac_sha256_setkey(cg_hmac_sha256_key* k, const unsigned char* key,
+                               size_t keylen)
+    void cg_hmac_sha256(const cg_hmac_sha256_key* k, const unsigned char* msg, size_t n,
+                        unsigned char* out)
+
+cdef extern from "cg_quota.h" nogil:
+    ctypedef struct cg_slot:
+        uint32_t flags
+        uint32_t guard_fired
+        int64_t tat_ms
+        uint32_t day
+        uint32_t daily_count
+        uint32_t distinct_count
+        uint32_t window_len
+        uint64_t window_bits
+        int64_t suspended_at_ms
+    int cg_lock_range(int fd, long long start, long long length, int lock)
+    void cg_roll_day(cg_slot* s, uint32_t today)
+    int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
+    unsigned int CG_FLAG_SUSPENDED
+
+
+cdef enum:
+    SHADOW_RATE = 1
+    SHADOW_DAILY = 2
+    SHADOW_DISTINCT = 4
+    SHADOW_GUARD = 8
+    PSEUDONYM_SIZE = 8
+    STORAGE_KEY_SIZE = 16
+
+if (quota.SHADOW_RATE, quota.SHADOW_DAILY, quota.SHADOW_DISTINCT, quota.SHADOW_GUARD) != (
+    SHADOW_RATE, SHADOW_DAILY, SHADOW_DISTINCT, SHADOW_GUARD
+) or quota.SLOT_SIZE != sizeof(cg_slot) or quota.SLOT_HEAD != 64:
+    raise ImportError("fastpath._gate_c is out of date with fastpath.quota")
+
+_PERMISSION_DENIED = rules.PERMISSION_DENIED
+_RESOURCE_EXHAUSTED = rules.RESOURCE_EXHAUSTED
+_MAX_DISTINCT_LIMIT = quota.MAX_DISTINCT_LIMIT
+
+
+cdef struct Caller:
+    # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
+    cg_slot* slot
+    long long slot_offset
+    long long now_ms
+    long long interval_ms
+    long long tolerance_ms
+    long long daily_limit
+    long long distinct_limit
+    long long guard_window
+    long long guard_min
+    long long guard_percent
+    long long shadow
+    unsigned long long domains
+    # Set by _decide: the gRPC code of a refusal (0 when answered) and what matched.
+    int code
+    int found
+
+
+cdef inline void _hash(const cg_blake2b_state* keyed, const unsigned char* data,
+                       size_t n, unsigned char* out) noexcept nogil:
+    cdef cg_blake2b_state s = keyed[0]
+    cg_blake2b_update(&s, data, n)
+    cg_blake2b_final(&s, out)
+
+
+cdef inline int _popcount64(uint64_t v) noexcept nogil:
+    return __builtin_popcountll(v)
+
+
+cdef extern from *:
+    int __builtin_popcountll(unsigned long long) nogil
+
+
 cdef class Gate:
     """Decides coverage requests against one LMDB rights database, exactly as
     fastpath._gate_py.Gate does (see there).
@@ -754,18 +834,27 @@ cdef class Gate:
     cdef object _rights_db
     cdef object _keys
     cdef object _attestation_key
-    # Hash states already keyed: copying one is cheaper than keying a new hash.
-    cdef object _storage_hasher
-    cdef object _tag_hasher
-    cdef object _mac_inner
-    cdef object _mac_outer
+    # Keyed BLAKE2b states and the HMAC key schedule, computed once (C, no Python call).
+    cdef cg_blake2b_state _storage_state
+    cdef cg_blake2b_state _pseudonym_state
+    cdef cg_blake2b_state _tag_state
+    cdef cg_hmac_sha256_key _mac_key
+    cdef unsigned char _pepper[64]
+    cdef size_t _pepper_size
+    # The shared quota file (fastpath.quota.QuotaFile) and its mapping.
+    cdef object _quota
+    cdef unsigned char[::1] _quota_map
+    cdef long long _quota_slots
+    cdef int _quota_fd
     cdef public object max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
     cdef public unsigned long long store_reads
+    # Practitioner ids the harvest guard suspended since the caller last emptied this.
+    cdef public list suspensions
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
-                 attestation_ttl=7 * 86400):
+                 attestation_ttl=7 * 86400, quota=None):
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
@@ -773,24 +862,76 @@ cdef class Gate:
         self.max_batch_items = max_batch_items
         self.attestation_ttl = attestation_ttl
         self.store_reads = 0
-        # The parameters of Keys.storage_key and Keys.beneficiary_tag.
-        self._storage_hasher = _blake2b(
-            digest_size=rules.STORAGE_KEY_SIZE,
-            key=keys.pepper,
-            person=rules.PERSON_STORE,
+        self.suspensions = []
+        cdef bytes pepper = keys.pepper
+        self._pepper_size = len(pepper)
+        memcpy(self._pepper, PyBytes_AS_STRING(pepper), self._pepper_size)
+        self._init_state(&self._storage_state, STORAGE_KEY_SIZE, rules.PERSON_STORE)
+        self._init_state(&self._pseudonym_state, PSEUDONYM_SIZE,
+                         rules.PERSON_PSEUDONYM)
+        self._init_state(&self._tag_state, BENEFICIARY_TAG_SIZE, rules.PERSON_ATTEST)
+        cdef bytes attestation_key = self._attestation_key
+        cg_hmac_sha256_setkey(
+            &self._mac_key,
+            <const unsigned char*>PyBytes_AS_STRING(attestation_key),
+            PyBytes_GET_SIZE(attestation_key),
         )
-        self._tag_hasher = _blake2b(
-            digest_size=rules.BENEFICIARY_TAG_SIZE,
-            key=keys.pepper,
-            person=rules.PERSON_ATTEST,
-        )
-        # HMAC-SHA256(attestation_key, .) as its two keyed SHA-256 states (RFC 2104).
-        key = self._attestation_key
-        if len(key) > 64:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._mac_inner = hashlib.sha256(key.translate(_IPAD))
-        self._mac_outer = hashlib.sha256(key.translate(_OPAD))
+        self._quota = quota
+        self._quota_slots = 0
+        self._quota_fd = -1
+        if quota is not None:
+            self._quota_map = quota.map
+            self._quota_slots = quota.slots
+            self._quota_fd = quota.fd
+
+    def close(self):
+        """Let go of the quota file's mapping (so QuotaFile.close() can unmap it)."""
+        self._quota = None
+        self._quota_map = None
+        self._quota_slots = 0
+
+    cdef void _init_state(self, cg_blake2b_state* s, size_t size, bytes person):
+        cdef unsigned char personal[16]
+        memset(personal, 0, 16)
+        memcpy(personal, PyBytes_AS_STRING(person), PyBytes_GET_SIZE(person))
+        cg_blake2b_init(s, size, self._pepper, self._pepper_size, NULL, personal)
+
+    # -- the practitioner's quota slot, locked for the whole call
+
+    cdef int _begin(self, object practitioner, object today, object now,
+                    Caller* c) except -1:
+        cdef object profile
+        cdef long long slot
+        memset(c, 0, sizeof(Caller))
+        c.domains = <unsigned long long>(practitioner.domains & 0xFFFFFFFFFFFFFFFF)
+        if self._quota is None:
+            return 0
+        slot = practitioner.slot
+        profile = practitioner.quota
+        if slot < 0 or profile is None:
+            return 0
+        if slot >= self._quota_slots:
+            raise IndexError("quota slot out of range")
+        c.now_ms = int(now * 1000)
+        c.interval_ms = profile.interval_ms
+        c.tolerance_ms = profile.tolerance_ms
+        c.daily_limit = profile.daily_limit
+        c.distinct_limit = profile.distinct_limit
+        c.guard_window = profile.guard_window
+        c.guard_min = profile.guard_min_lookups
+        c.guard_percent = profile.guard_bad_percent
+        c.shadow = profile.shadow
+        c.slot_offset = quota.HEADER_SIZE + slot * sizeof(cg_slot)
+        if cg_lock_range(self._quota_fd, c.slot_offset, 1, 1) != 0:
+            raise OSError("cannot lock the quota slot")
+        c.slot = <cg_slot*>(&self._quota_map[0] + c.slot_offset)
+        cg_roll_day(c.slot, <uint32_t>today)
+        return 0
+
+    cdef void _end(self, Caller* c) noexcept:
+        if c.slot != NULL:
+            cg_lock_range(self._quota_fd, c.slot_offset, 1, 0)
+            c.slot = NULL
 
     # -- entry points
 
@@ -798,6 +939,7 @@ cdef class Gate:
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
         cdef Request r
         cdef Buf out
+        cdef Caller c
         owner = _load_request(request, &r)
         if owner is None:
             return _INVALID_ARGUMENT, rules.malformed_message_status(
@@ -805,11 +947,17 @@ cdef class Gate:
             )
         out.data = NULL
         out.size = out.capacity = 0
+        amcs = practitioner.amc_numbers
         try:
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
-                status = self._decide(&r, txn.get, today, practitioner, now, &out)
+                self._begin(practitioner, today, now, &c)
+                try:
+                    status = self._decide(&r, txn.get, today, practitioner, now, &out,
+                                          &c, amcs)
+                finally:
+                    self._end(&c)
             if status is not None:
-                return _INVALID_ARGUMENT, status
+                return c.code, status
             return _OK, _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
@@ -818,8 +966,10 @@ cdef class Gate:
         """A stream message: always a CheckCoverageResponse, refusals in `error`."""
         cdef Request r
         cdef Buf out
+        cdef Caller c
         out.data = NULL
         out.size = out.capacity = 0
+        amcs = practitioner.amc_numbers
         try:
             owner = _load_request(request, &r)
             if owner is None:
@@ -827,7 +977,12 @@ cdef class Gate:
                              rules.malformed_message_status("CheckCoverageRequest"))
                 return _buf_bytes(&out)
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
-                status = self._decide(&r, txn.get, today, practitioner, now, &out)
+                self._begin(practitioner, today, now, &c)
+                try:
+                    status = self._decide(&r, txn.get, today, practitioner, now, &out,
+                                          &c, amcs)
+                finally:
+                    self._end(&c)
             if status is not None:
                 _put_refusal(&out, &r, status)
             return _buf_bytes(&out)
@@ -839,6 +994,7 @@ cdef class Gate:
         for the whole batch."""
         cdef Request r
         cdef Buf out, item
+        cdef Caller c
         cdef Py_ssize_t count = 0
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t n
@@ -875,18 +1031,24 @@ cdef class Gate:
         n = PyBytes_GET_SIZE(owner)
         out.data = item.data = NULL
         out.size = out.capacity = item.size = item.capacity = 0
+        amcs = practitioner.amc_numbers
         try:
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
-                while pos < n:
-                    # Both succeed: _scan_batch read these same bytes.
-                    _next_item(p, n, &pos, &item_bytes, &size)
-                    _parse_request(item_bytes, size, &r, canonical)
-                    item.size = 0
-                    status = self._decide(&r, get, today, practitioner, now, &item)
-                    if status is not None:
-                        _put_refusal(&item, &r, status)
-                    _put_len_field(&out, TAG_ITEMS, item.data, item.size)
+                self._begin(practitioner, today, now, &c)
+                try:
+                    while pos < n:
+                        # Both succeed: _scan_batch read these same bytes.
+                        _next_item(p, n, &pos, &item_bytes, &size)
+                        _parse_request(item_bytes, size, &r, canonical)
+                        item.size = 0
+                        status = self._decide(&r, get, today, practitioner, now, &item,
+                                              &c, amcs)
+                        if status is not None:
+                            _put_refusal(&item, &r, status)
+                        _put_len_field(&out, TAG_ITEMS, item.data, item.size)
+                finally:
+                    self._end(&c)
             return _OK, _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
@@ -895,11 +1057,70 @@ cdef class Gate:
     # -- one decision
 
     cdef object _decide(self, const Request* r, object txn_get, object today,
-                        object practitioner, object now, Buf* out):
+                        object practitioner, object now, Buf* out, Caller* c,
+                        object amcs):
         """Write the CheckCoverageResponse for `r` to `out` and return None; or write
-        nothing and return the google.rpc.Status bytes (INVALID_ARGUMENT) refusing it.
+        nothing, set c.code and return the google.rpc.Status bytes refusing it.
         """
+        cdef cg_slot* slot = c.slot
+        cdef long long tat
+        cdef bint bad
+        c.code = 0
+        c.found = MATCH_NONE
+        # 0. A suspended practitioner gets nothing, and its refusals count nowhere.
+        if slot != NULL and slot.flags & CG_FLAG_SUSPENDED:
+            c.code = _PERMISSION_DENIED
+            return rules.PRACTITIONER_SUSPENDED
+
+        # 1. Rate (GCRA) counts every attempt, valid or not.
+        if slot != NULL:
+            tat = slot.tat_ms if slot.tat_ms > c.now_ms else c.now_ms
+            if tat - c.now_ms > c.tolerance_ms:
+                if not c.shadow & SHADOW_RATE:
+                    c.code = _RESOURCE_EXHAUSTED
+                    return rules.quota_status(
+                        rules.REASON_RATE,
+                        rules.rate_retry_seconds(tat - c.tolerance_ms - c.now_ms),
+                    )
+            else:
+                slot.tat_ms = tat + c.interval_ms
+
+        status = self._evaluate(r, txn_get, today, practitioner, now, out, c, amcs)
+
+        # 7. The harvest guard watches the share of NO_MATCH and invalid answers.
+        if slot != NULL and (c.code == 0 or c.code == _INVALID_ARGUMENT):
+            bad = c.code == _INVALID_ARGUMENT or c.found == MATCH_NONE
+            self._guard(c, practitioner, bad)
+        return status
+
+    cdef int _guard(self, Caller* c, object practitioner, bint bad) except -1:
+        cdef cg_slot* slot = c.slot
+        cdef long long n, count
+        cdef uint64_t window
+        slot.window_bits = (slot.window_bits << 1) | (1 if bad else 0)
+        if slot.window_len < 64:
+            slot.window_len += 1
+        n = slot.window_len if slot.window_len < c.guard_window else c.guard_window
+        if n < c.guard_min:
+            return 0
+        window = slot.window_bits if n >= 64 else (
+            slot.window_bits & ((<uint64_t>1 << n) - 1))
+        count = _popcount64(window)
+        if count * 100 >= c.guard_percent * n and not c.shadow & SHADOW_GUARD:
+            slot.flags |= CG_FLAG_SUSPENDED
+            slot.suspended_at_ms = c.now_ms
+            slot.guard_fired += 1
+            self.suspensions.append(practitioner.practitioner_id)
+        return 0
+
+    cdef object _evaluate(self, const Request* r, object txn_get, object today,
+                          object practitioner, object now, Buf* out, Caller* c,
+                          object amcs):
         cdef unsigned char identity[IDENTITY_SIZE]
+        cdef unsigned char digest[STORAGE_KEY_SIZE]
+        cdef unsigned char member_digest[MEMBER_HASH_SIZE]
+        cdef unsigned char personal[16]
+        cdef cg_blake2b_state member_state
         cdef long long care_date
         cdef bint care_exact = True
         cdef unsigned int bad
@@ -907,13 +1128,18 @@ cdef class Gate:
         cdef const unsigned char* v
         cdef Py_ssize_t n
         cdef int found = MATCH_NONE
+        cdef int added = 0
+        cdef bint seen, full, may_add
+        cdef uint64_t fp = 0
+        cdef cg_slot* slot = c.slot
         cdef Right best
         cdef bytes record
         memset(&best, 0, sizeof(Right))
 
-        # 1. Validate every field; report all bad fields at once, by name only.
+        # 2. Validate every field; report all bad fields at once, by name only.
         bad = _invalid_fields(r, identity, &care_date)
         if bad:
+            c.code = _INVALID_ARGUMENT
             return _invalid_fields_status(bad)
         if care_date < 0:
             # No care date: the caller's today, compared in C when it is an exact int.
@@ -922,30 +1148,62 @@ cdef class Gate:
             else:
                 care_exact = False
 
-        # 2. Pseudonymise and read the store: one keyed hash, one LMDB get.
+        # 3. Scope, before anything is counted or read.
+        if not c.domains & (<unsigned long long>1 << r.domain):
+            c.code = _PERMISSION_DENIED
+            return rules.DOMAIN_OUT_OF_SCOPE
+        if amcs is not None and PyUnicode_DecodeASCII(
+            <const char*>r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER], NULL
+        ) not in amcs:
+            c.code = _PERMISSION_DENIED
+            return rules.AMC_OUT_OF_SCOPE
+
         memcpy(identity + NIR_SIZE, r.text[F_BIRTH_DATE], BIRTH_DATE_SIZE)
         identity[IDENTITY_SIZE - 1] = <unsigned char>(48 + r.birth_rank)
-        identity_bytes = PyBytes_FromStringAndSize(<const char*>identity,
-                                                   IDENTITY_SIZE)
-        hasher = self._storage_hasher.copy()
-        hasher.update(identity_bytes)
-        storage_key = hasher.digest()
+
+        # 4. Daily lookups and distinct beneficiaries: check both, then count both.
+        if slot != NULL:
+            if slot.daily_count >= c.daily_limit and not c.shadow & SHADOW_DAILY:
+                c.code = _RESOURCE_EXHAUSTED
+                return rules.quota_status(
+                    rules.REASON_DAILY, rules.day_retry_seconds(today, now)
+                )
+            _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, digest)
+            memcpy(&fp, digest, 8)
+            if fp == 0:
+                fp = 1
+            full = slot.distinct_count >= c.distinct_limit
+            may_add = ((not full) or (c.shadow & SHADOW_DISTINCT) != 0) and (
+                slot.distinct_count < _MAX_DISTINCT_LIMIT)
+            seen = cg_seen_or_add(slot, fp, may_add, &added)
+            if not seen and full and not c.shadow & SHADOW_DISTINCT:
+                c.code = _RESOURCE_EXHAUSTED
+                return rules.quota_status(
+                    rules.REASON_DISTINCT, rules.day_retry_seconds(today, now)
+                )
+            if slot.daily_count < 0xFFFFFFFF:
+                slot.daily_count += 1
+            if added:
+                slot.distinct_count += 1
+
+        # 5. Pseudonymise and read the store: one keyed hash, one LMDB get.
+        _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
+        storage_key = PyBytes_FromStringAndSize(<const char*>digest, STORAGE_KEY_SIZE)
         self.store_reads += 1
         value = txn_get(storage_key)
 
-        # 3. Every factor must match; any miss is the same NO_MATCH.
+        # 6. Every factor must match; any miss is the same NO_MATCH.
         if value is not None:
             if r.size[F_MEMBER_NUMBER]:
-                member = _blake2b(
-                    PyBytes_FromStringAndSize(
-                        <const char*>r.text[F_MEMBER_NUMBER], r.size[F_MEMBER_NUMBER]
-                    ),
-                    digest_size=MEMBER_HASH_SIZE,
-                    key=self._keys.pepper,
-                    salt=storage_key,
-                    person=rules.PERSON_MEMBER,
-                ).digest()
-                member_hash = <const unsigned char*>PyBytes_AS_STRING(member)
+                memset(personal, 0, 16)
+                memcpy(personal, PyBytes_AS_STRING(rules.PERSON_MEMBER),
+                       PyBytes_GET_SIZE(rules.PERSON_MEMBER))
+                cg_blake2b_init(&member_state, MEMBER_HASH_SIZE, self._pepper,
+                                self._pepper_size, digest, personal)
+                cg_blake2b_update(&member_state, r.text[F_MEMBER_NUMBER],
+                                  r.size[F_MEMBER_NUMBER])
+                cg_blake2b_final(&member_state, member_digest)
+                member_hash = member_digest
             record = value
             v = <const unsigned char*>PyBytes_AS_STRING(record)
             n = PyBytes_GET_SIZE(record)
@@ -953,9 +1211,10 @@ cdef class Gate:
                 # The reference decoder raises on this value: let it raise its own.
                 rules.decode_record(record)
                 raise AssertionError("a rights record judged unsound was decoded")
-            # 4. Rights open for the domain on the care date; the longest running wins.
+            # Rights open for the domain on the care date; the longest running wins.
             found = _match_rights(v, n, r, member_hash, care_date, care_exact, today,
                                   &best)
+        c.found = found
 
         if r.size[F_REQUEST_ID]:
             _put_len_field(out, TAG_REQUEST_ID, r.text[F_REQUEST_ID],
@@ -974,27 +1233,27 @@ cdef class Gate:
                            best.convention_size)
         _put_rights_end_date(out, best.end)
         self._put_attestation(out, r, care_date if care_exact else today,
-                              identity_bytes, practitioner, now)
+                              identity, practitioner, now)
         return None
 
     cdef int _put_attestation(self, Buf* out, const Request* r, object care_date,
-                              bytes identity_bytes, object practitioner,
+                              const unsigned char* identity, object practitioner,
                               object now) except -1:
         """rules.encode_attestation's token, built here when every value fits its
         field; otherwise rules.encode_attestation itself runs (and raises as it does).
         """
         cdef unsigned char payload[MAX_ATTESTATION_PAYLOAD + ATTESTATION_MAC_SIZE]
+        cdef unsigned char tag[BENEFICIARY_TAG_SIZE]
+        cdef unsigned char mac[32]
         cdef Py_ssize_t size, pid_size, amc_size, token_size
         cdef const char* pid
         cdef const char* token
         cdef long long expires_c = -1
         cdef long long care_c = -1
         # In the order the reference evaluates its arguments.
-        expires = now + self.attestation_ttl
+        expires = int(now) + self.attestation_ttl
         practitioner_id = practitioner.practitioner_id
-        hasher = self._tag_hasher.copy()
-        hasher.update(identity_bytes)
-        tag = hasher.digest()
+        _hash(&self._tag_state, identity, IDENTITY_SIZE, tag)
 
         if PyLong_CheckExact(expires):
             expires_c = _clamped(expires)
@@ -1016,7 +1275,8 @@ cdef class Gate:
                     <const char*>r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER], NULL
                 ),
                 practitioner_id=practitioner_id,
-                beneficiary_tag=tag,
+                beneficiary_tag=PyBytes_FromStringAndSize(<const char*>tag,
+                                                          BENEFICIARY_TAG_SIZE),
             )
             token = PyUnicode_AsUTF8AndSize(token_str, &token_size)
             return _put_len_field(out, TAG_ATTESTATION, token, token_size)
@@ -1035,15 +1295,11 @@ cdef class Gate:
         payload[size] = <unsigned char>pid_size
         memcpy(payload + size + 1, pid, pid_size)
         size += 1 + pid_size
-        memcpy(payload + size, PyBytes_AS_STRING(tag), BENEFICIARY_TAG_SIZE)
+        memcpy(payload + size, tag, BENEFICIARY_TAG_SIZE)
         size += BENEFICIARY_TAG_SIZE
 
-        inner = self._mac_inner.copy()
-        inner.update(PyBytes_FromStringAndSize(<const char*>payload, size))
-        outer = self._mac_outer.copy()
-        outer.update(inner.digest())
-        mac = outer.digest()
-        memcpy(payload + size, PyBytes_AS_STRING(mac), ATTESTATION_MAC_SIZE)
+        cg_hmac_sha256(&self._mac_key, payload, size, mac)
+        memcpy(payload + size, mac, ATTESTATION_MAC_SIZE)
         size += ATTESTATION_MAC_SIZE
 
         token_size = (size * 4 + 2) // 3

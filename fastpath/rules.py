@@ -14,8 +14,15 @@ import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from google.protobuf import any_pb2
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from fastpath.quota import QuotaProfile
+
+PARIS = ZoneInfo("Europe/Paris")
 
 # -- care domains -------------------------------------------------------------------------------
 
@@ -33,6 +40,7 @@ DOMAIN_CODES: dict[str, int] = {
 }
 DOMAIN_NAMES: dict[int, str] = {v: k for k, v in DOMAIN_CODES.items()}
 MAX_DOMAIN = 10
+ALL_DOMAINS = sum(1 << d for d in DOMAIN_NAMES)
 
 # -- decisions (covergate.v1.Decision) ------------------------------------------------------------
 
@@ -319,8 +327,13 @@ class Practitioner:
     practitioner_id: str
     profession: str = ""
     role: str = "practitioner"
-    amc_numbers: frozenset[str] = frozenset()
+    # Insurers (AMC numbers) the practitioner has an agreement with; None: no agreement check,
+    # for exercising the decision alone in tests. Production callers always carry a set.
+    amc_numbers: frozenset[str] | None = None
     status: str = "active"
+    slot: int = -1  # quota slot in the shared state; -1: no quotas (decision-only tests)
+    domains: int = ALL_DOMAINS  # bit (1 << CareDomain) per domain the profession may check
+    quota: QuotaProfile | None = None
 
 
 # -- attestations ----------------------------------------------------------------------------------
@@ -476,3 +489,58 @@ def error_info_status(code: int, reason: str, message: str) -> bytes:
     return status_bytes(
         code, message, error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
     )
+
+
+# Refusals by reason. Scope and suspension never depend on the request's values.
+REASON_DOMAIN = "DOMAIN_OUT_OF_SCOPE"
+REASON_AMC = "AMC_OUT_OF_SCOPE"
+REASON_SUSPENDED = "PRACTITIONER_SUSPENDED"
+REASON_RATE = "RATE_LIMITED"
+REASON_DAILY = "DAILY_LIMIT"
+REASON_DISTINCT = "DISTINCT_LIMIT"
+
+DOMAIN_OUT_OF_SCOPE = error_info_status(
+    PERMISSION_DENIED, REASON_DOMAIN, "this care domain is outside the practitioner's profession"
+)
+AMC_OUT_OF_SCOPE = error_info_status(
+    PERMISSION_DENIED, REASON_AMC, "the practitioner has no agreement with this insurer"
+)
+PRACTITIONER_SUSPENDED = error_info_status(
+    PERMISSION_DENIED, REASON_SUSPENDED, "the practitioner is suspended"
+)
+
+_QUOTA_TEXT = {
+    REASON_RATE: ("lookups per minute", "too many lookups in a short time"),
+    REASON_DAILY: ("lookups per day", "the daily lookup limit is reached"),
+    REASON_DISTINCT: ("distinct beneficiaries per day", "the daily beneficiary limit is reached"),
+}
+
+
+@lru_cache(maxsize=256)
+def quota_status(reason: str, retry_seconds: int) -> bytes:
+    """RESOURCE_EXHAUSTED with QuotaFailure, a coarse RetryInfo and ErrorInfo."""
+    what, message = _QUOTA_TEXT[reason]
+    return status_bytes(
+        RESOURCE_EXHAUSTED,
+        message,
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject="practitioner", description=what)
+            ]
+        ),
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_seconds)),
+        error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN),
+    )
+
+
+def rate_retry_seconds(wait_ms: int) -> int:
+    """Coarse: whole seconds, at least one."""
+    return max(1, -(-wait_ms // 1000))
+
+
+def day_retry_seconds(today: int, now: float) -> int:
+    """Until the next Paris midnight, rounded up to the hour: coarse on purpose."""
+    day = date(today // 10000, today // 100 % 100, today % 100)
+    midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), PARIS)
+    seconds = max(1, int(midnight.timestamp() - now))
+    return -(-seconds // 3600) * 3600

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastpath.quota import SHADOW_RULES
 from fastpath.rules import DOMAIN_CODES
 from service.config import ConfigError, PepperError, load_config, load_pepper, resolve_data_dir
 from service.store import StoreError
@@ -87,8 +88,17 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_practitioner(args: argparse.Namespace) -> int:
+    from service.clock import ParisClock
+    from service.config import check_quota_overrides
+    from service.quotas import open_quota_file, profile_for, usage
+
+    config = load_config(args.config)
+    data_dir = resolve_data_dir(args.data)
     with _open_store(args) as store:
         try:
+            current = store.practitioner(args.practitioner_id)
+            if current is None:
+                raise KeyError(args.practitioner_id)
             if args.action == "suspend":
                 rec = store.update_practitioner(
                     args.practitioner_id,
@@ -99,31 +109,70 @@ def cmd_practitioner(args: argparse.Namespace) -> int:
                 rec = store.update_practitioner(
                     args.practitioner_id, status="active", suspension_reason=""
                 )
+                if rec.slot >= 0:
+                    quota_file = open_quota_file(data_dir, config)
+                    quota_file.reinstate(rec.slot)
+                    quota_file.close()
             elif args.action == "pin":
                 fingerprint = (args.fingerprint or "").replace(":", "").lower()
                 if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
                     return _fail("--fingerprint must be a SHA-256 fingerprint in hex", 2)
-                current = store.practitioner(args.practitioner_id)
-                if current is None:
-                    raise KeyError(args.practitioner_id)
                 rec = store.update_practitioner(
                     args.practitioner_id,
                     cert_fingerprints=sorted({*current.cert_fingerprints, fingerprint}),
                 )
             elif args.action == "unpin":
                 rec = store.update_practitioner(args.practitioner_id, cert_fingerprints=[])
+            elif args.action == "quota":
+                overrides = dict(current.quota)
+                for item in args.set or ():
+                    name, _, value = item.partition("=")
+                    if name == "shadow":
+                        overrides[name] = [v for v in value.split(",") if v]
+                    elif value.isdigit():
+                        overrides[name] = int(value)
+                    else:
+                        return _fail(f"--set {name}= needs a positive integer", 2)
+                for name in args.unset or ():
+                    overrides.pop(name, None)
+                check_quota_overrides(overrides, "quota override")
+                profile_for(config, current.profession, overrides)  # refuses impossible values
+                rec = store.update_practitioner(args.practitioner_id, quota=overrides)
             else:
-                rec = store.practitioner(args.practitioner_id)
-                if rec is None:
-                    raise KeyError(args.practitioner_id)
+                rec = current
         except KeyError:
             return _fail(f"no practitioner {args.practitioner_id}")
+        except ValueError as exc:
+            return _fail(str(exc), 2)
+    profile = profile_for(config, rec.profession, rec.quota)
     print(f"practitioner  {rec.practitioner_id}")
     print(f"profession    {rec.profession}")
     print(f"insurers      {', '.join(rec.amc_numbers)}")
-    print(f"status        {rec.status}" + (f" ({rec.suspension_reason})" if rec.suspension_reason else ""))
+    print(f"domains       {', '.join(config.profession_domains.get(rec.profession, ()))}")
+    status = rec.status + (f" ({rec.suspension_reason})" if rec.suspension_reason else "")
+    print(f"status        {status}")
     if rec.cert_fingerprints:
         print(f"certificates  {', '.join(rec.cert_fingerprints)}")
+    shadow = [name for name, bit in SHADOW_RULES.items() if profile.shadow & bit]
+    print(
+        f"quota         {profile.rate_per_minute}/min (burst {profile.burst}), "
+        f"{profile.daily_limit}/day, {profile.distinct_limit} distinct/day, guard "
+        f"{profile.guard_bad_percent}% of last {profile.guard_window} "
+        f"(from {profile.guard_min_lookups})"
+        + (f", shadow: {', '.join(shadow)}" if shadow else "")
+        + (f"  [overrides: {', '.join(sorted(rec.quota))}]" if rec.quota else "")
+    )
+    if rec.slot >= 0:
+        quota_file = open_quota_file(data_dir, config)
+        today, _ = ParisClock().now()
+        used = usage(quota_file, rec.slot, today)
+        quota_file.close()
+        print(f"today         {used.daily_count} lookups, {used.distinct_count} distinct beneficiaries")
+        print(
+            f"guard         {used.window_bad} of the last {used.window_len} lookups were NO_MATCH "
+            f"or invalid; fired {used.guard_fired} time(s)"
+            + ("; SUSPENDED by the guard" if used.suspended_by_guard else "")
+        )
     return 0
 
 
@@ -311,10 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("practitioner", parents=[common], help="show, suspend or reinstate")
-    p.add_argument("action", choices=("show", "suspend", "reinstate", "pin", "unpin"))
+    p.add_argument("action", choices=("show", "suspend", "reinstate", "pin", "unpin", "quota"))
     p.add_argument("practitioner_id")
     p.add_argument("--reason", help="why (suspend)")
     p.add_argument("--fingerprint", help="client certificate SHA-256, hex (pin)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="quota override, e.g. daily_limit=500 or shadow=guard,rate (quota)",
+    )
+    p.add_argument("--unset", action="append", metavar="NAME", help="drop an override (quota)")
     p.set_defaults(func=cmd_practitioner)
 
     p = sub.add_parser("serve", parents=[common], help="serve gRPC")

@@ -13,14 +13,14 @@ PARIS = ZoneInfo("Europe/Paris")
 
 
 class ParisClock:
-    """`now()` -> (today as YYYYMMDD int, unix seconds int); the day is recomputed once a day."""
+    """`now()` -> (today as YYYYMMDD int, unix seconds); the day is recomputed once a day."""
 
     def __init__(self) -> None:
         self._day_start = 0.0
         self._day_end = 0.0
         self._today = 0
 
-    def now(self) -> tuple[int, int]:
+    def now(self) -> tuple[int, float]:
         t = time.time()
         if not self._day_start <= t < self._day_end:
             local = datetime.fromtimestamp(t, PARIS)
@@ -30,4 +30,4 @@ class ParisClock:
             self._day_start = start.timestamp()
             self._day_end = end.replace(tzinfo=PARIS).timestamp()
             self._today = local.year * 10000 + local.month * 100 + local.day
-        return self._today, int(t)
+        return self._today, t

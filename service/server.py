@@ -34,6 +34,7 @@ from service.attestation import AttestationVerifier
 from service.auth import AuthFailure, Authenticator, peer_certificate
 from service.clock import ParisClock
 from service.config import Config, PepperError, load_pepper
+from service.quotas import PractitionerFactory, open_quota_file
 from service.store import Store
 
 log = logging.getLogger("covergate.server")
@@ -93,7 +94,11 @@ class CovergateHandlers:
         self._store = store
         self._options = options
         self._settings = options.config.server
-        self._auth = Authenticator(store, options.config.auth)
+        # Opened after fork, like LMDB: every worker maps the same file and locks slots in it.
+        self.quota = open_quota_file(options.data_dir, options.config)
+        self._auth = Authenticator(
+            store, options.config.auth, PractitionerFactory(options.config)
+        )
         # Client certificates exist only with --client-ca; otherwise skip the auth context.
         self._mtls = options.tls is not None and options.tls.client_ca is not None
         self._clock = ParisClock()
@@ -124,6 +129,7 @@ class CovergateHandlers:
             keys,
             max_batch_items=self._settings.max_batch_items,
             attestation_ttl=self._settings.attestation_ttl_seconds,
+            quota=self.quota,
         )
         self._verifier = AttestationVerifier(keys)
         return True
@@ -163,6 +169,8 @@ class CovergateHandlers:
             await _abort(context, r.code, r.status)
         today, now = self._clock.now()
         code, payload = self.gate.check(caller, request, today, now)
+        if self.gate.suspensions:
+            self.persist_suspensions()
         if code:
             await _abort(context, code, payload)
         return payload  # type: ignore[no-any-return]
@@ -179,6 +187,8 @@ class CovergateHandlers:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         today, now = self._clock.now()
         code, payload = self.gate.check_batch(caller, request, today, now)
+        if self.gate.suspensions:
+            self.persist_suspensions()
         if code:
             await _abort(context, code, payload)
         return payload  # type: ignore[no-any-return]
@@ -194,7 +204,31 @@ class CovergateHandlers:
         clock = self._clock
         async for request in requests:
             today, now = clock.now()
-            yield gate.check_item(caller, request, today, now)
+            response = gate.check_item(caller, request, today, now)
+            suspended = bool(gate.suspensions) and self.persist_suspensions(
+                caller.practitioner_id
+            )
+            yield response
+            if suspended:
+                # The guard fired on this item: it is answered, then the stream ends.
+                await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
+
+    def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
+        """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
+        by `practitioner reinstate`); True if `practitioner_id` is among them."""
+        suspended = set(self.gate.suspensions)
+        self.gate.suspensions.clear()
+        for pid in sorted(suspended):
+            log.warning("harvest guard suspended practitioner %s", pid)
+            try:
+                self._store.update_practitioner(
+                    pid,
+                    status="suspended",
+                    suspension_reason="harvest guard: too many NO_MATCH or invalid lookups",
+                )
+            except KeyError:
+                pass
+        return practitioner_id in suspended
 
     # -- AttestationService -----------------------------------------------------------------------
 
@@ -289,6 +323,8 @@ async def run_worker(
     while time.monotonic() < deadline and time.monotonic() - handlers.last_call_started < 0.25:
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - time.monotonic()))
+    handlers.quota.flush()
+    handlers.quota.close()
     store.close()
     log.info("worker %d stopped", index)
 

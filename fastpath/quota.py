@@ -1,0 +1,248 @@
+"""Per-practitioner quota state shared by every worker process of a host: the file layout, the
+profiles, and the reference operations the pure-Python gate uses (the Cython gate does the same
+in C on the same bytes).
+
+One memory-mapped file holds one fixed-size slot per practitioner. A call locks its practitioner's
+slot with an open-file-description byte-range lock (fcntl F_OFD_SETLKW) for the whole call, so
+check-and-count is exact across processes, and a lock held by a dying process is released by the
+kernel. The file is the state: counters and automatic suspensions survive restarts.
+
+Slot layout (little-endian), SLOT_SIZE bytes:
+  0  u32 flags            bit 0: suspended by the harvest guard
+  4  u32 guard_fired      how many times the guard has fired for this practitioner (ever)
+  8  i64 tat_ms           GCRA theoretical arrival time, unix ms
+  16 u32 day              YYYYMMDD (Europe/Paris) the daily counters belong to
+  20 u32 daily_count      lookups today
+  24 u32 distinct_count   distinct beneficiaries today
+  28 u32 window_len       outcomes in the guard window (<= 64)
+  32 u64 window_bits      guard window, newest outcome in bit 0; 1 = NO_MATCH or invalid
+  40 i64 suspended_at_ms
+  48 ... reserved
+  64 u64[DISTINCT_CAPACITY] today's beneficiary fingerprints, open addressing, 0 = empty
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"CGQUOTA1"
+HEADER_SIZE = 4096
+DISTINCT_CAPACITY = 4096  # power of two; limits above 3/4 of it are refused by config
+SLOT_HEAD = 64
+SLOT_SIZE = SLOT_HEAD + 8 * DISTINCT_CAPACITY
+MAX_DISTINCT_LIMIT = DISTINCT_CAPACITY * 3 // 4
+GUARD_WINDOW_MAX = 64
+
+FLAG_SUSPENDED = 1
+
+_HEAD = struct.Struct("<IIqIIIIQq")
+_FILE_HEAD = struct.Struct("<8sII")
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+_FLOCK = struct.Struct("hhqqi4x")
+
+# Shadow-mode bits: the rule is evaluated and traced as "would deny", but allows.
+SHADOW_RATE = 1
+SHADOW_DAILY = 2
+SHADOW_DISTINCT = 4
+SHADOW_GUARD = 8
+SHADOW_RULES = {"rate": SHADOW_RATE, "daily": SHADOW_DAILY, "distinct": SHADOW_DISTINCT,
+                "guard": SHADOW_GUARD}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuotaProfile:
+    """Limits for one practitioner: profession defaults with per-practitioner overrides."""
+
+    rate_per_minute: int = 60
+    burst: int = 30
+    daily_limit: int = 2000
+    distinct_limit: int = 600
+    guard_window: int = 40
+    guard_min_lookups: int = 20
+    guard_bad_percent: int = 50
+    shadow: int = 0  # SHADOW_* bits
+
+    def __post_init__(self) -> None:
+        if self.rate_per_minute < 1 or self.burst < 1:
+            raise ValueError("rate_per_minute and burst must be at least 1")
+        if not 1 <= self.distinct_limit <= MAX_DISTINCT_LIMIT:
+            raise ValueError(f"distinct_limit must be 1..{MAX_DISTINCT_LIMIT}")
+        if self.daily_limit < 1:
+            raise ValueError("daily_limit must be at least 1")
+        if not 1 <= self.guard_window <= GUARD_WINDOW_MAX:
+            raise ValueError(f"guard_window must be 1..{GUARD_WINDOW_MAX}")
+        if not 1 <= self.guard_min_lookups <= self.guard_window:
+            raise ValueError("guard_min_lookups must be 1..guard_window")
+        if not 1 <= self.guard_bad_percent <= 100:
+            raise ValueError("guard_bad_percent must be 1..100")
+
+    @property
+    def interval_ms(self) -> int:
+        """GCRA emission interval."""
+        return max(1, 60_000 // self.rate_per_minute)
+
+    @property
+    def tolerance_ms(self) -> int:
+        """How far ahead of now the theoretical arrival time may run: burst - 1 intervals."""
+        return self.interval_ms * (self.burst - 1)
+
+
+@dataclass
+class SlotState:
+    flags: int
+    guard_fired: int
+    tat_ms: int
+    day: int
+    daily_count: int
+    distinct_count: int
+    window_len: int
+    window_bits: int
+    suspended_at_ms: int
+
+
+def fingerprint(pseudonym: bytes) -> int:
+    """A beneficiary's 8-byte pseudonym as a non-zero table entry."""
+    return int.from_bytes(pseudonym[:8], "little") or 1
+
+
+class QuotaFile:
+    """The shared state file, memory-mapped. Open it after fork, once per process."""
+
+    def __init__(self, path: Path, slots: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.slots = slots
+        size = HEADER_SIZE + slots * SLOT_SIZE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # Holding the header lock while sizing means two first openers cannot race.
+            self._lock_range(fd, 0, HEADER_SIZE)
+            try:
+                current = os.fstat(fd).st_size
+                if current == 0:
+                    os.ftruncate(fd, size)  # sparse: untouched slots cost no disk
+                    os.pwrite(fd, _FILE_HEAD.pack(MAGIC, SLOT_SIZE, slots), 0)
+                else:
+                    magic, slot_size, have = _FILE_HEAD.unpack(os.pread(fd, _FILE_HEAD.size, 0))
+                    if magic != MAGIC or slot_size != SLOT_SIZE:
+                        raise ValueError(f"{self.path} is not a covergate quota file of this version")
+                    if have < slots:
+                        os.ftruncate(fd, size)
+                        os.pwrite(fd, _FILE_HEAD.pack(MAGIC, SLOT_SIZE, slots), 0)
+                    else:
+                        self.slots = have
+                        size = HEADER_SIZE + have * SLOT_SIZE
+            finally:
+                self._unlock_range(fd, 0, HEADER_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = size
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            return  # a gate still maps it (Gate.close() releases it); it goes with the gate
+        os.close(self.fd)
+
+    def flush(self) -> None:
+        self.map.flush()
+
+    # -- locking -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _lock_range(fd: int, start: int, length: int) -> None:
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+
+    @staticmethod
+    def _unlock_range(fd: int, start: int, length: int) -> None:
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
+
+    def offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise IndexError("quota slot out of range")
+        return HEADER_SIZE + slot * SLOT_SIZE
+
+    def lock(self, slot: int) -> None:
+        self._lock_range(self.fd, self.offset(slot), 1)
+
+    def unlock(self, slot: int) -> None:
+        self._unlock_range(self.fd, self.offset(slot), 1)
+
+    # -- slot state --------------------------------------------------------------------------------
+
+    def read(self, slot: int) -> SlotState:
+        return SlotState(*_HEAD.unpack_from(self.map, self.offset(slot)))
+
+    def write(self, slot: int, state: SlotState) -> None:
+        _HEAD.pack_into(
+            self.map,
+            self.offset(slot),
+            state.flags,
+            state.guard_fired,
+            state.tat_ms,
+            state.day,
+            state.daily_count,
+            state.distinct_count,
+            state.window_len,
+            state.window_bits,
+            state.suspended_at_ms,
+        )
+
+    def roll_day(self, slot: int, state: SlotState, today: int) -> None:
+        """A new Paris day: daily counters and the distinct set start again."""
+        if state.day != today:
+            state.day = today
+            state.daily_count = 0
+            state.distinct_count = 0
+            start = self.offset(slot) + SLOT_HEAD
+            self.map[start : start + 8 * DISTINCT_CAPACITY] = bytes(8 * DISTINCT_CAPACITY)
+
+    def seen_or_add(self, slot: int, fp: int, may_add: bool) -> tuple[bool, bool]:
+        """(already seen today, added now). Linear probing in the slot's table."""
+        base = self.offset(slot) + SLOT_HEAD
+        mask = DISTINCT_CAPACITY - 1
+        i = fp & mask
+        while True:
+            pos = base + 8 * i
+            entry = int.from_bytes(self.map[pos : pos + 8], "little")
+            if entry == fp:
+                return True, False
+            if entry == 0:
+                if may_add:
+                    self.map[pos : pos + 8] = fp.to_bytes(8, "little")
+                    return False, True
+                return False, False
+            i = (i + 1) & mask
+
+    # -- administration ----------------------------------------------------------------------------
+
+    def reinstate(self, slot: int) -> None:
+        """Lift an automatic suspension and forget the guard window (a human decided)."""
+        self.lock(slot)
+        try:
+            state = self.read(slot)
+            state.flags &= ~FLAG_SUSPENDED
+            state.window_len = 0
+            state.window_bits = 0
+            state.suspended_at_ms = 0
+            self.write(slot, state)
+        finally:
+            self.unlock(slot)
+
+    def reset(self, slot: int) -> None:
+        """Zero a slot (a slot handed to a new practitioner)."""
+        self.lock(slot)
+        try:
+            start = self.offset(slot)
+            self.map[start : start + SLOT_SIZE] = bytes(SLOT_SIZE)
+        finally:
+            self.unlock(slot)

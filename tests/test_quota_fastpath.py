@@ -1,0 +1,254 @@
+"""Scope, quotas and the harvest guard inside the fast path, on both implementations, with a clock
+the tests control; and differential property tests over sequences of requests (quota effects and
+the shared state's bytes included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from conftest import KNOWN_IDENTITIES, NOW, TODAY, UNKNOWN_IDENTITY, RightsStore
+from google.rpc import error_details_pb2, status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from covergate.v1 import covergate_pb2 as pb
+from fastpath import rules
+from fastpath.quota import (
+    SHADOW_DAILY,
+    SHADOW_DISTINCT,
+    SHADOW_GUARD,
+    SHADOW_RATE,
+    QuotaFile,
+    QuotaProfile,
+)
+from fastpath.rules import Practitioner
+
+PROFILE = QuotaProfile(
+    rate_per_minute=60,
+    burst=5,
+    daily_limit=12,
+    distinct_limit=4,
+    guard_window=10,
+    guard_min_lookups=5,
+    guard_bad_percent=60,
+)
+AMCS = frozenset({"123456789", "987654321", "1122"})
+PHAR_ONLY = 1 << 1
+
+
+def practitioner(profile: QuotaProfile = PROFILE, slot: int = 3, **kw: Any) -> Practitioner:
+    values: dict[str, Any] = {
+        "practitioner_id": "10001234567",
+        "profession": "pharmacist",
+        "amc_numbers": AMCS,
+        "slot": slot,
+        "domains": rules.ALL_DOMAINS,
+        "quota": profile,
+    }
+    values.update(kw)
+    return Practitioner(**values)
+
+
+def status_of(payload: bytes) -> status_pb2.Status:
+    return status_pb2.Status.FromString(payload)
+
+
+def reason_of(payload: bytes) -> str:
+    for detail in status_of(payload).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+@pytest.fixture
+def quota_file(tmp_path: Path) -> Any:
+    q = QuotaFile(tmp_path / "quota" / "state", 8)
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def qgate(gate_module: ModuleType, rights_env: RightsStore, quota_file: QuotaFile) -> Any:
+    gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=quota_file)
+    yield gate
+    gate.close()
+
+
+def covered_request(i: int = 0) -> bytes:
+    who = [k for k in KNOWN_IDENTITIES if k.expected == rules.DECISION_COVERED][i]
+    return who.request().SerializeToString()
+
+
+def test_rate_limit_burst_then_interval(qgate: Any) -> None:
+    p = practitioner()
+    codes = [qgate.check(p, covered_request(), TODAY, NOW)[0] for _ in range(PROFILE.burst)]
+    assert codes == [rules.OK] * PROFILE.burst
+    code, payload = qgate.check(p, covered_request(), TODAY, NOW)
+    assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_RATE
+    status = status_of(payload)
+    kinds = {d.type_url.rsplit(".", 1)[-1] for d in status.details}
+    assert kinds == {"QuotaFailure", "RetryInfo", "ErrorInfo"}
+    # One emission interval later, one more lookup is admitted.
+    assert qgate.check(p, covered_request(), TODAY, NOW + 1.0)[0] == rules.OK
+
+
+def test_daily_limit_then_next_day(qgate: Any) -> None:
+    p = practitioner(dataclasses.replace(PROFILE, rate_per_minute=100000, burst=1000))
+    for _ in range(PROFILE.daily_limit):
+        assert qgate.check(p, covered_request(), TODAY, NOW)[0] == rules.OK
+    code, payload = qgate.check(p, covered_request(), TODAY, NOW)
+    assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_DAILY
+    assert qgate.check(p, covered_request(), TODAY + 1, NOW + 86400)[0] == rules.OK
+
+
+def test_distinct_limit_counts_people_not_lookups(qgate: Any) -> None:
+    p = practitioner(dataclasses.replace(PROFILE, rate_per_minute=100000, burst=1000,
+                                         daily_limit=1000))  # fmt: skip
+    people = [k.request().SerializeToString() for k in KNOWN_IDENTITIES]
+    assert len(people) > PROFILE.distinct_limit
+    for request in people[: PROFILE.distinct_limit]:
+        for _ in range(3):  # checking the same person again is free
+            assert qgate.check(p, request, TODAY, NOW)[0] == rules.OK
+    code, payload = qgate.check(p, people[PROFILE.distinct_limit], TODAY, NOW)
+    assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_DISTINCT
+    # Those already seen today are still answered.
+    assert qgate.check(p, people[0], TODAY, NOW)[0] == rules.OK
+
+
+def test_guard_suspends_a_guesser_and_it_persists(qgate: Any, quota_file: QuotaFile) -> None:
+    p = practitioner(dataclasses.replace(PROFILE, rate_per_minute=100000, burst=1000,
+                                         daily_limit=1000, distinct_limit=1000))  # fmt: skip
+    unknown = UNKNOWN_IDENTITY.request().SerializeToString()
+    answered = 0
+    while not qgate.suspensions:
+        code, _ = qgate.check(p, unknown, TODAY, NOW)
+        assert code == rules.OK
+        answered += 1
+        assert answered <= PROFILE.guard_min_lookups
+    assert qgate.suspensions == [p.practitioner_id]
+    code, payload = qgate.check(p, covered_request(), TODAY, NOW)
+    assert code == rules.PERMISSION_DENIED and reason_of(payload) == rules.REASON_SUSPENDED
+    state = quota_file.read(p.slot)
+    assert state.flags & 1 and state.guard_fired == 1
+    quota_file.reinstate(p.slot)
+    assert qgate.check(p, covered_request(), TODAY, NOW)[0] == rules.OK
+
+
+def test_shadow_mode_traces_but_allows(qgate: Any) -> None:
+    shadow = SHADOW_RATE | SHADOW_DAILY | SHADOW_DISTINCT | SHADOW_GUARD
+    p = practitioner(dataclasses.replace(PROFILE, shadow=shadow))
+    unknown = UNKNOWN_IDENTITY.request().SerializeToString()
+    for _ in range(50):
+        assert qgate.check(p, unknown, TODAY, NOW)[0] == rules.OK
+    assert qgate.suspensions == []
+
+
+def test_scope_refusals_never_read_the_store(qgate: Any) -> None:
+    p = practitioner(domains=PHAR_ONLY, amc_numbers=frozenset({"123456789"}))
+    before = qgate.store_reads
+    optical = covered_request().replace(b"@\x01", b"@\x05")
+    code, payload = qgate.check(p, optical, TODAY, NOW)
+    assert code == rules.PERMISSION_DENIED and reason_of(payload) == rules.REASON_DOMAIN
+    other_amc = pb.CheckCoverageRequest.FromString(covered_request())
+    other_amc.amc_number = "987654321"
+    code, payload = qgate.check(p, other_amc.SerializeToString(), TODAY, NOW)
+    assert code == rules.PERMISSION_DENIED and reason_of(payload) == rules.REASON_AMC
+    assert qgate.store_reads == before
+
+
+def test_batch_items_each_count_and_carry_their_refusal(qgate: Any) -> None:
+    p = practitioner()
+    batch = pb.CheckCoverageBatchRequest(
+        items=[pb.CheckCoverageRequest.FromString(covered_request())] * (PROFILE.burst + 2)
+    )
+    code, payload = qgate.check_batch(p, batch.SerializeToString(), TODAY, NOW)
+    assert code == rules.OK
+    items = pb.CheckCoverageBatchResponse.FromString(payload).items
+    assert [i.decision for i in items[: PROFILE.burst]] == [rules.DECISION_COVERED] * PROFILE.burst
+    for refused in items[PROFILE.burst :]:
+        assert refused.error.code == rules.RESOURCE_EXHAUSTED
+        assert refused.decision == rules.DECISION_UNSPECIFIED
+
+
+# -- differential: sequences of calls, quota state included ---------------------------------------
+
+REQUESTS = (
+    [k.request().SerializeToString() for k in KNOWN_IDENTITIES]
+    + [UNKNOWN_IDENTITY.request().SerializeToString()]
+    + [KNOWN_IDENTITIES[0].request(nir_key="00").SerializeToString()]  # invalid
+    + [KNOWN_IDENTITIES[0].request(domain=5).SerializeToString()]  # out of scope below
+    + [KNOWN_IDENTITIES[0].request(amc_number="555").SerializeToString()]  # no agreement
+)
+
+profiles = st.builds(
+    QuotaProfile,
+    rate_per_minute=st.sampled_from([6, 60, 600]),
+    burst=st.integers(1, 6),
+    daily_limit=st.integers(1, 15),
+    distinct_limit=st.integers(1, 6),
+    guard_window=st.integers(3, 12),
+    guard_min_lookups=st.just(3),
+    guard_bad_percent=st.sampled_from([30, 50, 100]),
+    shadow=st.integers(0, 15),
+)
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["check", "check_item", "check_batch"]),
+        st.lists(st.sampled_from(REQUESTS), min_size=1, max_size=4),
+        st.sampled_from([0.0, 0.0, 0.3, 2.5, 20.0, 86400.0]),  # clock advance
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(profile=profiles, calls=steps)
+def test_quota_sequences_identical_in_c_and_python(
+    cython_gate_module: ModuleType,
+    python_gate_module: ModuleType,
+    rights_env: RightsStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    profile: QuotaProfile,
+    calls: list[tuple[str, list[bytes], float]],
+) -> None:
+    tmp = tmp_path_factory.mktemp("q")
+    files = [QuotaFile(tmp / name, 4) for name in ("c", "py")]
+    gates: list[Any] = []
+    try:
+        gates += [
+            m.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=f)
+            for m, f in zip((cython_gate_module, python_gate_module), files, strict=True)
+        ]
+        p = practitioner(profile, slot=2, domains=rules.ALL_DOMAINS & ~(1 << 5))
+        now = float(NOW)
+        for method, requests, advance in calls:
+            now += advance
+            today = TODAY + int((now - NOW) // 86400)
+            if method == "check_batch":
+                args: bytes = pb.CheckCoverageBatchRequest(
+                    items=[pb.CheckCoverageRequest.FromString(r) for r in requests]
+                ).SerializeToString()
+            else:
+                args = requests[0]
+            results = [getattr(g, method)(p, args, today, now) for g in gates]
+            assert results[0] == results[1], method
+            assert gates[0].suspensions == gates[1].suspensions
+            assert gates[0].store_reads == gates[1].store_reads
+        assert files[0].map[:] == files[1].map[:]  # the shared state itself
+    finally:
+        for g in gates:
+            g.close()
+        for f in files:
+            f.close()
