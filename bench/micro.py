@@ -1,0 +1,163 @@
+"""In-process micro-benchmarks on one core: fast-path decisions/s of the Cython gate
+(`fastpath._gate_c.Gate`) against the reference (`fastpath._gate_py.Gate`), and import rows/s.
+
+Run as a pinned subprocess by the harness (`python -m bench.micro --dataset DIR`); prints JSON.
+Gates read the benchmark store itself, with requests for sampled beneficiaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import dataset as bench_dataset
+from bench import frames
+from bench.frames import COVERED
+from bench.scenarios import COUNTER_MIX
+from fastpath.rules import Keys, Practitioner
+
+IMPLEMENTATIONS = {"cython": "fastpath._gate_c", "python": "fastpath._gate_py"}
+
+
+def _rate(
+    call: Callable[[Any], object], inputs: list[Any], items_per_call: int, seconds: float
+) -> float:
+    """Items per second calling `call` over `inputs` round robin for about `seconds`."""
+    calls = 0
+    n = len(inputs)
+    chunk = max(1, min(256, n))
+    started = time.perf_counter()
+    deadline = started + seconds
+    i = 0
+    while True:
+        for _ in range(chunk):
+            call(inputs[i])
+            i = i + 1 if i + 1 < n else 0
+        calls += chunk
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls * items_per_call / (now - started)
+
+
+def _gates(ds: bench_dataset.Dataset) -> tuple[dict[str, Any], Any]:
+    from service.config import load_pepper
+    from service.store import Store
+
+    store = Store(ds.data_dir)
+    keys = Keys(load_pepper(ds.data_dir, None))
+    gates = {}
+    for name, module_name in IMPLEMENTATIONS.items():
+        module = importlib.import_module(module_name)
+        gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500)
+    return gates, store
+
+
+def decisions(ds: bench_dataset.Dataset, seconds: float, rounds: int) -> dict[str, Any]:
+    gates, store = _gates(ds)
+    practitioner = Practitioner(
+        practitioner_id=ds.practitioner_id,
+        profession="pharmacist",
+        amc_numbers=frozenset(ds.practitioner_amcs),
+    )
+    today = int(ds.care_date)
+    now = int(time.time())
+    covered = ds.pools[COVERED]
+    singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
+    batches = [
+        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
+    ]
+    mix_specs = frames.mixed(ds.pools, dict(COUNTER_MIX), 100 * 40)
+    mixed_batches = [frames.batch_bytes(mix_specs[i : i + 100]) for i in range(0, 4000, 100)]
+
+    measures: dict[str, tuple[str, list[bytes], int]] = {
+        "single": ("check", singles, 1),
+        "stream_item": ("check_item", singles, 1),
+        "batch_100": ("check_batch", batches, 100),
+        "batch_100_mix": ("check_batch", mixed_batches, 100),
+    }
+    # Both gates must give the same answers before their speed means anything.
+    for name, gate in gates.items():
+        code, payload = gate.check(practitioner, singles[0], today, now)
+        problem = frames.check_unary(covered[0], code, payload, decisions=True)
+        if problem:
+            raise RuntimeError(f"{name} gate: {problem}")
+    out: dict[str, Any] = {name: {} for name in gates}
+    for r in range(rounds):
+        order = list(gates) if r % 2 == 0 else list(reversed(gates))
+        for measure, (method, inputs, per_call) in measures.items():
+            for name in order:
+                bound = getattr(gates[name], method)
+
+                def call(request: bytes, bound: Any = bound) -> object:
+                    return bound(practitioner, request, today, now)
+
+                rate = _rate(call, inputs, per_call, seconds)
+                out[name].setdefault(measure, []).append(rate)
+    store.close()
+    return out
+
+
+def import_rate(ds: bench_dataset.Dataset, covergate: str) -> dict[str, Any]:
+    """`covergate import rights` of the cached sample file into a fresh temporary store."""
+    with tempfile.TemporaryDirectory(prefix="covergate-bench-import-") as tmp:
+        done = subprocess.run(
+            [
+                covergate,
+                "import",
+                "rights",
+                str(ds.import_sample_csv),
+                "--data",
+                tmp,
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"import failed:\n{done.stderr[-2000:]}")
+    m = re.search(r"imported ([\d,]+) rights rows .* in ([\d.]+)s \(([\d,]+) rows/s\)", done.stdout)
+    if not m:
+        raise RuntimeError(f"unexpected import output: {done.stdout!r}")
+    return {
+        "rows": int(m.group(1).replace(",", "")),
+        "seconds": float(m.group(2)),
+        "rows_per_s": float(m.group(3).replace(",", "")),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", required=True, help="a bench dataset cache dir")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measure and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--covergate", default=str(Path(sys.executable).with_name("covergate")))
+    parser.add_argument("--data", help="data dir to read (default: the dataset's own)")
+    parser.add_argument("--no-import", action="store_true")
+    args = parser.parse_args()
+    ds = bench_dataset.load(Path(args.dataset))
+    if ds is None:
+        parser.error(f"no dataset in {args.dataset}")
+    if args.data:
+        ds.data_dir = Path(args.data)
+    result: dict[str, Any] = {
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "decisions": decisions(ds, args.seconds, args.rounds),
+    }
+    if not args.no_import:
+        result["import"] = import_rate(ds, args.covergate)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

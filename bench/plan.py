@@ -1,0 +1,163 @@
+"""What one run measures: the comparisons (variant pairs over scenarios), the open-loop latency
+points, and the goals the table marks met or missed.
+
+The cells (variant x scenario) a run drives are derived from these, so a new pair is one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from bench.scenarios import SCENARIOS
+from bench.variants import VARIANTS
+
+PRIMARY = "covergate"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """subject / baseline on each scenario, from the same run, alternated round by round."""
+
+    name: str
+    subject: str
+    baseline: str
+    scenarios: tuple[str, ...]
+    description: str
+
+
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison(
+        "ceiling",
+        "covergate",
+        "noop",
+        ("unary", "batch-10", "batch-100", "batch-500", "stream", "stream-100"),
+        "covergate against a no-op server from the same protos (what grpcio alone allows)",
+    ),
+    Comparison(
+        "reference",
+        "covergate",
+        "reference",
+        ("unary", "batch-100", "stream-100"),
+        "Cython fast path against the pure-Python reference, same server",
+    ),
+    Comparison(
+        "workers",
+        "covergate-Nw",
+        "covergate",
+        ("unary", "batch-10", "batch-100", "batch-500"),
+        "one worker per core against one worker",
+    ),
+    Comparison(
+        "conventional",
+        "covergate",
+        "conventional",
+        ("unary", "unary-mix", "batch-100"),
+        "covergate against the stack a user would build without it",
+    ),
+)
+
+# Scenarios only the primary variant runs (no baseline needed to read them).
+PRIMARY_ONLY: tuple[str, ...] = ("unary-mix", "batch-100-mix")
+
+# (variant, scenario) measured open loop at a fraction of that cell's closed-loop maximum.
+OPEN_LOOP: tuple[tuple[str, str], ...] = (
+    ("covergate", "unary"),
+    ("noop", "unary"),
+    ("covergate", "batch-100"),
+)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target from the issue. `source` names the measurement:
+    ("ratio", comparison, scenario), ("micro", implementation, measure),
+    ("micro_ratio", measure) (Cython / reference), ("latency", variant, scenario, percentile).
+    """
+
+    name: str
+    text: str
+    source: tuple[str, ...]
+    threshold: float
+    higher_is_better: bool = True
+    unit: str = "x"
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("unary vs ceiling", "unary RPC/s >= 0.85x no-op", ("ratio", "ceiling", "unary"), 0.85),
+    Goal(
+        "batch-100 vs ceiling",
+        "batch-100 items/s >= 0.8x no-op",
+        ("ratio", "ceiling", "batch-100"),
+        0.8,
+    ),
+    Goal(
+        "fast path rate",
+        ">= 1,000,000 decisions/s on one core (Cython, batch of 100)",
+        ("micro", "cython", "batch_100"),
+        1_000_000,
+        unit="/s",
+    ),
+    Goal(
+        "fast path vs reference",
+        "Cython >= 10x the reference (batch of 100)",
+        ("micro_ratio", "batch_100"),
+        10,
+    ),
+    Goal(
+        "unary p99 at 70%",
+        "p99 <= 5 ms at 70% of maximum unary load",
+        ("latency", "covergate", "unary", "p99"),
+        5.0,
+        higher_is_better=False,
+        unit="ms",
+    ),
+    Goal(
+        "workers on batches",
+        "N workers >= 1.7x one worker (batch-100)",
+        ("ratio", "workers", "batch-100"),
+        1.7,
+    ),
+    Goal(
+        "vs conventional (unary)",
+        "covergate >= 3x the conventional stack (unary)",
+        ("ratio", "conventional", "unary"),
+        3.0,
+    ),
+    Goal(
+        "vs conventional (batch-100)",
+        "covergate >= 3x the conventional stack (batch-100 items/s)",
+        ("ratio", "conventional", "batch-100"),
+        3.0,
+    ),
+)
+
+
+def cells(
+    scenarios: Iterable[str] | None = None, variants: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
+    """(variant, scenario) pairs to drive closed loop, in a stable order, limited to a selection."""
+    want_s = set(scenarios) if scenarios is not None else set(SCENARIOS)
+    want_v = set(variants) if variants is not None else set(VARIANTS)
+    chosen: set[tuple[str, str]] = set()
+    for c in COMPARISONS:
+        for s in c.scenarios:
+            chosen.add((c.subject, s))
+            chosen.add((c.baseline, s))
+    for s in PRIMARY_ONLY:
+        chosen.add((PRIMARY, s))
+    scenario_order = list(SCENARIOS)
+    variant_order = list(VARIANTS)
+    picked = [(v, s) for v, s in chosen if v in want_v and s in want_s]
+    return sorted(picked, key=lambda c: (scenario_order.index(c[1]), variant_order.index(c[0])))
+
+
+def rotated(items: list[T], round_index: int) -> list[T]:
+    """The variants of one scenario in the order of a round: rotated every round, so each pair
+    runs A-B in one round and B-A in another and slow drift hits both sides alike."""
+    if not items:
+        return []
+    k = round_index % len(items)
+    return items[k:] + items[:k]

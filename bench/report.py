@@ -1,0 +1,434 @@
+"""What a run leaves behind: the Markdown tables printed at the end, the results JSON, and PNG
+plots (throughput per scenario and variant, latency percentiles, fast path).
+
+Everything here reads the results dict built by bench.run; nothing measures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import stats
+from bench.plan import COMPARISONS, GOALS, Goal
+
+# -- formatting ------------------------------------------------------------------------------------
+
+
+def number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
+    """A Markdown table; `align` holds 'l' or 'r' per column (default: first left, rest right)."""
+    rows = [list(r) for r in rows]
+    align = align or "l" + "r" * (len(headers) - 1)
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            out.append(cell.ljust(widths[i]) if align[i] == "l" else cell.rjust(widths[i]))
+        return "| " + " | ".join(out) + " |"
+
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if align[i] == "r" else (":" + "-" * (w + 1))
+            for i, w in enumerate(widths)
+        )
+        + "|"
+    )
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def load_bound(cell: dict[str, Any]) -> bool:
+    """Whether the load generator, not the server, probably set the pace of a pinned cell."""
+    used = cell.get("median_client_cpu")
+    cpus = next((r.get("client_cpus") for r in cell.get("rounds", ())), None)
+    if used is None or not cpus:
+        return False
+    return bool(used >= 0.9 * len(str(cpus).split(",")))
+
+
+# -- goals -----------------------------------------------------------------------------------------
+
+
+def goal_value(goal: Goal, results: dict[str, Any]) -> float | None:
+    kind, *key = goal.source
+    if kind == "ratio":
+        name, scenario = key
+        for c in results.get("comparisons", ()):
+            if c["name"] == name and c["scenario"] == scenario:
+                return c["ratio"]  # type: ignore[no-any-return]
+        return None
+    micro = results.get("micro", {}).get("decisions", {})
+    if kind == "micro":
+        implementation, measure = key
+        return micro.get(implementation, {}).get(measure, {}).get("median")  # type: ignore[no-any-return]
+    if kind == "micro_ratio":
+        (measure,) = key
+        return micro.get("ratios", {}).get(measure)  # type: ignore[no-any-return]
+    if kind == "latency":
+        variant, scenario, percentile = key
+        for cell in results.get("open_loop", ()):
+            if cell["variant"] == variant and cell["scenario"] == scenario:
+                return cell["median"].get(f"{percentile}_ms")  # type: ignore[no-any-return]
+        return None
+    raise ValueError(f"unknown goal source {goal.source}")
+
+
+def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for goal in GOALS:
+        value = goal_value(goal, results)
+        out.append(
+            {
+                "name": goal.name,
+                "text": goal.text,
+                "threshold": goal.threshold,
+                "higher_is_better": goal.higher_is_better,
+                "unit": goal.unit,
+                "value": value,
+                "met": stats.goal_met(value, goal.threshold, goal.higher_is_better),
+            }
+        )
+    return out
+
+
+def comparisons(closed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every comparison's paired ratio per scenario, on items/s, from closed-loop cells."""
+    by_cell = {(c["variant"], c["scenario"]): c for c in closed}
+    out = []
+    for comp in COMPARISONS:
+        for scenario in comp.scenarios:
+            a = by_cell.get((comp.subject, scenario))
+            b = by_cell.get((comp.baseline, scenario))
+            if a is None or b is None:
+                continue
+            paired = stats.paired_ratios(
+                [r.get("items_per_s") for r in a["rounds"]],
+                [r.get("items_per_s") for r in b["rounds"]],
+            )
+            out.append(
+                {
+                    "name": comp.name,
+                    "scenario": scenario,
+                    "subject": comp.subject,
+                    "baseline": comp.baseline,
+                    **paired,
+                }
+            )
+    return out
+
+
+# -- the printed report ----------------------------------------------------------------------------
+
+
+def _goal_measured(g: dict[str, Any]) -> str:
+    v = g["value"]
+    if v is None:
+        return "not measured"
+    if g["unit"] == "x":
+        return times(v)
+    if g["unit"] == "ms":
+        return f"{v:.2f} ms"
+    return f"{number(v)}{g['unit']}"
+
+
+def _goal_target(g: dict[str, Any]) -> str:
+    op = ">=" if g["higher_is_better"] else "<="
+    t = g["threshold"]
+    if g["unit"] == "x":
+        return f"{op} {t:g}x"
+    if g["unit"] == "ms":
+        return f"{op} {t:g} ms"
+    return f"{op} {number(t)}{g['unit']}"
+
+
+def render(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    opts = results["options"]
+    ds = results["dataset"]
+    lines = [
+        f"## covergate bench, {results['started_at']}",
+        "",
+        f"{ds['beneficiaries']:,} beneficiaries ({ds['rights_rows']:,} rights rows); "
+        f"{opts['rounds']} round(s) of {opts['duration']:g} s per cell, variants alternated; "
+        f"{env['cpu_model']}, {env['cores']} cores; {results['placement']['summary']}; "
+        f"fast path {env['fastpath']}, grpcio {env['grpcio']}, Python {env['python']}.",
+    ]
+    if results["noise"].get("busy_before") or results["noise"].get("busy_after"):
+        busy = ", ".join(
+            results["noise"].get("busy_before", []) + results["noise"].get("busy_after", [])
+        )
+        lines += ["", f"**Warning: other processes were using the CPU: {busy}.**"]
+
+    closed = results["closed_loop"]
+    if closed:
+        lines += ["", "### Throughput, closed loop (median over rounds)", ""]
+        rows = []
+        bound = False
+        for c in closed:
+            rounds = ", ".join(number(r.get("items_per_s")) for r in c["rounds"])
+            mark = ""
+            if load_bound(c):
+                mark, bound = " *", True
+            rows.append(
+                [
+                    c["scenario"],
+                    c["variant"],
+                    number(c["median_calls_per_s"]),
+                    number(c["median_items_per_s"]) + mark,
+                    share(c["median_server_cpu"]),
+                    share(c["median_client_cpu"]),
+                    rounds,
+                ]
+            )
+        lines.append(
+            table(
+                [
+                    "scenario",
+                    "variant",
+                    "calls/s",
+                    "items/s",
+                    "server CPU",
+                    "load CPU",
+                    "items/s per round",
+                ],
+                rows,
+                "llrrrrl",
+            )
+        )
+        lines.append("")
+        lines.append(
+            "CPU columns are cores busy (1.00 = one core). "
+            + (
+                "\\* the load generator kept its own core busy (>= 90%): the rate is a lower "
+                "bound for the server."
+                if bound
+                else "No load generator was saturated."
+            )
+        )
+
+    comps = results.get("comparisons", [])
+    if comps:
+        lines += ["", "### Ratios (items/s, median of per-round ratios)", ""]
+        rows = [
+            [
+                c["name"],
+                c["scenario"],
+                f"{c['subject']} / {c['baseline']}",
+                times(c["ratio"]),
+                ", ".join(times(r) for r in c["per_round"]),
+            ]
+            for c in comps
+        ]
+        lines.append(table(["comparison", "scenario", "pair", "ratio", "per round"], rows, "lllrl"))
+
+    open_loop = results.get("open_loop", [])
+    if open_loop:
+        lines += [
+            "",
+            f"### Latency, open loop at {opts['open_fraction']:.0%} of each cell's maximum "
+            "(median over rounds)",
+            "",
+        ]
+        rows = []
+        for c in open_loop:
+            m = c["median"]
+            rows.append(
+                [
+                    c["scenario"],
+                    c["variant"],
+                    number(m.get("offered_per_s")),
+                    number(m.get("achieved_per_s")),
+                    number(m.get("p50_ms"), 2),
+                    number(m.get("p90_ms"), 2),
+                    number(m.get("p99_ms"), 2),
+                    number(m.get("p99.9_ms"), 2),
+                    number(m.get("max_ms"), 2),
+                ]
+            )
+        lines.append(
+            table(
+                [
+                    "scenario",
+                    "variant",
+                    "offered calls/s",
+                    "achieved",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "p99.9 ms",
+                    "max ms",
+                ],
+                rows,
+                "llrrrrrrr",
+            )
+        )
+
+    micro = results.get("micro", {})
+    decisions = micro.get("decisions", {})
+    if decisions:
+        lines += ["", f"### Fast path in process, one core (cpu {micro.get('cpus')})", ""]
+        rows = []
+        for measure in decisions.get("cython", {}):
+            c = decisions["cython"][measure]["median"]
+            p = decisions.get("python", {}).get(measure, {}).get("median")
+            rows.append([measure, number(c), number(p), times(decisions["ratios"].get(measure))])
+        lines.append(
+            table(["measure", "Cython decisions/s", "reference decisions/s", "ratio"], rows)
+        )
+    if micro.get("import"):
+        imp = micro["import"]
+        lines += [
+            "",
+            f"Import: {number(imp['rows_per_s'])} rows/s ({imp['rows']:,} rows in "
+            f"{imp['seconds']:.1f} s, `covergate import rights`, one core).",
+        ]
+
+    goals = results.get("goals", [])
+    if goals:
+        lines += ["", "### Goals", ""]
+        rows = []
+        for g in goals:
+            status = {True: "met", False: "**MISSED**", None: "not measured"}[g["met"]]
+            rows.append([g["text"], _goal_target(g), _goal_measured(g), status])
+        lines.append(table(["goal", "target", "measured", ""], rows, "lrrl"))
+
+    checks = results.get("checks", {})
+    lines += ["", "### gRPC-level checks", ""]
+    lines.append(
+        f"{checks.get('probe_calls', 0):,} sampled calls replayed with grpc.aio "
+        f"(before and after every run), {checks.get('stream_checked', 0):,} stream answers "
+        f"checked, h2load response bodies compared with the probe's: "
+        + (
+            "no failure."
+            if not results.get("failures")
+            else f"{len(results['failures'])} kind(s) of failure:"
+        )
+    )
+    for f in results.get("failures", []):
+        lines.append(f"- {f['where']}: {f['problem']} (x{f['count']})")
+    return "\n".join(lines) + "\n"
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
+    """PNG plots next to the JSON; empty when matplotlib is missing (said in the output)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    closed = results.get("closed_loop", [])
+    if closed:
+        scenarios = list(dict.fromkeys(c["scenario"] for c in closed))
+        variants = list(dict.fromkeys(c["variant"] for c in closed))
+        by = {(c["scenario"], c["variant"]): c for c in closed}
+        fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(scenarios)), 5))
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            xs, ys, lo, hi = [], [], [], []
+            for j, s in enumerate(scenarios):
+                cell = by.get((s, v))
+                if cell is None or cell["median_items_per_s"] is None:
+                    continue
+                rounds = [r["items_per_s"] for r in cell["rounds"] if r.get("items_per_s")]
+                med = cell["median_items_per_s"]
+                xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                ys.append(med)
+                lo.append(med - min(rounds))
+                hi.append(max(rounds) - med)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=v)
+        ax.set_xticks(range(len(scenarios)), scenarios)
+        ax.set_yscale("log")
+        ax.set_ylabel("decisions (items) per second, log scale")
+        ax.set_title("Closed-loop throughput per scenario (median, whiskers: min/max of rounds)")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "-throughput.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    open_loop = results.get("open_loop", [])
+    if open_loop:
+        labels = [f"{c['variant']}\n{c['scenario']}" for c in open_loop]
+        keys = [stats.percentile_key(p) for p in stats.LATENCY_PERCENTILES]
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4.5))
+        width = 0.8 / len(keys)
+        for i, k in enumerate(keys):
+            ys = [c["median"].get(k) or 0 for c in open_loop]
+            ax.bar(
+                [j + (i - (len(keys) - 1) / 2) * width for j in range(len(labels))],
+                ys,
+                width,
+                label=k.replace("_ms", ""),
+            )
+        ax.axhline(5.0, color="red", linestyle="--", linewidth=1, label="5 ms goal (p99)")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_ylabel("milliseconds")
+        frac = results["options"]["open_fraction"]
+        ax.set_title(f"Open-loop latency at {frac:.0%} of each cell's maximum")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "-latency.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    decisions = results.get("micro", {}).get("decisions", {})
+    if decisions.get("cython"):
+        measures = list(decisions["cython"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, impl in enumerate(("cython", "python")):
+            ys = [decisions.get(impl, {}).get(m, {}).get("median") or 0 for m in measures]
+            ax.bar(
+                [j + (i - 0.5) * 0.4 for j in range(len(measures))],
+                ys,
+                0.4,
+                label="Cython" if impl == "cython" else "reference (Python)",
+            )
+        ax.axhline(1_000_000, color="red", linestyle="--", linewidth=1, label="1M/s goal")
+        ax.set_xticks(range(len(measures)), measures)
+        ax.set_yscale("log")
+        ax.set_ylabel("decisions per second, one core, log scale")
+        ax.set_title("Fast path in process")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "-fastpath.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,136 @@
+"""The servers a run compares: covergate and its baselines, each a name, a server command, an
+environment and a CPU placement. Later variants (quotas on/off, tracing on/off) are added here.
+
+A variant is what the load hits; `bench.plan` pairs them into comparisons and goals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+COVERGATE = "covergate"
+NOOP = "noop"
+CONVENTIONAL = "conventional"
+
+ALL_CORES = 0  # workers=0: one worker per core, like `covergate serve` by default
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What a server command needs to know about this run."""
+
+    python: str
+    covergate: str
+    data_dir: Path
+    workers: int
+    redis_url: str | None = None
+    config_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    server: str  # COVERGATE, NOOP or CONVENTIONAL
+    workers: int = 1  # ALL_CORES: as many as the machine has
+    env: tuple[tuple[str, str], ...] = ()
+    unset_env: tuple[str, ...] = ()
+    # covergate --config TOML text (e.g. quota or tracing settings of a later variant).
+    config: str | None = None
+    needs_redis: bool = False
+    # Whether sampled answers must carry the right decisions (the no-op ceiling answers COVERED
+    # to everything: only status and shape are checked for it).
+    checks_decisions: bool = True
+
+    def worker_count(self, cores: int) -> int:
+        return self.workers or cores
+
+    def command(self, ctx: ServerContext) -> list[str]:
+        if self.server == COVERGATE:
+            cmd = [
+                ctx.covergate,
+                "serve",
+                "--insecure",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                str(ctx.workers),
+                "--data",
+                str(ctx.data_dir),
+            ]
+            if ctx.config_path is not None:
+                cmd += ["--config", str(ctx.config_path)]
+            return cmd
+        if self.server == NOOP:
+            return [ctx.python, "-m", "bench.noop_server", "--workers", str(ctx.workers)]
+        if self.server == CONVENTIONAL:
+            if not ctx.redis_url:
+                raise ValueError(f"{self.name} needs Redis")
+            return [
+                ctx.python,
+                "-m",
+                "bench.conventional_server",
+                "--data",
+                str(ctx.data_dir),
+                "--workers",
+                str(ctx.workers),
+                "--redis",
+                ctx.redis_url,
+            ]
+        raise ValueError(f"unknown server kind {self.server!r}")
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        for name in self.unset_env:
+            env.pop(name, None)
+        env.update(self.env)
+        env.setdefault("COVERGATE_LOG_LEVEL", "WARNING")
+        return env
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(
+            "covergate",
+            "covergate, Cython fast path, 1 worker",
+            COVERGATE,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+        ),
+        Variant(
+            "covergate-Nw",
+            "covergate, Cython fast path, one worker per core",
+            COVERGATE,
+            workers=ALL_CORES,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+        ),
+        Variant(
+            "reference",
+            "covergate with COVERGATE_NO_EXTENSIONS=1 (pure-Python reference gate), 1 worker",
+            COVERGATE,
+            env=(("COVERGATE_NO_EXTENSIONS", "1"),),
+            unset_env=("COVERGATE_REQUIRE_EXTENSIONS",),
+        ),
+        Variant(
+            "noop",
+            "no-op grpc.aio server from the same protos, constant valid answer (the ceiling)",
+            NOOP,
+            checks_decisions=False,
+        ),
+        Variant(
+            "conventional",
+            "plain grpc.aio servicer: Python lookup (hashlib + py-lmdb + protobuf), Redis "
+            "INCR+EXPIRE per lookup, one OpenTelemetry span per lookup",
+            CONVENTIONAL,
+            needs_redis=True,
+        ),
+        # Later issues add their on/off pairs here, for example:
+        #   Variant("covergate-quotas-off", "...", COVERGATE, config=QUOTAS_OFF_TOML),
+        #   Variant("covergate-tracing", "...", COVERGATE,
+        #           env=(("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),)),
+        # and a Comparison in bench.plan naming the pair.
+    )
+}
