@@ -90,7 +90,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_practitioner(args: argparse.Namespace) -> int:
     from service.clock import ParisClock
     from service.config import check_quota_overrides
-    from service.quotas import open_quota_file, profile_for, usage
+    from service.quotas import Usage, open_quota_file, profile_for, quota_path, usage
 
     config = load_config(args.config)
     data_dir = resolve_data_dir(args.data)
@@ -109,8 +109,8 @@ def cmd_practitioner(args: argparse.Namespace) -> int:
                 rec = store.update_practitioner(
                     args.practitioner_id, status="active", suspension_reason=""
                 )
-                if rec.slot >= 0:
-                    quota_file = open_quota_file(data_dir, config)
+                if rec.slot >= 0 and quota_path(data_dir).exists():
+                    quota_file = open_quota_file(data_dir, config, rec.slot + 1)
                     quota_file.reinstate(rec.slot)
                     quota_file.close()
             elif args.action == "pin":
@@ -162,17 +162,17 @@ def cmd_practitioner(args: argparse.Namespace) -> int:
         + (f", shadow: {', '.join(shadow)}" if shadow else "")
         + (f"  [overrides: {', '.join(sorted(rec.quota))}]" if rec.quota else "")
     )
-    if rec.slot >= 0:
-        quota_file = open_quota_file(data_dir, config)
-        today, _ = ParisClock().now()
-        used = usage(quota_file, rec.slot, today)
+    used = Usage(0, 0, 0, 0, 0, 0, False)
+    if rec.slot >= 0 and quota_path(data_dir).exists():
+        quota_file = open_quota_file(data_dir, config, rec.slot + 1)
+        used = usage(quota_file, rec.slot, ParisClock().now()[0])
         quota_file.close()
-        print(f"today         {used.daily_count} lookups, {used.distinct_count} distinct beneficiaries")
-        print(
-            f"guard         {used.window_bad} of the last {used.window_len} lookups were NO_MATCH "
-            f"or invalid; fired {used.guard_fired} time(s)"
-            + ("; SUSPENDED by the guard" if used.suspended_by_guard else "")
-        )
+    print(f"today         {used.daily_count} lookups, {used.distinct_count} distinct beneficiaries")
+    print(
+        f"guard         {used.window_bad} of the last {used.window_len} lookups were NO_MATCH "
+        f"or invalid; fired {used.guard_fired} time(s)"
+        + ("; SUSPENDED by the guard" if used.suspended_by_guard else "")
+    )
     return 0
 
 

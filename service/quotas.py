@@ -24,8 +24,13 @@ def quota_path(data_dir: Path) -> Path:
     return Path(data_dir) / QUOTA_SUBDIR / STATE_FILE
 
 
-def open_quota_file(data_dir: Path, config: Config) -> QuotaFile:
-    return QuotaFile(quota_path(data_dir), config.quota.slots)
+SLOT_STEP = 64
+
+
+def open_quota_file(data_dir: Path, config: Config, slots_needed: int = 0) -> QuotaFile:
+    """The shared state, with room for at least `slots_needed` practitioners."""
+    slots = max(config.quota.slots, slots_needed)
+    return QuotaFile(quota_path(data_dir), -(-slots // SLOT_STEP) * SLOT_STEP)
 
 
 def profile_for(config: Config, profession: str, overrides: dict[str, Any] | None) -> QuotaProfile:

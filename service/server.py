@@ -95,7 +95,7 @@ class CovergateHandlers:
         self._options = options
         self._settings = options.config.server
         # Opened after fork, like LMDB: every worker maps the same file and locks slots in it.
-        self.quota = open_quota_file(options.data_dir, options.config)
+        self.quota = open_quota_file(options.data_dir, options.config, store.quota_slots_used())
         self._auth = Authenticator(
             store, options.config.auth, PractitionerFactory(options.config)
         )
@@ -103,11 +103,31 @@ class CovergateHandlers:
         self._mtls = options.tls is not None and options.tls.client_ca is not None
         self._clock = ParisClock()
         self.gate: Any = None
+        self._keys: Keys | None = None
         self._verifier: AttestationVerifier | None = None
         self.health = grpc_health.aio.HealthServicer()
         self.last_call_started = 0.0
 
     # -- readiness --------------------------------------------------------------------------------
+
+    def _grow_quota(self) -> None:
+        """Practitioners imported since start need more slots: map the grown file again."""
+        self.gate.close()
+        self.quota.close()
+        self.quota = open_quota_file(
+            self._options.data_dir, self._options.config, self._store.quota_slots_used()
+        )
+        self.gate = self._new_gate(self._keys)
+
+    def _new_gate(self, keys: Keys) -> Any:
+        return fastpath.Gate(
+            self._store.env,
+            self._store.rights_db,
+            keys,
+            max_batch_items=self._settings.max_batch_items,
+            attestation_ttl=self._settings.attestation_ttl_seconds,
+            quota=self.quota,
+        )
 
     def try_open_data(self) -> bool:
         """Open the gate once rights are loaded and the pepper matches them."""
@@ -123,14 +143,8 @@ class CovergateHandlers:
         if self._store.pepper_fingerprint() != keys.fingerprint:
             log.error("cannot serve: the pepper is not the one the data was imported with")
             return False
-        self.gate = fastpath.Gate(
-            self._store.env,
-            self._store.rights_db,
-            keys,
-            max_batch_items=self._settings.max_batch_items,
-            attestation_ttl=self._settings.attestation_ttl_seconds,
-            quota=self.quota,
-        )
+        self._keys = keys
+        self.gate = self._new_gate(keys)
         self._verifier = AttestationVerifier(keys)
         return True
 
@@ -158,6 +172,8 @@ class CovergateHandlers:
             raise Refusal(caller.code, caller.status)
         if self.gate is None:
             raise Refusal(rules.UNAVAILABLE, NOT_LOADED)
+        if caller.slot >= self.quota.slots:
+            self._grow_quota()
         return caller
 
     # -- CoverageService --------------------------------------------------------------------------
@@ -323,6 +339,8 @@ async def run_worker(
     while time.monotonic() < deadline and time.monotonic() - handlers.last_call_started < 0.25:
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - time.monotonic()))
+    if handlers.gate is not None:
+        handlers.gate.close()
     handlers.quota.flush()
     handlers.quota.close()
     store.close()

@@ -237,6 +237,12 @@ class Store:
                 txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
             self._bump_generation(txn)
 
+    def quota_slots_used(self) -> int:
+        """How many quota slots have been handed out (the shared state file must hold them)."""
+        with self.env.begin(db=self.meta_db) as txn:
+            raw = txn.get(META_NEXT_SLOT)
+        return int(raw) if raw else 0
+
     def _next_slot(self, txn: lmdb.Transaction) -> int:
         """Quota slots are never reused: a new practitioner never inherits someone's counters."""
         raw = txn.get(META_NEXT_SLOT, db=self.meta_db)
