@@ -74,9 +74,23 @@ def working_copy(dataset: Dataset, target: Path) -> Path:
 
 
 def cache_key(beneficiaries: int) -> str:
-    from service.store import SCHEMA_VERSION
+    """Size, store schema and rights record versions, and a fingerprint of the stored record
+    shapes: a field added to practitioners (say a quota slot) rebuilds the cache even when the
+    schema version was not bumped."""
+    import dataclasses
+    import hashlib
 
-    return f"b{beneficiaries}-store{SCHEMA_VERSION}-record{rules.RECORD_VERSION}-fmt{CACHE_FORMAT}"
+    from service import store
+
+    shapes = [
+        f"{cls.__name__}:" + ",".join(f.name for f in dataclasses.fields(cls))
+        for cls in (store.PractitionerRecord, store.CredentialRecord)
+    ]
+    fingerprint = hashlib.blake2b("|".join(shapes).encode(), digest_size=4).hexdigest()
+    return (
+        f"b{beneficiaries}-store{store.SCHEMA_VERSION}-record{rules.RECORD_VERSION}-"
+        f"{fingerprint}-fmt{CACHE_FORMAT}"
+    )
 
 
 def _write_private(path: Path, text: str) -> None:

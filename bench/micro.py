@@ -49,26 +49,41 @@ def _rate(
             return calls * items_per_call / (now - started)
 
 
-def _gates(ds: bench_dataset.Dataset) -> tuple[dict[str, Any], Any]:
-    from service.config import load_pepper
+def _server_parts(ds: bench_dataset.Dataset, config_path: str | None) -> tuple[Any, ...]:
+    """The store, keys, quota state and practitioner exactly as a server worker builds them from
+    the data dir and `config_path` (quotas included); older trees without quotas get None."""
+    from service.config import load_config, load_pepper
     from service.store import Store
 
-    store = Store(ds.data_dir)
+    config = load_config(config_path)
+    store = Store(ds.data_dir, config.store)
     keys = Keys(load_pepper(ds.data_dir, None))
+    try:
+        from service.quotas import PractitionerFactory, open_quota_file
+    except ImportError:
+        return store, keys, None, None
+    record = store.practitioner(ds.practitioner_id)
+    if record is None:
+        raise RuntimeError("the bench practitioner is missing from the store")
+    return store, keys, open_quota_file(ds.data_dir, config), PractitionerFactory(config)(record)
+
+
+def decisions(
+    ds: bench_dataset.Dataset, seconds: float, rounds: int, config_path: str | None = None
+) -> dict[str, Any]:
+    store, keys, quota, served_as = _server_parts(ds, config_path)
     gates = {}
     for name, module_name in IMPLEMENTATIONS.items():
         module = importlib.import_module(module_name)
-        gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500)
-    return gates, store
-
-
-def decisions(ds: bench_dataset.Dataset, seconds: float, rounds: int) -> dict[str, Any]:
-    gates, store = _gates(ds)
-    practitioner = Practitioner(
+        extra = {"quota": quota} if quota is not None else {}
+        gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500, **extra)
+    # Decision-only: no quota slot, every domain and insurer in scope.
+    bare = Practitioner(
         practitioner_id=ds.practitioner_id,
         profession="pharmacist",
         amc_numbers=frozenset(ds.practitioner_amcs),
     )
+    practitioner = served_as or bare
     today = int(ds.care_date)
     now = int(time.time())
     covered = ds.pools[COVERED]
@@ -79,13 +94,16 @@ def decisions(ds: bench_dataset.Dataset, seconds: float, rounds: int) -> dict[st
     mix_specs = frames.mixed(ds.pools, dict(COUNTER_MIX), 100 * 40)
     mixed_batches = [frames.batch_bytes(mix_specs[i : i + 100]) for i in range(0, 4000, 100)]
 
-    measures: dict[str, tuple[str, list[bytes], int]] = {
-        "single": ("check", singles, 1),
-        "stream_item": ("check_item", singles, 1),
-        "batch_100": ("check_batch", batches, 100),
-        "batch_100_mix": ("check_batch", mixed_batches, 100),
+    # measure -> (gate method, inputs, items per call, practitioner)
+    measures: dict[str, tuple[str, list[bytes], int, Practitioner]] = {
+        "single": ("check", singles, 1, practitioner),
+        "stream_item": ("check_item", singles, 1, practitioner),
+        "batch_100": ("check_batch", batches, 100, practitioner),
+        "batch_100_mix": ("check_batch", mixed_batches, 100, practitioner),
     }
-    # Both gates must give the same answers before their speed means anything.
+    if served_as is not None:
+        measures["batch_100_no_quota"] = ("check_batch", batches, 100, bare)
+    # Both gates must give the right answers before their speed means anything.
     for name, gate in gates.items():
         code, payload = gate.check(practitioner, singles[0], today, now)
         problem = frames.check_unary(covered[0], code, payload, decisions=True)
@@ -94,15 +112,20 @@ def decisions(ds: bench_dataset.Dataset, seconds: float, rounds: int) -> dict[st
     out: dict[str, Any] = {name: {} for name in gates}
     for r in range(rounds):
         order = list(gates) if r % 2 == 0 else list(reversed(gates))
-        for measure, (method, inputs, per_call) in measures.items():
+        for measure, (method, inputs, per_call, who) in measures.items():
             for name in order:
                 bound = getattr(gates[name], method)
 
-                def call(request: bytes, bound: Any = bound) -> object:
-                    return bound(practitioner, request, today, now)
+                def call(request: bytes, bound: Any = bound, who: Practitioner = who) -> object:
+                    return bound(who, request, today, now)
 
                 rate = _rate(call, inputs, per_call, seconds)
                 out[name].setdefault(measure, []).append(rate)
+    for gate in gates.values():
+        if hasattr(gate, "close"):
+            gate.close()
+    if quota is not None:
+        quota.close()
     store.close()
     return out
 
@@ -142,6 +165,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--covergate", default=str(Path(sys.executable).with_name("covergate")))
     parser.add_argument("--data", help="data dir to read (default: the dataset's own)")
+    parser.add_argument("--config", help="covergate TOML config (quota limits) the servers use")
     parser.add_argument("--no-import", action="store_true")
     args = parser.parse_args()
     ds = bench_dataset.load(Path(args.dataset))
@@ -151,7 +175,7 @@ def main() -> int:
         ds.data_dir = Path(args.data)
     result: dict[str, Any] = {
         "cpus": sorted(os.sched_getaffinity(0)),
-        "decisions": decisions(ds, args.seconds, args.rounds),
+        "decisions": decisions(ds, args.seconds, args.rounds, args.config),
     }
     if not args.no_import:
         result["import"] = import_rate(ds, args.covergate)

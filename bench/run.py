@@ -571,6 +571,11 @@ class BenchRun:
             "--data",
             str(self.data_dir),
         ]
+        config = VARIANTS[plan.PRIMARY].config
+        if config is not None:
+            path = self.run_dir / "micro.toml"
+            path.write_text(config)
+            cmd += ["--config", str(path)]
         if cpus is not None:
             cmd = ["taskset", "-c", cpus, *cmd]
         _say(f"bench: fast-path micro-benchmarks (cpu {cpus or 'any'})")
@@ -630,6 +635,8 @@ class BenchRun:
                         self._open(v, s, r, closed, open_results)
         finally:
             self.stop_servers()
+            # The copy served its purpose; logs and request bodies stay in the run dir.
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         noise["load_after"] = os.getloadavg()
         noise["busy_after"] = busy_processes(exclude)
         results = self.assemble(started, micro, closed, open_results, noise)
@@ -739,6 +746,7 @@ class BenchRun:
                         "description": VARIANTS[name].description,
                         "env": dict(VARIANTS[name].env),
                         "unset_env": list(VARIANTS[name].unset_env),
+                        "config": VARIANTS[name].config,
                     }
                     for name in dict.fromkeys(c["variant"] for c in closed_list)
                 },
