@@ -29,6 +29,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 MAGIC = b"CGQUOTA1"
 HEADER_SIZE = 4096
@@ -108,6 +109,28 @@ class SlotState:
 def fingerprint(pseudonym: bytes) -> int:
     """A beneficiary's 8-byte pseudonym as a non-zero table entry."""
     return int.from_bytes(pseudonym[:8], "little") or 1
+
+
+class QuotaState(Protocol):
+    """What a gate needs from quota state, slot by slot: lock for the call, read, change, write.
+
+    `QuotaFile` implements it for the processes of one host (exact, durable, ~1 us a call).
+    A multi-host backend (Redis) implements the same operations: `lock`/`unlock` around a call
+    map to a per-practitioner lease, `read`/`write` to the slot's fields, `seen_or_add` to a
+    per-day set. The Cython gate works on the QuotaFile layout directly for speed; a backend of
+    another kind is used through this interface by the reference gate, or mirrored into the
+    host's file (each host granted a share of every limit).
+    """
+
+    slots: int
+
+    def lock(self, slot: int) -> None: ...
+    def unlock(self, slot: int) -> None: ...
+    def read(self, slot: int) -> SlotState: ...
+    def write(self, slot: int, state: SlotState) -> None: ...
+    def roll_day(self, slot: int, state: SlotState, today: int) -> None: ...
+    def seen_or_add(self, slot: int, fp: int, may_add: bool) -> tuple[bool, bool]: ...
+    def reinstate(self, slot: int) -> None: ...
 
 
 class QuotaFile:
