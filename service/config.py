@@ -86,6 +86,8 @@ class QuotaSettings:
     guard_min_lookups: int = 20
     guard_bad_percent: int = 50
     shadow: list[str] = field(default_factory=list)  # rules in shadow mode: rate, daily, ...
+    # false: no quota or harvest guard at all (benchmark baselines only; logged loudly)
+    enabled: bool = True
     # Room in the shared quota file (32 KiB a practitioner, sparse); it grows to fit every
     # practitioner the store has given a slot, in steps of 64.
     slots: int = 64

@@ -126,7 +126,7 @@ class CovergateHandlers:
             keys,
             max_batch_items=self._settings.max_batch_items,
             attestation_ttl=self._settings.attestation_ttl_seconds,
-            quota=self.quota,
+            quota=self.quota if self._options.config.quota.enabled else None,
         )
 
     def try_open_data(self) -> bool:
@@ -145,6 +145,8 @@ class CovergateHandlers:
             return False
         self._keys = keys
         self.gate = self._new_gate(keys)
+        if not self._options.config.quota.enabled:
+            log.warning("QUOTAS AND THE HARVEST GUARD ARE DISABLED ([quota] enabled = false)")
         self._verifier = AttestationVerifier(keys)
         return True
 
