@@ -153,7 +153,9 @@ class QuotaFile:
                 else:
                     magic, slot_size, have = _FILE_HEAD.unpack(os.pread(fd, _FILE_HEAD.size, 0))
                     if magic != MAGIC or slot_size != SLOT_SIZE:
-                        raise ValueError(f"{self.path} is not a covergate quota file of this version")
+                        raise ValueError(
+                            f"{self.path} is not a covergate quota file of this version"
+                        )
                     if have < slots:
                         os.ftruncate(fd, size)
                         os.pwrite(fd, _FILE_HEAD.pack(MAGIC, SLOT_SIZE, slots), 0)

@@ -12,9 +12,8 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
-
 from datetime import date, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from google.protobuf import any_pb2, duration_pb2
@@ -443,7 +442,9 @@ def invalid_fields_status(mask: int) -> bytes:
     """INVALID_ARGUMENT for the fields whose bit (1 << field number) is set in `mask`."""
     names = [n for f, n in FIELD_NAMES.items() if mask & (1 << f)]
     violations = [
-        error_details_pb2.BadRequest.FieldViolation(field=FIELD_NAMES[f], description=FIELD_RULES[f])
+        error_details_pb2.BadRequest.FieldViolation(
+            field=FIELD_NAMES[f], description=FIELD_RULES[f]
+        )
         for f in FIELD_NAMES
         if mask & (1 << f)
     ]

@@ -1,1 +1,3 @@
-"""covergate service: gRPC server, authentication, store, importer, telemetry, configuration, CLI."""
+"""covergate service: gRPC server, authentication, store, importer, quotas, telemetry, config, CLI.
+
+One module per concern; `fastpath` holds the per-request decision."""

@@ -49,7 +49,9 @@ class AttestationVerifier:
         try:
             req = pb.VerifyAttestationRequest.FromString(request)
         except DecodeError:
-            return rules.INVALID_ARGUMENT, rules.malformed_message_status("VerifyAttestationRequest")
+            return rules.INVALID_ARGUMENT, rules.malformed_message_status(
+                "VerifyAttestationRequest"
+            )
         bad = 0
         if not req.attestation or len(req.attestation) > MAX_ATTESTATION:
             bad |= 1 << 1
@@ -72,18 +74,24 @@ class AttestationVerifier:
 
         claims = rules.decode_attestation(self._attestation_key, req.attestation)
         if isinstance(claims, str):
-            return rules.OK, pb.VerifyAttestationResponse(valid=False, reason=claims).SerializeToString()
+            return rules.OK, pb.VerifyAttestationResponse(
+                valid=False, reason=claims
+            ).SerializeToString()
         reason = ""
         if claims.expires < now:
             reason = "EXPIRED"
         elif claims.practitioner_id != req.practitioner_id:
             reason = "WRONG_PRACTITIONER"
         else:
-            tag = self._keys.beneficiary_tag(rules.identity_bytes(nir, req.birth_date, req.birth_rank))
+            tag = self._keys.beneficiary_tag(
+                rules.identity_bytes(nir, req.birth_date, req.birth_rank)
+            )
             if not hmac.compare_digest(tag, claims.beneficiary_tag):
                 reason = "WRONG_BENEFICIARY"
         if reason:
-            return rules.OK, pb.VerifyAttestationResponse(valid=False, reason=reason).SerializeToString()
+            return rules.OK, pb.VerifyAttestationResponse(
+                valid=False, reason=reason
+            ).SerializeToString()
         return rules.OK, pb.VerifyAttestationResponse(
             valid=True,
             domain=claims.domain,

@@ -4,7 +4,7 @@ the store changes.
 
 A token reads `cg1.<token id>.<secret>`; the store keeps the id and SHA-256 of the secret only.
 A certificate names its subject in a SAN URI `urn:covergate:practitioner:<id>` (or
-`urn:covergate:claims:<id>`), else in its CN; its SHA-256 fingerprint can be pinned per practitioner.
+`urn:covergate:claims:<id>`), else in its CN; its SHA-256 fingerprint can be pinned.
 """
 
 from __future__ import annotations

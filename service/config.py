@@ -40,10 +40,10 @@ DEFAULT_PROFESSION_QUOTAS: dict[str, dict[str, int]] = {
     "dentist": {"rate_per_minute": 20, "burst": 20, "daily_limit": 400, "distinct_limit": 200},
     "optician": {"rate_per_minute": 20, "burst": 20, "daily_limit": 400, "distinct_limit": 200},
     "audiologist": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
-    "laboratory": {"rate_per_minute": 120, "burst": 60, "daily_limit": 6000, "distinct_limit": 3000},
+    "laboratory": {"rate_per_minute": 120, "burst": 60, "daily_limit": 6000, "distinct_limit": 3000},  # noqa: E501
     "radiology": {"rate_per_minute": 60, "burst": 40, "daily_limit": 2000, "distinct_limit": 1000},
     "paramedical": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
-    "hospital": {"rate_per_minute": 300, "burst": 150, "daily_limit": 20000, "distinct_limit": 3000},
+    "hospital": {"rate_per_minute": 300, "burst": 150, "daily_limit": 20000, "distinct_limit": 3000},  # noqa: E501
     "transport": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
 }  # fmt: skip
 
@@ -76,7 +76,7 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class QuotaSettings:
-    """Base quota values; each profession's defaults and each practitioner's overrides apply on top."""
+    """Base quota values; profession defaults, then practitioner overrides, apply on top."""
 
     rate_per_minute: int = 60
     burst: int = 30
@@ -112,7 +112,9 @@ class Config:
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFESSION_QUOTAS.items()}
     )
 
-    def quota_values(self, profession: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def quota_values(
+        self, profession: str, overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Base values, then the profession's, then the practitioner's overrides."""
         values = {name: getattr(self.quota, name) for name in QUOTA_FIELDS}
         values.update(self.profession_quotas.get(profession, {}))
@@ -208,7 +210,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError("[auth] methods must list token and/or certificate")
     check_quota_overrides({k: getattr(config.quota, k) for k in QUOTA_FIELDS}, "[quota]")
     return config
-
 
 
 # -- data dir and pepper ---------------------------------------------------------------------------

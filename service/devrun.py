@@ -57,8 +57,11 @@ def main() -> int:
             if line.startswith("covergate check"):
                 line = line.replace("covergate check", "covergate check" + target_flag, 1)
             print("  " + line)
-        print("\nHealth: grpc.health.v1 on the same port; reflection is on (grpcurl -plaintext "
-              f"{args.listen} list). Ctrl-C stops the server.\n", flush=True)
+        print(
+            "\nHealth: grpc.health.v1 on the same port; reflection is on (grpcurl -plaintext "
+            f"{args.listen} list). Ctrl-C stops the server.\n",
+            flush=True,
+        )
         return server.wait()
     except KeyboardInterrupt:
         server.send_signal(signal.SIGTERM)

@@ -58,7 +58,9 @@ class RowError:
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line else "file"
-        return f"{where}: {self.field}: {self.problem}" if self.field else f"{where}: {self.problem}"
+        return (
+            f"{where}: {self.field}: {self.problem}" if self.field else f"{where}: {self.problem}"
+        )
 
 
 class ImportRejected(Exception):
@@ -106,14 +108,17 @@ def _open_csv(path: Path, progress: bool | None) -> Iterator[IO[str]]:
         console=Console(stderr=True),
         transient=False,
     )
-    with bar, bar.open(
-        path,
-        "r",
-        encoding="utf-8",
-        errors="surrogateescape",
-        newline="",
-        description=f"validating {path.name}",
-    ) as f:
+    with (
+        bar,
+        bar.open(
+            path,
+            "r",
+            encoding="utf-8",
+            errors="surrogateescape",
+            newline="",
+            description=f"validating {path.name}",
+        ) as f,
+    ):
         yield f
 
 
@@ -270,12 +275,17 @@ def read_rights(
             bucket = by_key.setdefault(skey, [])
             if len(bucket) >= MAX_RIGHTS_PER_BENEFICIARY:
                 errors.append(
-                    RowError(line, "", f"more than {MAX_RIGHTS_PER_BENEFICIARY} rights for one "
-                             "beneficiary")
+                    RowError(
+                        line,
+                        "",
+                        f"more than {MAX_RIGHTS_PER_BENEFICIARY} rights for one beneficiary",
+                    )
                 )
                 continue
             bucket.append(
-                RightRow(rules.DOMAIN_CODES[domain], int(rate), int(start), int(end), amc, conv, mhash)
+                RightRow(
+                    rules.DOMAIN_CODES[domain], int(rate), int(start), int(end), amc, conv, mhash
+                )
             )
     if errors:
         raise ImportRejected(path, errors, len({e.line for e in errors}))
@@ -321,9 +331,7 @@ def import_rights(
             "rights_rows": rows,
         },
     )
-    return ImportReport(
-        "rights", rows, len(by_key), time.perf_counter() - started, dataset_id
-    )
+    return ImportReport("rights", rows, len(by_key), time.perf_counter() - started, dataset_id)
 
 
 # -- practitioners ---------------------------------------------------------------------------------
@@ -354,7 +362,9 @@ def read_practitioners(path: Path) -> list[PractitionerRecord]:
                 profession=profession,
                 amc_numbers=sorted(set(amcs)),
                 status=status,
-                suspension_reason="listed as suspended in the import" if status == "suspended" else "",
+                suspension_reason="listed as suspended in the import"
+                if status == "suspended"
+                else "",
             )
     if errors:
         raise ImportRejected(Path(path), errors, len({e.line for e in errors}))

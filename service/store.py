@@ -223,7 +223,9 @@ class Store:
                 }
                 txn.drop(self.practitioners_db, delete=False)
             for rec in records:
-                old = previous.get(rec.practitioner_id) or self.practitioner(rec.practitioner_id, txn)
+                old = previous.get(rec.practitioner_id) or self.practitioner(
+                    rec.practitioner_id, txn
+                )
                 if old is not None:
                     if old.status == "suspended" and rec.status == "active":
                         rec.status, rec.suspension_reason = old.status, old.suspension_reason

@@ -53,7 +53,9 @@ def make_nir(rng: random.Random, *, corsica: str = "") -> str:
     return sex + yy + mm + dept + commune + order
 
 
-def make_identity(rng: random.Random, *, corsica: str = "", lunar: bool = False, rank: int = 1) -> Identity:
+def make_identity(
+    rng: random.Random, *, corsica: str = "", lunar: bool = False, rank: int = 1
+) -> Identity:
     nir = make_nir(rng, corsica=corsica)
     year = 1930 + rng.randrange(90)
     if lunar:
@@ -110,7 +112,9 @@ def write_practitioners_csv(path: Path, practitioners: Iterable[PractitionerRow]
     return path
 
 
-def cli(*args: str, data_dir: Path | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, data_dir: Path | None = None, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `covergate` command."""
     full_env = dict(os.environ, **(env or {}))
     if data_dir is not None:
@@ -120,7 +124,8 @@ def cli(*args: str, data_dir: Path | None = None, check: bool = True, env: dict[
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"covergate {' '.join(args[:2])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            f"covergate {' '.join(args[:2])} exited {proc.returncode}:\n"
+            f"{proc.stdout}\n{proc.stderr}"
         )
     return proc
 
@@ -162,8 +167,22 @@ def build_dataset(tmp: Path, *, seed: int = 7, extra_beneficiaries: int = 50) ->
     lunar = make_identity(rng, lunar=True)
     member = "M0012345"
     rights = [
-        Right(covered, PHARMACY_AMC, "PHAR", member_number=member, rate_percent=100, convention_type="TP01"),
-        Right(covered, PHARMACY_AMC, "MEDE", member_number=member, rate_percent=70, convention_type="TP02"),
+        Right(
+            covered,
+            PHARMACY_AMC,
+            "PHAR",
+            member_number=member,
+            rate_percent=100,
+            convention_type="TP01",
+        ),
+        Right(
+            covered,
+            PHARMACY_AMC,
+            "MEDE",
+            member_number=member,
+            rate_percent=70,
+            convention_type="TP02",
+        ),
         Right(twin, OTHER_AMC, "PHAR", member_number="M0099999", rate_percent=65),
         Right(not_covered, PHARMACY_AMC, "PHAR", start_date="20200101", end_date="20201231"),
         Right(corsican, PHARMACY_AMC, "PHAR", rate_percent=90, convention_type="CO2A"),
@@ -204,8 +223,10 @@ class RunningServer:
     ) -> None:
         self.credentials = credentials
         full_env = dict(os.environ, COVERGATE_DATA=str(data_dir), **(env or {}))
-        self.log_path = log_path or data_dir.parent / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")
+        self.log_path = (
+            log_path or data_dir.parent / f"server-{os.getpid()}-{time.monotonic_ns()}.log"
+        )
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             [COVERGATE, "serve", "--listen", "127.0.0.1:0", "--workers", str(workers), *args]
             + ([] if any(a.startswith("--tls") for a in args) else ["--insecure"]),
@@ -237,9 +258,11 @@ class RunningServer:
 
     def health(self, service: str = "") -> int:
         with self.channel() as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2
-            ).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
 
     def wait_health(self, status: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

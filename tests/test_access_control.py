@@ -97,9 +97,10 @@ def test_daily_limit_is_exact_across_workers_and_survives_a_restart(dataset: Dat
     assert outcomes == {"OK": limit, "DAILY_LIMIT": 320 - limit}
 
     # Counters live in the shared state file: a restarted server still refuses.
-    with RunningServer(dataset.data_dir, workers=1) as server, grpc.insecure_channel(
-        server.target
-    ) as channel:
+    with (
+        RunningServer(dataset.data_dir, workers=1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = pb_grpc.CoverageServiceStub(channel)
         assert _outcome(lambda: stub.CheckCoverage(_request(dataset), metadata=metadata)) == (
             "DAILY_LIMIT"
@@ -129,9 +130,7 @@ def test_distinct_limit_is_exact_across_workers(dataset: Dataset) -> None:
                     outcomes[r] += 1
 
     with RunningServer(dataset.data_dir, workers=2) as server:
-        threads = [
-            threading.Thread(target=walk, args=(server, people[i::6])) for i in range(6)
-        ]
+        threads = [threading.Thread(target=walk, args=(server, people[i::6])) for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:
@@ -144,9 +143,10 @@ def test_guard_ends_a_stream_and_the_suspension_persists(dataset: Dataset) -> No
     _set_quota(dataset, PHARMACIST_ID, "rate_per_minute=100000", "burst=100000")
     metadata = (("authorization", f"Bearer {dataset.tokens['pharmacist']}"),)
     guesses = [_request(dataset, make_identity(rng)) for _ in range(100)]
-    with RunningServer(dataset.data_dir, workers=2) as server, grpc.insecure_channel(
-        server.target
-    ) as channel:
+    with (
+        RunningServer(dataset.data_dir, workers=2) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = pb_grpc.CoverageServiceStub(channel)
         answers = []
         with pytest.raises(grpc.RpcError) as err:
@@ -182,9 +182,10 @@ def test_unary_batch_and_stream_share_one_limit_and_overrides_apply_live(dataset
     metadata = (("authorization", f"Bearer {dataset.tokens['pharmacist']}"),)
     _set_quota(dataset, PHARMACIST_ID, "daily_limit=10", "rate_per_minute=100000",
                "burst=100000")  # fmt: skip
-    with RunningServer(dataset.data_dir, workers=2) as server, grpc.insecure_channel(
-        server.target
-    ) as channel:
+    with (
+        RunningServer(dataset.data_dir, workers=2) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         stub = pb_grpc.CoverageServiceStub(channel)
         assert _outcome(lambda: stub.CheckCoverage(_request(dataset), metadata=metadata)) == "OK"
         batch = stub.CheckCoverageBatch(

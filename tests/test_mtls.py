@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from harness import (
     HOSPITAL_ID,
@@ -26,7 +27,6 @@ from harness import (
 
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
-from google.rpc import error_details_pb2
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -49,7 +49,7 @@ def _cert(
     ca: bool = False,
     san: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
     builder = (
         x509.CertificateBuilder()
@@ -116,7 +116,9 @@ def mtls(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     tmp = tmp_path_factory.mktemp("mtls")
     ds = build_dataset(tmp)
     pki = Pki(tmp)
-    server = RunningServer(ds.data_dir, args=pki.server_args(), credentials=pki.health_credentials())
+    server = RunningServer(
+        ds.data_dir, args=pki.server_args(), credentials=pki.health_credentials()
+    )
     yield ds, pki, server
     server.stop()
 

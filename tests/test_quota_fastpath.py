@@ -27,6 +27,7 @@ from fastpath.quota import (
     QuotaProfile,
 )
 from fastpath.rules import Practitioner
+from spans import masked_spans
 
 PROFILE = QuotaProfile(
     rate_per_minute=60,
@@ -214,7 +215,7 @@ steps = st.lists(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(profile=profiles, calls=steps)
+@given(profile=profiles, calls=steps, traced=st.booleans(), with_parent=st.booleans())
 def test_quota_sequences_identical_in_c_and_python(
     cython_gate_module: ModuleType,
     python_gate_module: ModuleType,
@@ -222,13 +223,16 @@ def test_quota_sequences_identical_in_c_and_python(
     tmp_path_factory: pytest.TempPathFactory,
     profile: QuotaProfile,
     calls: list[tuple[str, list[bytes], float]],
+    traced: bool,
+    with_parent: bool,
 ) -> None:
     tmp = tmp_path_factory.mktemp("q")
     files = [QuotaFile(tmp / name, 4) for name in ("c", "py")]
     gates: list[Any] = []
     try:
         gates += [
-            m.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=f)
+            m.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=f, trace=traced,
+                   trace_seed=99)  # fmt: skip
             for m, f in zip((cython_gate_module, python_gate_module), files, strict=True)
         ]
         p = practitioner(profile, slot=2, domains=rules.ALL_DOMAINS & ~(1 << 5))
@@ -242,8 +246,14 @@ def test_quota_sequences_identical_in_c_and_python(
                 ).SerializeToString()
             else:
                 args = requests[0]
-            results = [getattr(g, method)(p, args, today, now) for g in gates]
+            context = (b"\x01" * 16, b"\x02" * 8 if with_parent else b"")
+            kwargs = {"trace": context} if with_parent else {}
+            results = [getattr(g, method)(p, args, today, now, **kwargs) for g in gates]
             assert results[0] == results[1], method
+            if traced:
+                spans = [masked_spans(g.take_spans()) for g in gates]
+                assert spans[0] == spans[1], method
+                assert gates[0].lookup_counts() == gates[1].lookup_counts()
             assert gates[0].suspensions == gates[1].suspensions
             assert gates[0].store_reads == gates[1].store_reads
         assert files[0].map[:] == files[1].map[:]  # the shared state itself

@@ -29,7 +29,7 @@ from service.store import PractitionerRecord, Store
 
 DAY = datetime.date(2026, 3, 10)
 TODAY = int(DAY.strftime("%Y%m%d"))
-OPENING = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=datetime.timezone.utc).timestamp()
+OPENING = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=datetime.UTC).timestamp()
 CONFIG = load_config(None)
 
 # Patients a practitioner of each profession sees in a busy day (repeat checks come on top).
@@ -108,10 +108,7 @@ def busy_day(profession: str, deck: list[Card], rng: random.Random) -> list[tupl
     lookups: list[tuple[float, bytes]] = []
     burst = max(5, len(patients) // 12)  # the queue waiting at opening time
     for i, card in enumerate(patients):
-        if i < burst:
-            t = i * 1.5
-        else:
-            t = rng.uniform(600, 10 * 3600)
+        t = i * 1.5 if i < burst else rng.uniform(600, 10 * 3600)
         own = sorted(card.domains & set(domains)) or list(domains)
         domain = rng.choice(own)
         if rng.random() < 0.03:  # a typo in the key, noticed and corrected
