@@ -31,11 +31,15 @@ from cpython.unicode cimport (
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+import os
 
 from google.protobuf.message import DecodeError
 
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import quota, rules
+from fastpath import trace as _trace
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
@@ -788,6 +792,192 @@ _RESOURCE_EXHAUSTED = rules.RESOURCE_EXHAUSTED
 _MAX_DISTINCT_LIMIT = quota.MAX_DISTINCT_LIMIT
 
 
+# -- tracing (fastpath.trace defines the spans; the constant pieces are its bytes)
+
+cdef enum:
+    O_COVERED = 0
+    O_NOT_COVERED = 1
+    O_NO_MATCH = 2
+    O_INVALID = 3
+    O_DOMAIN = 4
+    O_AMC = 5
+    O_SUSPENDED = 6
+    O_RATE = 7
+    O_DAILY = 8
+    O_DISTINCT = 9
+    N_OUTCOMES = 10
+    N_PROFESSIONS = 11
+    WD_NONE = 0
+    WD_RATE = 1
+    WD_DAILY = 2
+    WD_DISTINCT = 3
+    WD_GUARD = 4
+    METHOD_UNARY = 0
+    METHOD_BATCH = 1
+    METHOD_STREAM = 2
+    NAME_LOOKUP = 3
+    KIND_INTERNAL = 1
+    KIND_SERVER = 2
+    TRACE_ID_SIZE = 16
+    SPAN_ID_SIZE = 8
+
+if (
+    (_trace.O_COVERED, _trace.O_NOT_COVERED, _trace.O_NO_MATCH, _trace.O_INVALID,
+     _trace.O_DOMAIN, _trace.O_AMC, _trace.O_SUSPENDED, _trace.O_RATE, _trace.O_DAILY,
+     _trace.O_DISTINCT, _trace.N_OUTCOMES, _trace.N_PROFESSIONS)
+    != (O_COVERED, O_NOT_COVERED, O_NO_MATCH, O_INVALID, O_DOMAIN, O_AMC, O_SUSPENDED,
+        O_RATE, O_DAILY, O_DISTINCT, N_OUTCOMES, N_PROFESSIONS)
+    or (_trace.WD_RATE, _trace.WD_DAILY, _trace.WD_DISTINCT, _trace.WD_GUARD)
+    != (WD_RATE, WD_DAILY, WD_DISTINCT, WD_GUARD)
+    or (_trace.METHOD_UNARY, _trace.METHOD_BATCH, _trace.METHOD_STREAM)
+    != (METHOD_UNARY, METHOD_BATCH, METHOD_STREAM)
+    or (_trace.KIND_INTERNAL, _trace.KIND_SERVER) != (KIND_INTERNAL, KIND_SERVER)
+    or len(_trace.NAMES) != NAME_LOOKUP + 1
+):
+    raise ImportError("fastpath._gate_c is out of date with fastpath.trace")
+
+cdef tuple _DOMAIN_ATTRS = _trace.DOMAIN_ATTRS
+cdef tuple _OUTCOME_ATTRS = _trace.OUTCOME_ATTRS
+cdef tuple _WOULD_DENY_ATTRS = _trace.WOULD_DENY_ATTRS
+cdef tuple _GUARD_ATTRS = _trace.GUARD_ATTRS
+cdef tuple _RPC_ATTRS = _trace.RPC_ATTRS
+cdef tuple _NAMES = _trace.NAMES
+cdef tuple _GUARD_EVENTS_TAIL = _trace.GUARD_EVENTS_TAIL
+cdef bytes _AMC_KEY = _trace.AMC_KEY
+cdef bytes _BENEFICIARY_KEY = _trace.BENEFICIARY_KEY
+cdef bytes _DAILY_REMAINING_KEY = _trace.DAILY_REMAINING_KEY
+cdef bytes _DISTINCT_TODAY_KEY = _trace.DISTINCT_TODAY_KEY
+cdef bytes _STATUS_CODE_KEY = _trace.STATUS_CODE_KEY
+cdef bytes _BATCH_ITEMS_KEY = _trace.BATCH_ITEMS_KEY
+cdef Py_ssize_t _MAX_SPAN_BUFFER = _trace.MAX_BUFFER
+_now_ns = _trace.now_ns
+_practitioner_attributes = _trace.practitioner_attributes
+_check_context = _trace.check_context
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef struct TraceCall:
+    # One traced call: its trace, its caller's parent span (if any), its clock.
+    unsigned char trace_id[TRACE_ID_SIZE]
+    unsigned char parent[SPAN_ID_SIZE]
+    bint has_parent
+    uint64_t start_ns           # the call's `now`, in unix ns
+    long long t0                # monotonic ns when the call began
+    const char* who             # the practitioner's encoded attributes
+    Py_ssize_t who_size
+    int profession
+
+
+cdef inline long long _monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int _varint_size(unsigned long long v) noexcept nogil:
+    cdef int n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline int _put_raw(Buf* b, const void* src, Py_ssize_t size) except -1:
+    _reserve(b, size)
+    memcpy(b.data + b.size, src, size)
+    b.size += size
+    return 0
+
+
+cdef inline int _put_bytes(Buf* b, bytes data) except -1:
+    return _put_raw(b, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+cdef inline void _put_fixed64_unchecked(Buf* b, uint64_t v) noexcept:
+    cdef int i
+    for i in range(8):
+        b.data[b.size + i] = <unsigned char>(v >> (8 * i))
+    b.size += 8
+
+
+cdef int _put_attr_str(Buf* b, bytes key, const void* value,
+                       Py_ssize_t size) except -1:
+    """A Span.attributes entry: KeyValue{key (already a field), AnyValue{string_value}}."""
+    cdef Py_ssize_t any_size = 1 + _varint_size(size) + size
+    cdef Py_ssize_t kv_size = PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size
+    _reserve(b, 11 + kv_size)
+    b.data[b.size] = 0x4A
+    b.size += 1
+    _put_varint_unchecked(b, kv_size)
+    memcpy(b.data + b.size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+    b.size += PyBytes_GET_SIZE(key)
+    b.data[b.size] = 0x12
+    b.size += 1
+    _put_varint_unchecked(b, any_size)
+    b.data[b.size] = 0x0A
+    b.size += 1
+    _put_varint_unchecked(b, size)
+    memcpy(b.data + b.size, value, size)
+    b.size += size
+    return 0
+
+
+cdef int _put_attr_int(Buf* b, bytes key, unsigned long long value) except -1:
+    cdef Py_ssize_t any_size = 1 + _varint_size(value)
+    cdef Py_ssize_t kv_size = PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size
+    _reserve(b, 11 + kv_size)
+    b.data[b.size] = 0x4A
+    b.size += 1
+    _put_varint_unchecked(b, kv_size)
+    memcpy(b.data + b.size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+    b.size += PyBytes_GET_SIZE(key)
+    b.data[b.size] = 0x12
+    b.size += 1
+    _put_varint_unchecked(b, any_size)
+    b.data[b.size] = 0x18
+    b.size += 1
+    _put_varint_unchecked(b, value)
+    return 0
+
+
+cdef int _put_span_head(Buf* b, const unsigned char* trace_id,
+                        const unsigned char* span_id, const unsigned char* parent,
+                        int name, int kind, uint64_t start,
+                        uint64_t end) except -1:
+    """Span fields 1-8 (trace_state omitted); `parent` NULL for a root span."""
+    cdef bytes name_bytes = <bytes>_NAMES[name]
+    _reserve(b, 2 + TRACE_ID_SIZE + 2 + SPAN_ID_SIZE + 2 + SPAN_ID_SIZE + 11
+             + PyBytes_GET_SIZE(name_bytes) + 2 + 18)
+    b.data[b.size] = 0x0A
+    b.data[b.size + 1] = TRACE_ID_SIZE
+    memcpy(b.data + b.size + 2, trace_id, TRACE_ID_SIZE)
+    b.size += 2 + TRACE_ID_SIZE
+    b.data[b.size] = 0x12
+    b.data[b.size + 1] = SPAN_ID_SIZE
+    memcpy(b.data + b.size + 2, span_id, SPAN_ID_SIZE)
+    b.size += 2 + SPAN_ID_SIZE
+    if parent != NULL:
+        b.data[b.size] = 0x22
+        b.data[b.size + 1] = SPAN_ID_SIZE
+        memcpy(b.data + b.size + 2, parent, SPAN_ID_SIZE)
+        b.size += 2 + SPAN_ID_SIZE
+    b.data[b.size] = 0x2A
+    b.size += 1
+    _put_varint_unchecked(b, PyBytes_GET_SIZE(name_bytes))
+    memcpy(b.data + b.size, PyBytes_AS_STRING(name_bytes), PyBytes_GET_SIZE(name_bytes))
+    b.size += PyBytes_GET_SIZE(name_bytes)
+    b.data[b.size] = 0x30
+    b.data[b.size + 1] = <unsigned char>kind
+    b.size += 2
+    b.data[b.size] = 0x39
+    b.size += 1
+    _put_fixed64_unchecked(b, start)
+    b.data[b.size] = 0x41
+    b.size += 1
+    _put_fixed64_unchecked(b, end)
+    return 0
+
+
 cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
@@ -805,6 +995,14 @@ cdef struct Caller:
     # Set by _decide: the gRPC code of a refusal (0 when answered) and what matched.
     int code
     int found
+    # For the lookup's span (fastpath.trace): its outcome index, the first shadow rule that
+    # would have refused it, whether the guard fired, whether the request passed validation
+    # (then `pseudonym` holds the beneficiary's keyed pseudonym, when tracing).
+    int outcome
+    int would_deny
+    int guard_fired
+    int validated
+    unsigned char pseudonym[PSEUDONYM_SIZE]
 
 
 cdef inline void _hash(const cg_blake2b_state* keyed, const unsigned char* data,
@@ -852,9 +1050,16 @@ cdef class Gate:
     cdef public unsigned long long store_reads
     # Practitioner ids the harvest guard suspended since the caller last emptied this.
     cdef public list suspensions
+    # Tracing: spans of every lookup (framed, ready to export), the id generator, and
+    # lookups counted per [profession][outcome] for metrics. Off: none of it runs.
+    cdef readonly bint trace
+    cdef uint64_t _trace_state
+    cdef Buf _spans
+    cdef public unsigned long long spans_dropped
+    cdef unsigned long long _counts[N_PROFESSIONS * N_OUTCOMES]
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
-                 attestation_ttl=7 * 86400, quota=None):
+                 attestation_ttl=7 * 86400, quota=None, trace=False, trace_seed=None):
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
@@ -863,6 +1068,12 @@ cdef class Gate:
         self.attestation_ttl = attestation_ttl
         self.store_reads = 0
         self.suspensions = []
+        self.trace = bool(trace)
+        if trace_seed is None:
+            trace_seed = int.from_bytes(os.urandom(8), "little")
+        self._trace_state = trace_seed & 0xFFFFFFFFFFFFFFFF
+        self.spans_dropped = 0
+        memset(self._counts, 0, sizeof(self._counts))
         cdef bytes pepper = keys.pepper
         self._pepper_size = len(pepper)
         memcpy(self._pepper, PyBytes_AS_STRING(pepper), self._pepper_size)
@@ -883,6 +1094,9 @@ cdef class Gate:
             self._quota_map = quota.map
             self._quota_slots = quota.slots
             self._quota_fd = quota.fd
+
+    def __dealloc__(self):
+        PyMem_Free(self._spans.data)
 
     def close(self):
         """Let go of the quota file's mapping (so QuotaFile.close() can unmap it)."""
@@ -934,26 +1148,42 @@ cdef class Gate:
             c.slot = NULL
 
     # -- entry points
+    #
+    # With tracing on (self.trace), each also writes its spans (fastpath.trace) to
+    # self._spans; the decisions and the bytes returned are the same either way.
 
-    def check(self, practitioner, request, today, now):
+    def check(self, practitioner, request, today, now, *, trace=None):
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
         cdef Request r
-        cdef Buf out
+        cdef Buf out, scratch
         cdef Caller c
-        owner = _load_request(request, &r)
-        if owner is None:
-            return _INVALID_ARGUMENT, rules.malformed_message_status(
-                "CheckCoverageRequest"
-            )
-        out.data = NULL
-        out.size = out.capacity = 0
-        amcs = practitioner.amc_numbers
+        cdef TraceCall t
+        cdef unsigned char span_id[SPAN_ID_SIZE]
+        cdef bint traced = self.trace
+        out.data = scratch.data = NULL
+        out.size = out.capacity = scratch.size = scratch.capacity = 0
         try:
+            if traced:
+                who = self._begin_trace(&t, trace, now, practitioner)
+                self._new_span_id(span_id)
+            owner = _load_request(request, &r)
+            if owner is None:
+                status = rules.malformed_message_status("CheckCoverageRequest")
+                if traced:
+                    memset(&c, 0, sizeof(Caller))
+                    c.outcome = O_INVALID
+                    self._lookup_span(&scratch, &t, NULL, &c, METHOD_UNARY,
+                                      _INVALID_ARGUMENT, span_id, False, t.t0)
+                return _INVALID_ARGUMENT, status
+            amcs = practitioner.amc_numbers
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 self._begin(practitioner, today, now, &c)
                 try:
                     status = self._decide(&r, txn.get, today, practitioner, now, &out,
                                           &c, amcs)
+                    if traced:
+                        self._lookup_span(&scratch, &t, &r, &c, METHOD_UNARY, c.code,
+                                          span_id, False, t.t0)
                 finally:
                     self._end(&c)
             if status is not None:
@@ -961,26 +1191,41 @@ cdef class Gate:
             return _OK, _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
+            PyMem_Free(scratch.data)
 
-    def check_item(self, practitioner, request, today, now):
+    def check_item(self, practitioner, request, today, now, *, trace=None):
         """A stream message: always a CheckCoverageResponse, refusals in `error`."""
         cdef Request r
-        cdef Buf out
+        cdef Buf out, scratch
         cdef Caller c
-        out.data = NULL
-        out.size = out.capacity = 0
-        amcs = practitioner.amc_numbers
+        cdef TraceCall t
+        cdef unsigned char span_id[SPAN_ID_SIZE]
+        cdef bint traced = self.trace
+        out.data = scratch.data = NULL
+        out.size = out.capacity = scratch.size = scratch.capacity = 0
         try:
+            if traced:
+                who = self._begin_trace(&t, trace, now, practitioner)
+                self._new_span_id(span_id)
+            amcs = practitioner.amc_numbers
             owner = _load_request(request, &r)
             if owner is None:
-                _put_refusal(&out, NULL,
-                             rules.malformed_message_status("CheckCoverageRequest"))
+                status = rules.malformed_message_status("CheckCoverageRequest")
+                if traced:
+                    memset(&c, 0, sizeof(Caller))
+                    c.outcome = O_INVALID
+                    self._lookup_span(&scratch, &t, NULL, &c, METHOD_STREAM,
+                                      _INVALID_ARGUMENT, span_id, False, t.t0)
+                _put_refusal(&out, NULL, status)
                 return _buf_bytes(&out)
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 self._begin(practitioner, today, now, &c)
                 try:
                     status = self._decide(&r, txn.get, today, practitioner, now, &out,
                                           &c, amcs)
+                    if traced:
+                        self._lookup_span(&scratch, &t, &r, &c, METHOD_STREAM, c.code,
+                                          span_id, False, t.t0)
                 finally:
                     self._end(&c)
             if status is not None:
@@ -988,13 +1233,16 @@ cdef class Gate:
             return _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
+            PyMem_Free(scratch.data)
 
-    def check_batch(self, practitioner, request, today, now):
+    def check_batch(self, practitioner, request, today, now, *, trace=None):
         """A batch: (OK, CheckCoverageBatchResponse), or (code, google.rpc.Status)
         for the whole batch."""
         cdef Request r
-        cdef Buf out, item
+        cdef Buf out, item, scratch
         cdef Caller c
+        cdef TraceCall t
+        cdef unsigned char rpc_span[SPAN_ID_SIZE]
         cdef Py_ssize_t count = 0
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t n
@@ -1002,57 +1250,239 @@ cdef class Gate:
         cdef const unsigned char* p
         cdef const unsigned char* item_bytes = NULL
         cdef bint canonical = False
+        cdef bint traced = self.trace
+        cdef long long item_t0 = 0
 
-        owner = request
-        if type(request) is not bytes or not _scan_batch(
-            <const unsigned char*>PyBytes_AS_STRING(request),
-            PyBytes_GET_SIZE(request), False, &count,
-        ):
-            try:
-                message = _BatchRequest.FromString(request)
-            except DecodeError:
-                return _INVALID_ARGUMENT, rules.malformed_message_status(
-                    "CheckCoverageBatchRequest"
-                )
-            message.DiscardUnknownFields()
-            owner = message.SerializeToString()
-            canonical = True
-            if not _scan_batch(<const unsigned char*>PyBytes_AS_STRING(owner),
-                               PyBytes_GET_SIZE(owner), True, &count):
-                raise AssertionError(
-                    "upb's serialization of a batch was not understood"
-                )
-        if count > self.max_batch_items:
-            return _INVALID_ARGUMENT, rules.batch_too_large_status(
-                self.max_batch_items
-            )
-
-        p = <const unsigned char*>PyBytes_AS_STRING(owner)
-        n = PyBytes_GET_SIZE(owner)
-        out.data = item.data = NULL
+        out.data = item.data = scratch.data = NULL
         out.size = out.capacity = item.size = item.capacity = 0
-        amcs = practitioner.amc_numbers
+        scratch.size = scratch.capacity = 0
         try:
+            if traced:
+                who = self._begin_trace(&t, trace, now, practitioner)
+                self._new_span_id(rpc_span)
+            owner = request
+            if type(request) is not bytes or not _scan_batch(
+                <const unsigned char*>PyBytes_AS_STRING(request),
+                PyBytes_GET_SIZE(request), False, &count,
+            ):
+                try:
+                    message = _BatchRequest.FromString(request)
+                except DecodeError:
+                    if traced:
+                        self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span,
+                                       _INVALID_ARGUMENT, 0)
+                    return _INVALID_ARGUMENT, rules.malformed_message_status(
+                        "CheckCoverageBatchRequest"
+                    )
+                message.DiscardUnknownFields()
+                owner = message.SerializeToString()
+                canonical = True
+                if not _scan_batch(<const unsigned char*>PyBytes_AS_STRING(owner),
+                                   PyBytes_GET_SIZE(owner), True, &count):
+                    raise AssertionError(
+                        "upb's serialization of a batch was not understood"
+                    )
+            if count > self.max_batch_items:
+                if traced:
+                    self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span,
+                                   _INVALID_ARGUMENT, count)
+                return _INVALID_ARGUMENT, rules.batch_too_large_status(
+                    self.max_batch_items
+                )
+
+            p = <const unsigned char*>PyBytes_AS_STRING(owner)
+            n = PyBytes_GET_SIZE(owner)
+            amcs = practitioner.amc_numbers
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
                 self._begin(practitioner, today, now, &c)
                 try:
                     while pos < n:
+                        if traced:
+                            item_t0 = _monotonic_ns()
                         # Both succeed: _scan_batch read these same bytes.
                         _next_item(p, n, &pos, &item_bytes, &size)
                         _parse_request(item_bytes, size, &r, canonical)
                         item.size = 0
                         status = self._decide(&r, get, today, practitioner, now, &item,
                                               &c, amcs)
+                        if traced:
+                            self._lookup_span(&scratch, &t, &r, &c, METHOD_BATCH, c.code,
+                                              rpc_span, True, item_t0)
                         if status is not None:
                             _put_refusal(&item, &r, status)
                         _put_len_field(&out, TAG_ITEMS, item.data, item.size)
                 finally:
                     self._end(&c)
+            if traced:
+                self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span, _OK, count)
             return _OK, _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
             PyMem_Free(item.data)
+            PyMem_Free(scratch.data)
+
+    # -- tracing
+
+    def take_spans(self):
+        """The spans recorded since the last call (framed ScopeSpans.spans entries);
+        empties them. Not thread-safe: call it where the gate is called."""
+        data = _buf_bytes(&self._spans)
+        self._spans.size = 0
+        if self._spans.capacity > (4 << 20):
+            PyMem_Free(self._spans.data)
+            self._spans.data = NULL
+            self._spans.capacity = 0
+        return data
+
+    def lookup_counts(self):
+        """Cumulative lookups per [profession][outcome] (fastpath.trace), flattened."""
+        return tuple([self._counts[i] for i in range(N_PROFESSIONS * N_OUTCOMES)])
+
+    cdef inline uint64_t _next_id(self) noexcept:
+        cdef uint64_t z
+        self._trace_state += <uint64_t>0x9E3779B97F4A7C15
+        z = self._trace_state
+        z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+        return z ^ (z >> 31)
+
+    cdef inline void _put_id(self, unsigned char* out, uint64_t v) noexcept:
+        cdef int i
+        for i in range(8):
+            out[i] = <unsigned char>(v >> (8 * i))
+
+    cdef void _new_trace_id(self, unsigned char* out) noexcept:
+        self._put_id(out, self._next_id())
+        self._put_id(out + 8, self._next_id())
+
+    cdef void _new_span_id(self, unsigned char* out) noexcept:
+        cdef uint64_t v = self._next_id()
+        self._put_id(out, v if v else 1)
+
+    def new_trace_id(self):
+        cdef unsigned char out[TRACE_ID_SIZE]
+        self._new_trace_id(out)
+        return PyBytes_FromStringAndSize(<const char*>out, TRACE_ID_SIZE)
+
+    def new_span_id(self):
+        cdef unsigned char out[SPAN_ID_SIZE]
+        self._new_span_id(out)
+        return PyBytes_FromStringAndSize(<const char*>out, SPAN_ID_SIZE)
+
+    def add_span(self, bytes span not None):
+        """Append a span the server encoded (fastpath.trace.encode_span), e.g. a stream's."""
+        if self._spans.size + PyBytes_GET_SIZE(span) > _MAX_SPAN_BUFFER:
+            self.spans_dropped += 1
+            return
+        _put_bytes(&self._spans, span)
+
+    cdef int _emit(self, const Buf* span) except -1:
+        """`span` framed as a ScopeSpans.spans entry, onto the gate's buffer."""
+        cdef Py_ssize_t framed = 1 + _varint_size(span.size) + span.size
+        if self._spans.size + framed > _MAX_SPAN_BUFFER:
+            self.spans_dropped += 1
+            return 0
+        _reserve(&self._spans, framed)
+        self._spans.data[self._spans.size] = 0x12
+        self._spans.size += 1
+        _put_varint_unchecked(&self._spans, span.size)
+        memcpy(self._spans.data + self._spans.size, span.data, span.size)
+        self._spans.size += span.size
+        return 0
+
+    cdef object _begin_trace(self, TraceCall* t, object context, object now,
+                             object practitioner):
+        """Fill `t`; returns the practitioner's encoded attributes (keep them alive)."""
+        t.t0 = _monotonic_ns()
+        t.has_parent = False
+        if context is None:
+            self._new_trace_id(t.trace_id)
+        else:
+            trace_id, parent = _check_context(context)
+            memcpy(t.trace_id, PyBytes_AS_STRING(trace_id), TRACE_ID_SIZE)
+            if PyBytes_GET_SIZE(parent) == SPAN_ID_SIZE:
+                memcpy(t.parent, PyBytes_AS_STRING(parent), SPAN_ID_SIZE)
+                t.has_parent = True
+        t.start_ns = <uint64_t>(<long long>_now_ns(now))
+        who, profession = _practitioner_attributes(practitioner.practitioner_id,
+                                                   practitioner.profession)
+        t.who = PyBytes_AS_STRING(who)
+        t.who_size = PyBytes_GET_SIZE(who)
+        t.profession = profession
+        return who
+
+    cdef int _rpc_span(self, Buf* s, TraceCall* t, int method,
+                       const unsigned char* span_id, int code,
+                       long long items) except -1:
+        cdef uint64_t end = t.start_ns + <uint64_t>(_monotonic_ns() - t.t0)
+        s.size = 0
+        _put_span_head(s, t.trace_id, span_id, t.parent if t.has_parent else NULL,
+                       method, KIND_SERVER, t.start_ns, end)
+        _put_bytes(s, <bytes>_RPC_ATTRS[method])
+        _put_attr_int(s, _STATUS_CODE_KEY, <unsigned long long>code)
+        _put_raw(s, t.who, t.who_size)
+        _put_attr_int(s, _BATCH_ITEMS_KEY, <unsigned long long>items)
+        return self._emit(s)
+
+    cdef int _lookup_span(self, Buf* s, TraceCall* t, const Request* r, Caller* c,
+                          int method, int code, const unsigned char* span_id,
+                          bint child, long long item_t0) except -1:
+        """One lookup's span. In a batch (`child`) an INTERNAL child of the RPC span
+        `span_id`, with an id of its own; a unary call's is the SERVER span itself."""
+        cdef unsigned char own_id[SPAN_ID_SIZE]
+        cdef unsigned char hex[2 * PSEUDONYM_SIZE]
+        cdef const unsigned char* parent = t.parent if t.has_parent else NULL
+        cdef uint64_t end = t.start_ns + <uint64_t>(_monotonic_ns() - t.t0)
+        cdef uint64_t start = t.start_ns + <uint64_t>(item_t0 - t.t0)
+        cdef long long remaining
+        cdef int kind = KIND_INTERNAL
+        cdef int name = NAME_LOOKUP
+        cdef int i
+        cdef bytes tail
+        self._counts[t.profession * N_OUTCOMES + c.outcome] += 1
+        if child:
+            parent = span_id
+            self._new_span_id(own_id)
+            span_id = own_id
+        elif method == METHOD_UNARY:
+            kind = KIND_SERVER
+            name = METHOD_UNARY
+        s.size = 0
+        _put_span_head(s, t.trace_id, span_id, parent, name, kind, start, end)
+        if method == METHOD_UNARY:
+            _put_bytes(s, <bytes>_RPC_ATTRS[METHOD_UNARY])
+            _put_attr_int(s, _STATUS_CODE_KEY, <unsigned long long>code)
+        _put_raw(s, t.who, t.who_size)
+        if c.validated:
+            _put_bytes(s, <bytes>_DOMAIN_ATTRS[r.domain])
+            _put_attr_str(s, _AMC_KEY, r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER])
+        _put_bytes(s, <bytes>_OUTCOME_ATTRS[c.outcome])
+        if c.validated:
+            for i in range(PSEUDONYM_SIZE):
+                hex[2 * i] = _HEX[c.pseudonym[i] >> 4]
+                hex[2 * i + 1] = _HEX[c.pseudonym[i] & 15]
+            _put_attr_str(s, _BENEFICIARY_KEY, hex, 2 * PSEUDONYM_SIZE)
+        if c.slot != NULL:
+            remaining = c.daily_limit - <long long>c.slot.daily_count
+            _put_attr_int(s, _DAILY_REMAINING_KEY,
+                          <unsigned long long>(remaining if remaining > 0 else 0))
+            _put_attr_int(s, _DISTINCT_TODAY_KEY, c.slot.distinct_count)
+        _put_bytes(s, <bytes>_GUARD_ATTRS[1 if c.guard_fired else 0])
+        if c.would_deny:
+            _put_bytes(s, <bytes>_WOULD_DENY_ATTRS[c.would_deny])
+        if c.guard_fired:
+            for i in range(2):
+                tail = <bytes>_GUARD_EVENTS_TAIL[i]
+                _reserve(s, 11 + 9 + PyBytes_GET_SIZE(tail))
+                s.data[s.size] = 0x5A
+                s.size += 1
+                _put_varint_unchecked(s, 9 + PyBytes_GET_SIZE(tail))
+                s.data[s.size] = 0x09
+                s.size += 1
+                _put_fixed64_unchecked(s, end)
+                _put_bytes(s, tail)
+        return self._emit(s)
 
     # -- one decision
 
@@ -1067,9 +1497,13 @@ cdef class Gate:
         cdef bint bad
         c.code = 0
         c.found = MATCH_NONE
+        c.would_deny = WD_NONE
+        c.guard_fired = 0
+        c.validated = 0
         # 0. A suspended practitioner gets nothing, and its refusals count nowhere.
         if slot != NULL and slot.flags & CG_FLAG_SUSPENDED:
             c.code = _PERMISSION_DENIED
+            c.outcome = O_SUSPENDED
             return rules.PRACTITIONER_SUSPENDED
 
         # 1. Rate (GCRA) counts every attempt, valid or not.
@@ -1078,14 +1512,19 @@ cdef class Gate:
             if tat - c.now_ms > c.tolerance_ms:
                 if not c.shadow & SHADOW_RATE:
                     c.code = _RESOURCE_EXHAUSTED
+                    c.outcome = O_RATE
                     return rules.quota_status(
                         rules.REASON_RATE,
                         rules.rate_retry_seconds(tat - c.tolerance_ms - c.now_ms),
                     )
+                c.would_deny = WD_RATE
             else:
                 slot.tat_ms = tat + c.interval_ms
 
         status = self._evaluate(r, txn_get, today, practitioner, now, out, c, amcs)
+        if c.code == 0:
+            c.outcome = (O_NO_MATCH if c.found == MATCH_NONE else
+                         O_NOT_COVERED if c.found == MATCH_CLOSED else O_COVERED)
 
         # 7. The harvest guard watches the share of NO_MATCH and invalid answers.
         if slot != NULL and (c.code == 0 or c.code == _INVALID_ARGUMENT):
@@ -1106,11 +1545,15 @@ cdef class Gate:
         window = slot.window_bits if n >= 64 else (
             slot.window_bits & ((<uint64_t>1 << n) - 1))
         count = _popcount64(window)
-        if count * 100 >= c.guard_percent * n and not c.shadow & SHADOW_GUARD:
-            slot.flags |= CG_FLAG_SUSPENDED
-            slot.suspended_at_ms = c.now_ms
-            slot.guard_fired += 1
-            self.suspensions.append(practitioner.practitioner_id)
+        if count * 100 >= c.guard_percent * n:
+            if not c.shadow & SHADOW_GUARD:
+                slot.flags |= CG_FLAG_SUSPENDED
+                slot.suspended_at_ms = c.now_ms
+                slot.guard_fired += 1
+                self.suspensions.append(practitioner.practitioner_id)
+                c.guard_fired = 1
+            elif c.would_deny == WD_NONE:
+                c.would_deny = WD_GUARD
         return 0
 
     cdef object _evaluate(self, const Request* r, object txn_get, object today,
@@ -1140,7 +1583,13 @@ cdef class Gate:
         bad = _invalid_fields(r, identity, &care_date)
         if bad:
             c.code = _INVALID_ARGUMENT
+            c.outcome = O_INVALID
             return _invalid_fields_status(bad)
+        memcpy(identity + NIR_SIZE, r.text[F_BIRTH_DATE], BIRTH_DATE_SIZE)
+        identity[IDENTITY_SIZE - 1] = <unsigned char>(48 + r.birth_rank)
+        c.validated = 1
+        if self.trace:
+            _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, c.pseudonym)
         if care_date < 0:
             # No care date: the caller's today, compared in C when it is an exact int.
             if PyLong_CheckExact(today):
@@ -1151,36 +1600,47 @@ cdef class Gate:
         # 3. Scope, before anything is counted or read.
         if not c.domains & (<unsigned long long>1 << r.domain):
             c.code = _PERMISSION_DENIED
+            c.outcome = O_DOMAIN
             return rules.DOMAIN_OUT_OF_SCOPE
         if amcs is not None and PyUnicode_DecodeASCII(
             <const char*>r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER], NULL
         ) not in amcs:
             c.code = _PERMISSION_DENIED
+            c.outcome = O_AMC
             return rules.AMC_OUT_OF_SCOPE
-
-        memcpy(identity + NIR_SIZE, r.text[F_BIRTH_DATE], BIRTH_DATE_SIZE)
-        identity[IDENTITY_SIZE - 1] = <unsigned char>(48 + r.birth_rank)
 
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         if slot != NULL:
-            if slot.daily_count >= c.daily_limit and not c.shadow & SHADOW_DAILY:
-                c.code = _RESOURCE_EXHAUSTED
-                return rules.quota_status(
-                    rules.REASON_DAILY, rules.day_retry_seconds(today, now)
-                )
-            _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, digest)
-            memcpy(&fp, digest, 8)
+            if slot.daily_count >= c.daily_limit:
+                if not c.shadow & SHADOW_DAILY:
+                    c.code = _RESOURCE_EXHAUSTED
+                    c.outcome = O_DAILY
+                    return rules.quota_status(
+                        rules.REASON_DAILY, rules.day_retry_seconds(today, now)
+                    )
+                if c.would_deny == WD_NONE:
+                    c.would_deny = WD_DAILY
+            if self.trace:
+                memcpy(&fp, c.pseudonym, 8)     # the same keyed hash, already made
+            else:
+                _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, digest)
+                memcpy(&fp, digest, 8)
             if fp == 0:
                 fp = 1
             full = slot.distinct_count >= c.distinct_limit
             may_add = ((not full) or (c.shadow & SHADOW_DISTINCT) != 0) and (
                 slot.distinct_count < _MAX_DISTINCT_LIMIT)
             seen = cg_seen_or_add(slot, fp, may_add, &added)
-            if not seen and full and not c.shadow & SHADOW_DISTINCT:
-                c.code = _RESOURCE_EXHAUSTED
-                return rules.quota_status(
-                    rules.REASON_DISTINCT, rules.day_retry_seconds(today, now)
-                )
+            if not seen and full:
+                if c.shadow & SHADOW_DISTINCT:
+                    if c.would_deny == WD_NONE:
+                        c.would_deny = WD_DISTINCT
+                else:
+                    c.code = _RESOURCE_EXHAUSTED
+                    c.outcome = O_DISTINCT
+                    return rules.quota_status(
+                        rules.REASON_DISTINCT, rules.day_retry_seconds(today, now)
+                    )
             if slot.daily_count < 0xFFFFFFFF:
                 slot.daily_count += 1
             if added:

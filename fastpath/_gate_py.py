@@ -6,6 +6,8 @@ It defines the behaviour; `_gate_c.pyx` must match it byte for byte (tests/test_
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
+from fastpath import trace as tr
 from fastpath.quota import (
     FLAG_SUSPENDED,
     MAX_DISTINCT_LIMIT,
@@ -57,6 +60,8 @@ class Gate:
         max_batch_items: int = 500,
         attestation_ttl: int = 7 * 86400,
         quota: QuotaFile | None = None,
+        trace: bool = False,
+        trace_seed: int | None = None,
     ) -> None:
         self._env = env
         self._quota = quota
@@ -69,6 +74,14 @@ class Gate:
         self.store_reads = 0
         # Practitioner ids the harvest guard suspended since the caller last emptied this list.
         self.suspensions: list[str] = []
+        # Tracing (fastpath.trace): one OTLP span per lookup into _spans; off, no work at all.
+        self.trace = bool(trace)
+        if trace_seed is None:
+            trace_seed = int.from_bytes(os.urandom(8), "little")
+        self._trace_state = trace_seed & tr.MASK64
+        self._spans = bytearray()
+        self.spans_dropped = 0
+        self._counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
 
     def close(self) -> None:
         """Stop using the quota file (the C gate holds a view of its mapping)."""
@@ -93,9 +106,17 @@ class Gate:
     # -- entry points ------------------------------------------------------------------------------
 
     def check(
-        self, practitioner: Practitioner, request: bytes, today: int, now: float
+        self,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        *,
+        trace: tuple[bytes, bytes] | None = None,
     ) -> tuple[int, bytes]:
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
+        if self.trace:
+            return self._traced(tr.METHOD_UNARY, practitioner, request, today, now, trace)
         try:
             req = pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
@@ -111,9 +132,19 @@ class Gate:
         return code, payload
 
     def check_item(
-        self, practitioner: Practitioner, request: bytes, today: int, now: float
+        self,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        *,
+        trace: tuple[bytes, bytes] | None = None,
     ) -> bytes:
         """A stream message: always a CheckCoverageResponse, refusals carried in `error`."""
+        if self.trace:
+            result = self._traced(tr.METHOD_STREAM, practitioner, request, today, now, trace)
+            assert isinstance(result, bytes)
+            return result
         try:
             req = pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
@@ -126,9 +157,19 @@ class Gate:
             return self._item(txn, practitioner, req, today, now, state).SerializeToString()
 
     def check_batch(
-        self, practitioner: Practitioner, request: bytes, today: int, now: float
+        self,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        *,
+        trace: tuple[bytes, bytes] | None = None,
     ) -> tuple[int, bytes]:
         """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole."""
+        if self.trace:
+            result = self._traced(tr.METHOD_BATCH, practitioner, request, today, now, trace)
+            assert isinstance(result, tuple)
+            return result
         try:
             batch = pb.CheckCoverageBatchRequest.FromString(request)
         except DecodeError:
@@ -142,6 +183,216 @@ class Gate:
             for req in batch.items:
                 out.items.append(self._item(txn, practitioner, req, today, now, state))
         return OK, out.SerializeToString()
+
+    # -- tracing -------------------------------------------------------------------------------------
+
+    def take_spans(self) -> bytes:
+        """The spans recorded since the last call (framed ScopeSpans.spans entries); empties them."""
+        spans = bytes(self._spans)
+        self._spans.clear()
+        return spans
+
+    def lookup_counts(self) -> tuple[int, ...]:
+        """Cumulative lookups per [profession][outcome] (fastpath.trace indexes), flattened."""
+        return tuple(self._counts)
+
+    def _next_id(self) -> int:
+        self._trace_state, value = tr.splitmix64(self._trace_state)
+        return value
+
+    def new_trace_id(self) -> bytes:
+        return self._next_id().to_bytes(8, "little") + self._next_id().to_bytes(8, "little")
+
+    def new_span_id(self) -> bytes:
+        return (self._next_id() or 1).to_bytes(8, "little")
+
+    def add_span(self, span: bytes) -> None:
+        """Append a span the server encoded (fastpath.trace.encode_span), e.g. a stream's."""
+        if len(self._spans) + len(span) > tr.MAX_BUFFER:
+            self.spans_dropped += 1
+            return
+        self._spans += span
+
+    def _traced(
+        self,
+        method: int,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        context: tuple[bytes, bytes] | None,
+    ) -> tuple[int, bytes] | bytes:
+        """An entry point with every lookup recorded: the same decisions as untraced, plus spans."""
+        t0 = time.perf_counter_ns()
+        if context is None:
+            trace_id, parent = self.new_trace_id(), b""
+        else:
+            trace_id, parent = tr.check_context(context)
+        start = tr.now_ns(now)
+        who, profession = tr.practitioner_attributes(
+            practitioner.practitioner_id, practitioner.profession
+        )
+        if method == tr.METHOD_BATCH:
+            rpc_span = self.new_span_id()
+            try:
+                batch = pb.CheckCoverageBatchRequest.FromString(request)
+            except DecodeError:
+                status = rules.malformed_message_status("CheckCoverageBatchRequest")
+                self._rpc_span(method, trace_id, rpc_span, parent, who, INVALID_ARGUMENT, 0,
+                               start, t0)  # fmt: skip
+                return INVALID_ARGUMENT, status
+            count = len(batch.items)
+            if count > self.max_batch_items:
+                self._rpc_span(method, trace_id, rpc_span, parent, who, INVALID_ARGUMENT, count,
+                               start, t0)  # fmt: skip
+                return INVALID_ARGUMENT, rules.batch_too_large_status(self.max_batch_items)
+            out = pb.CheckCoverageBatchResponse()
+            with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
+                practitioner, today
+            ) as state:
+                for req in batch.items:
+                    t1 = time.perf_counter_ns()
+                    lookup = _Lookup()
+                    code, payload = self._decide(txn, practitioner, req, today, now, state, lookup)
+                    self._lookup_span(
+                        tr.LOOKUP_SPAN_NAME, trace_id, rpc_span, who, profession, code,
+                        payload, lookup, practitioner, state, start + t1 - t0, start, t0,
+                    )  # fmt: skip
+                    out.items.append(self._as_item(req, code, payload))
+            self._rpc_span(method, trace_id, rpc_span, parent, who, OK, count, start, t0)
+            return OK, out.SerializeToString()
+
+        span_id = self.new_span_id()
+        if method == tr.METHOD_UNARY:
+            name = tr.RPC_SPAN_NAMES[method]
+        else:
+            name = tr.LOOKUP_SPAN_NAME
+        try:
+            req = pb.CheckCoverageRequest.FromString(request)
+        except DecodeError:
+            status = rules.malformed_message_status("CheckCoverageRequest")
+            self._lookup_span(
+                name, trace_id, span_id, who, profession, INVALID_ARGUMENT, status, None,
+                practitioner, None, start, start, t0, parent=parent, method=method,
+            )  # fmt: skip
+            if method == tr.METHOD_UNARY:
+                return INVALID_ARGUMENT, status
+            return self._error_response("", status).SerializeToString()
+        lookup = _Lookup()
+        with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
+            practitioner, today
+        ) as state:
+            code, payload = self._decide(txn, practitioner, req, today, now, state, lookup)
+            self._lookup_span(
+                name, trace_id, span_id, who, profession, code, payload, lookup,
+                practitioner, state, start, start, t0, parent=parent, method=method,
+            )  # fmt: skip
+        if method == tr.METHOD_STREAM:
+            return self._as_item(req, code, payload).SerializeToString()
+        if code == OK:
+            assert isinstance(payload, pb.CheckCoverageResponse)
+            return OK, payload.SerializeToString()
+        assert isinstance(payload, bytes)
+        return code, payload
+
+    def _as_item(
+        self, req: pb.CheckCoverageRequest, code: int, payload: pb.CheckCoverageResponse | bytes
+    ) -> pb.CheckCoverageResponse:
+        if code == OK:
+            assert isinstance(payload, pb.CheckCoverageResponse)
+            return payload
+        assert isinstance(payload, bytes)
+        request_id = req.request_id if rules.valid_request_id(req.request_id) else ""
+        return self._error_response(request_id, payload)
+
+    def _rpc_span(
+        self,
+        method: int,
+        trace_id: bytes,
+        span_id: bytes,
+        parent: bytes,
+        who: bytes,
+        code: int,
+        items: int,
+        start: int,
+        t0: int,
+    ) -> None:
+        attributes = b"".join(
+            (
+                tr.RPC_ATTRS[method],
+                tr.attr_int(tr.K_STATUS_CODE, code),
+                who,
+                tr.attr_int(tr.K_BATCH_ITEMS, items),
+            )
+        )
+        end = start + time.perf_counter_ns() - t0
+        self.add_span(
+            tr.encode_span(trace_id, span_id, parent, tr.RPC_SPAN_NAMES[method], tr.KIND_SERVER,
+                           start, end, attributes)  # fmt: skip
+        )
+
+    def _lookup_span(
+        self,
+        name: str,
+        trace_id: bytes,
+        span_id: bytes,
+        who: bytes,
+        profession: int,
+        code: int,
+        payload: pb.CheckCoverageResponse | bytes,
+        lookup: _Lookup | None,
+        practitioner: Practitioner,
+        state: SlotState | None,
+        span_start: int,
+        start: int,
+        t0: int,
+        *,
+        parent: bytes | None = None,
+        method: int = tr.METHOD_STREAM,
+    ) -> None:
+        """One lookup's span. In a batch (`parent` None) it is an INTERNAL child of the RPC span
+        `span_id` and gets its own id; a unary call's is the SERVER span itself."""
+        if code == OK:
+            assert isinstance(payload, pb.CheckCoverageResponse)
+            outcome = tr.DECISION_OUTCOMES[payload.decision]
+        else:
+            assert isinstance(payload, bytes)
+            outcome = tr.refusal_outcome(code, payload)
+        self._counts[profession * tr.N_OUTCOMES + outcome] += 1
+        parts = []
+        if method == tr.METHOD_UNARY:
+            parts += (tr.RPC_ATTRS[method], tr.attr_int(tr.K_STATUS_CODE, code))
+        parts.append(who)
+        if lookup is not None and lookup.identity is not None:
+            parts += (tr.DOMAIN_ATTRS[lookup.domain], tr.attr_str(tr.K_AMC, lookup.amc))
+        parts.append(tr.OUTCOME_ATTRS[outcome])
+        if lookup is not None and lookup.identity is not None:
+            parts.append(
+                tr.attr_str(tr.K_BENEFICIARY, self._keys.pseudonym(lookup.identity).hex())
+            )
+        if state is not None:
+            profile = practitioner.quota
+            assert profile is not None
+            parts += (
+                tr.attr_int(tr.K_DAILY_REMAINING, max(0, profile.daily_limit - state.daily_count)),
+                tr.attr_int(tr.K_DISTINCT_TODAY, state.distinct_count),
+            )
+        fired = lookup is not None and lookup.guard_fired
+        parts.append(tr.GUARD_ATTRS[fired])
+        if lookup is not None and lookup.would_deny:
+            parts.append(tr.WOULD_DENY_ATTRS[lookup.would_deny])
+        end = start + time.perf_counter_ns() - t0
+        if parent is None:
+            parent, span_id = span_id, self.new_span_id()
+            kind = tr.KIND_INTERNAL
+        else:
+            kind = tr.KIND_SERVER if method == tr.METHOD_UNARY else tr.KIND_INTERNAL
+        self.add_span(
+            tr.encode_span(
+                trace_id, span_id, parent, name, kind, span_start, end, b"".join(parts),
+                tr.guard_events(end) if fired else b"",
+            )  # fmt: skip
+        )
 
     # -- one decision --------------------------------------------------------------------------------
 
@@ -176,6 +427,7 @@ class Gate:
         today: int,
         now: float,
         state: SlotState | None,
+        lookup: _Lookup | None = None,
     ) -> tuple[int, pb.CheckCoverageResponse | bytes]:
         profile = practitioner.quota
         now_ms = int(now * 1000) if state is not None else 0
@@ -193,10 +445,12 @@ class Gate:
                     return RESOURCE_EXHAUSTED, rules.quota_status(
                         rules.REASON_RATE, rules.rate_retry_seconds(wait)
                     )
+                if lookup is not None:
+                    lookup.would_deny = tr.WD_RATE
             else:
                 state.tat_ms = tat + profile.interval_ms
 
-        code, payload = self._evaluate(txn, practitioner, req, today, now, state, profile)
+        code, payload = self._evaluate(txn, practitioner, req, today, now, state, profile, lookup)
 
         # 7. The harvest guard watches the share of NO_MATCH and invalid answers.
         if state is not None and (code == OK or code == INVALID_ARGUMENT):
@@ -205,7 +459,7 @@ class Gate:
                 isinstance(payload, pb.CheckCoverageResponse)
                 and payload.decision == DECISION_NO_MATCH
             )
-            self._guard(practitioner, state, profile, bad, now_ms)
+            self._guard(practitioner, state, profile, bad, now_ms, lookup)
         return code, payload
 
     def _guard(
@@ -215,6 +469,7 @@ class Gate:
         profile: QuotaProfile,
         bad: bool,
         now_ms: int,
+        lookup: _Lookup | None = None,
     ) -> None:
         state.window_bits = ((state.window_bits << 1) | int(bad)) & 0xFFFFFFFFFFFFFFFF
         state.window_len = min(state.window_len + 1, 64)
@@ -222,11 +477,16 @@ class Gate:
         if n < profile.guard_min_lookups:
             return
         bad_count = (state.window_bits & ((1 << n) - 1)).bit_count()
-        if bad_count * 100 >= profile.guard_bad_percent * n and not profile.shadow & SHADOW_GUARD:
-            state.flags |= FLAG_SUSPENDED
-            state.suspended_at_ms = now_ms
-            state.guard_fired += 1
-            self.suspensions.append(practitioner.practitioner_id)
+        if bad_count * 100 >= profile.guard_bad_percent * n:
+            if not profile.shadow & SHADOW_GUARD:
+                state.flags |= FLAG_SUSPENDED
+                state.suspended_at_ms = now_ms
+                state.guard_fired += 1
+                self.suspensions.append(practitioner.practitioner_id)
+                if lookup is not None:
+                    lookup.guard_fired = True
+            elif lookup is not None and not lookup.would_deny:
+                lookup.would_deny = tr.WD_GUARD
 
     def _evaluate(
         self,
@@ -237,6 +497,7 @@ class Gate:
         now: float,
         state: SlotState | None,
         profile: QuotaProfile | None,
+        lookup: _Lookup | None = None,
     ) -> tuple[int, pb.CheckCoverageResponse | bytes]:
         # 2. Validate every field; report all bad fields at once, by name only.
         bad = 0
@@ -275,6 +536,11 @@ class Gate:
                 bad |= 1 << rules.F_CARE_DATE
         if bad:
             return INVALID_ARGUMENT, rules.invalid_fields_status(bad)
+        if lookup is not None:
+            # Validated: the domain and AMC may be recorded, and the beneficiary's pseudonym.
+            lookup.domain = domain
+            lookup.amc = amc_number
+            lookup.identity = rules.identity_bytes(nir, birth_date, birth_rank)
 
         # 3. Scope, before anything is counted or read: the profession's domains, the agreements.
         if not practitioner.domains & (1 << domain):
@@ -287,10 +553,13 @@ class Gate:
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         if state is not None:
             assert profile is not None and self._quota is not None
-            if state.daily_count >= profile.daily_limit and not profile.shadow & SHADOW_DAILY:
-                return RESOURCE_EXHAUSTED, rules.quota_status(
-                    rules.REASON_DAILY, rules.day_retry_seconds(today, now)
-                )
+            if state.daily_count >= profile.daily_limit:
+                if not profile.shadow & SHADOW_DAILY:
+                    return RESOURCE_EXHAUSTED, rules.quota_status(
+                        rules.REASON_DAILY, rules.day_retry_seconds(today, now)
+                    )
+                if lookup is not None and not lookup.would_deny:
+                    lookup.would_deny = tr.WD_DAILY
             fp = fingerprint(self._keys.pseudonym(identity))
             full = state.distinct_count >= profile.distinct_limit
             seen, added = self._quota.seen_or_add(
@@ -299,10 +568,13 @@ class Gate:
                 may_add=(not full or bool(profile.shadow & SHADOW_DISTINCT))
                 and state.distinct_count < MAX_DISTINCT_LIMIT,
             )
-            if not seen and full and not profile.shadow & SHADOW_DISTINCT:
-                return RESOURCE_EXHAUSTED, rules.quota_status(
-                    rules.REASON_DISTINCT, rules.day_retry_seconds(today, now)
-                )
+            if not seen and full:
+                if not profile.shadow & SHADOW_DISTINCT:
+                    return RESOURCE_EXHAUSTED, rules.quota_status(
+                        rules.REASON_DISTINCT, rules.day_retry_seconds(today, now)
+                    )
+                if lookup is not None and not lookup.would_deny:
+                    lookup.would_deny = tr.WD_DISTINCT
             state.daily_count = min(state.daily_count + 1, 0xFFFFFFFF)
             if added:
                 state.distinct_count += 1
@@ -358,3 +630,16 @@ class Gate:
             rights_end_date=f"{best.end:08d}",
             attestation=attestation,
         )
+
+
+class _Lookup:
+    """What a traced lookup learnt on its way, for its span (never a request value it refused)."""
+
+    __slots__ = ("amc", "domain", "guard_fired", "identity", "would_deny")
+
+    def __init__(self) -> None:
+        self.identity: bytes | None = None
+        self.domain = 0
+        self.amc = ""
+        self.guard_fired = False
+        self.would_deny = tr.WD_NONE

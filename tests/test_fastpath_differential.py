@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
 from fastpath.rules import Practitioner, RightRow
+from spans import masked_spans
 
 # One fixed profile for the whole module: broad enough to matter, fast enough for `make test`.
 DIFFERENTIAL = settings(
@@ -30,18 +31,25 @@ DIFFERENTIAL = settings(
 
 
 class GatePair:
-    """The same store behind both implementations; every call is made on both and compared."""
+    """The same store behind both implementations; every call is made on both and compared.
+    With tracing on, the spans each call recorded are compared too (timestamps masked)."""
 
     def __init__(self, cython: ModuleType, python: ModuleType, store: Any, **options: Any) -> None:
         self.cython = cython.Gate(store.env, store.db, store.keys, **options)
         self.python = python.Gate(store.env, store.db, store.keys, **options)
+        self.traced = bool(options.get("trace"))
 
-    def same(self, method: str, *args: Any) -> tuple[Any, ...]:
+    def same(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         reads = (self.cython.store_reads, self.python.store_reads)
-        got = _outcome(getattr(self.cython, method), *args)
-        expected = _outcome(getattr(self.python, method), *args)
+        got = _outcome(getattr(self.cython, method), *args, **kwargs)
+        expected = _outcome(getattr(self.python, method), *args, **kwargs)
         assert got == expected, method
         assert self.cython.store_reads - reads[0] == self.python.store_reads - reads[1], method
+        if self.traced:
+            assert masked_spans(self.cython.take_spans()) == masked_spans(
+                self.python.take_spans()
+            ), method
+            assert self.cython.lookup_counts() == self.python.lookup_counts(), method
         return expected
 
     def same_everywhere(self, practitioner: Any, request: bytes, today: Any, now: Any) -> None:
@@ -52,16 +60,25 @@ class GatePair:
         self.same("check_batch", practitioner, as_item, today, now)
 
 
-def _outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+def _outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
     try:
-        return ("returned", call(*args))
+        return ("returned", call(*args, **kwargs))
     except Exception as exc:  # compared, not hidden: both must raise the same way
         return ("raised", type(exc), str(exc))
 
 
-@pytest.fixture(scope="module")
-def gates(cython_gate_module, python_gate_module, rights_env) -> GatePair:
-    return GatePair(cython_gate_module, python_gate_module, rights_env, max_batch_items=6)
+@pytest.fixture(scope="module", params=["untraced", "traced"])
+def gates(request, cython_gate_module, python_gate_module, rights_env) -> GatePair:
+    """Both ways: tracing must change no decision, and the spans must match too."""
+    traced = request.param == "traced"
+    return GatePair(
+        cython_gate_module,
+        python_gate_module,
+        rights_env,
+        max_batch_items=6,
+        trace=traced,
+        trace_seed=20250615 if traced else None,
+    )
 
 
 @pytest.fixture(scope="module")
