@@ -1335,6 +1335,44 @@ cdef class Gate:
             self._spans.capacity = 0
         return data
 
+    def take_span_chunks(self, Py_ssize_t max_bytes):
+        """take_spans() cut at span boundaries into [(chunk, spans in it)], each chunk at
+        most `max_bytes` (or one span, if a span is larger): one export request each."""
+        cdef const unsigned char* p = self._spans.data
+        cdef Py_ssize_t n = self._spans.size
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t start = 0
+        cdef Py_ssize_t next_pos
+        cdef unsigned long long size
+        cdef long long count = 0
+        chunks = []
+        while pos < n:
+            next_pos = pos + 1
+            if p[pos] != 0x12 or not _read_varint(p, n, &next_pos, 10, &size):
+                raise AssertionError("the span buffer is not framed spans")
+            next_pos += <Py_ssize_t>size
+            if next_pos - start > max_bytes and count:
+                chunks.append((PyBytes_FromStringAndSize(<const char*>p + start,
+                                                         pos - start), count))
+                start = pos
+                count = 0
+            count += 1
+            pos = next_pos
+        if count:
+            chunks.append((PyBytes_FromStringAndSize(<const char*>p + start, n - start),
+                           count))
+        self._spans.size = 0
+        if self._spans.capacity > (4 << 20):
+            PyMem_Free(self._spans.data)
+            self._spans.data = NULL
+            self._spans.capacity = 0
+        return chunks
+
+    @property
+    def span_bytes(self):
+        """Bytes of spans waiting for take_spans()."""
+        return self._spans.size
+
     def lookup_counts(self):
         """Cumulative lookups per [profession][outcome] (fastpath.trace), flattened."""
         return tuple([self._counts[i] for i in range(N_PROFESSIONS * N_OUTCOMES)])

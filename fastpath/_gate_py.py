@@ -184,13 +184,45 @@ class Gate:
                 out.items.append(self._item(txn, practitioner, req, today, now, state))
         return OK, out.SerializeToString()
 
-    # -- tracing -------------------------------------------------------------------------------------
+    # -- tracing ----------------------------------------------------------------------------------
 
     def take_spans(self) -> bytes:
-        """The spans recorded since the last call (framed ScopeSpans.spans entries); empties them."""
+        """The spans recorded since the last call (framed ScopeSpans.spans entries), emptied."""
         spans = bytes(self._spans)
         self._spans.clear()
         return spans
+
+    def take_span_chunks(self, max_bytes: int) -> list[tuple[bytes, int]]:
+        """take_spans() cut at span boundaries into [(chunk, spans in it)], each chunk at most
+        `max_bytes` (or one span, if a span is larger): one export request each."""
+        data = self.take_spans()
+        chunks: list[tuple[bytes, int]] = []
+        pos = start = count = 0
+        while pos < len(data):
+            if data[pos] != 0x12:
+                raise AssertionError("the span buffer is not framed spans")
+            size, shift, i = 0, 0, pos + 1
+            while True:
+                byte = data[i]
+                size |= (byte & 0x7F) << shift
+                i += 1
+                if byte < 0x80:
+                    break
+                shift += 7
+            next_pos = i + size
+            if next_pos - start > max_bytes and count:
+                chunks.append((data[start:pos], count))
+                start, count = pos, 0
+            count += 1
+            pos = next_pos
+        if count:
+            chunks.append((data[start:], count))
+        return chunks
+
+    @property
+    def span_bytes(self) -> int:
+        """Bytes of spans waiting for take_spans()."""
+        return len(self._spans)
 
     def lookup_counts(self) -> tuple[int, ...]:
         """Cumulative lookups per [profession][outcome] (fastpath.trace indexes), flattened."""
@@ -263,10 +295,7 @@ class Gate:
             return OK, out.SerializeToString()
 
         span_id = self.new_span_id()
-        if method == tr.METHOD_UNARY:
-            name = tr.RPC_SPAN_NAMES[method]
-        else:
-            name = tr.LOOKUP_SPAN_NAME
+        name = tr.RPC_SPAN_NAMES[method] if method == tr.METHOD_UNARY else tr.LOOKUP_SPAN_NAME
         try:
             req = pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
@@ -327,8 +356,10 @@ class Gate:
         )
         end = start + time.perf_counter_ns() - t0
         self.add_span(
-            tr.encode_span(trace_id, span_id, parent, tr.RPC_SPAN_NAMES[method], tr.KIND_SERVER,
-                           start, end, attributes)  # fmt: skip
+            tr.encode_span(
+                trace_id, span_id, parent, tr.RPC_SPAN_NAMES[method], tr.KIND_SERVER, start, end,
+                attributes,
+            )
         )
 
     def _lookup_span(
@@ -391,10 +422,10 @@ class Gate:
             tr.encode_span(
                 trace_id, span_id, parent, name, kind, span_start, end, b"".join(parts),
                 tr.guard_events(end) if fired else b"",
-            )  # fmt: skip
+            )
         )
 
-    # -- one decision --------------------------------------------------------------------------------
+    # -- one decision -----------------------------------------------------------------------------
 
     def _item(
         self,

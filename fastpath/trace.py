@@ -1,9 +1,9 @@
-"""OTLP span encoding shared by both gates: every lookup becomes an opentelemetry.proto.trace.v1.Span,
-encoded here (reference) or in C (`_gate_c.pyx`, same bytes) straight into a per-gate buffer.
+"""OTLP span encoding shared by both gates: every lookup becomes an OTLP trace.v1.Span, encoded
+here (reference) or in C (`_gate_c.pyx`, same bytes) straight into a per-gate buffer.
 
-Each span is framed as a `ScopeSpans.spans` entry (tag 0x12, length, Span), so the exporter builds an
-ExportTraceServiceRequest by concatenation. The constant pieces (attribute keys with their values)
-are encoded once here; the C gate copies them. No attribute ever carries a request value other than
+Each span is framed as a `ScopeSpans.spans` entry (tag 0x12, length, Span), so the exporter builds
+an ExportTraceServiceRequest by concatenation. The constant pieces (attribute keys with their
+values) are encoded once here; the C gate copies them. No attribute ever carries a request value other than
 the domain and AMC of a request that passed validation, and a keyed beneficiary pseudonym.
 """
 
@@ -127,7 +127,9 @@ def fixed64(value: int) -> bytes:
 
 def encode_event(name: str, time_ns: int, attributes: bytes = b"") -> bytes:
     """One Span.events entry (field 11)."""
-    return field_bytes(0x5A, b"\x09" + fixed64(time_ns) + field_bytes(0x12, name.encode()) + attributes)
+    return field_bytes(
+        0x5A, b"\x09" + fixed64(time_ns) + field_bytes(0x12, name.encode()) + attributes
+    )
 
 
 def encode_span(
@@ -201,14 +203,18 @@ RPC_ATTRS = tuple(
 )
 NAMES = tuple(n.encode() for n in (*RPC_SPAN_NAMES, LOOKUP_SPAN_NAME))
 GUARD_EVENTS_TAIL = (
-    field_bytes(0x12, EVENT_GUARD_FIRED.encode()) + attr_bool("covergate.practitioner.suspended", True),
-    field_bytes(0x12, EVENT_SUSPENDED.encode()) + attr_str("covergate.suspended_by", "harvest guard"),
+    field_bytes(0x12, EVENT_GUARD_FIRED.encode())
+    + attr_bool("covergate.practitioner.suspended", True),
+    field_bytes(0x12, EVENT_SUSPENDED.encode())
+    + attr_str("covergate.suspended_by", "harvest guard"),
 )
 
 
 def guard_events(time_ns: int) -> bytes:
     """The events of the lookup on which the harvest guard fired and suspended the practitioner."""
-    return b"".join(field_bytes(0x5A, b"\x09" + fixed64(time_ns) + tail) for tail in GUARD_EVENTS_TAIL)
+    return b"".join(
+        field_bytes(0x5A, b"\x09" + fixed64(time_ns) + tail) for tail in GUARD_EVENTS_TAIL
+    )
 
 
 @lru_cache(maxsize=4096)

@@ -23,15 +23,17 @@ from typing import Any
 
 import grpc
 from google.rpc import status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import fastpath
 from covergate.v1 import covergate_pb2
 from fastpath import Keys, Practitioner, rules
+from fastpath import trace as tr
+from service import telemetry as otel
 from service.attestation import AttestationVerifier
-from service.auth import AuthFailure, Authenticator, peer_certificate
+from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
 from service.config import Config, PepperError, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
@@ -90,9 +92,13 @@ async def _abort(context: grpc.aio.ServicerContext, code: int, status: bytes) ->
 class CovergateHandlers:
     """The RPC handlers of one worker. All of them run on the worker's event loop thread."""
 
-    def __init__(self, store: Store, options: ServeOptions) -> None:
+    def __init__(
+        self, store: Store, options: ServeOptions, telemetry: otel.Telemetry | None = None
+    ) -> None:
         self._store = store
         self._options = options
+        # Tracing on: the gate records every lookup's span, exported by `telemetry`.
+        self.telemetry = telemetry
         self._settings = options.config.server
         # Opened after fork, like LMDB: every worker maps the same file and locks slots in it.
         self.quota = open_quota_file(options.data_dir, options.config, store.quota_slots_used())
@@ -112,6 +118,8 @@ class CovergateHandlers:
 
     def _grow_quota(self) -> None:
         """Practitioners imported since start need more slots: map the grown file again."""
+        if self.telemetry is not None:
+            self.telemetry.retire(self.gate)
         self.gate.close()
         self.quota.close()
         self.quota = open_quota_file(
@@ -120,14 +128,18 @@ class CovergateHandlers:
         self.gate = self._new_gate(self._keys)
 
     def _new_gate(self, keys: Keys) -> Any:
-        return fastpath.Gate(
+        gate = fastpath.Gate(
             self._store.env,
             self._store.rights_db,
             keys,
             max_batch_items=self._settings.max_batch_items,
             attestation_ttl=self._settings.attestation_ttl_seconds,
             quota=self.quota if self._options.config.quota.enabled else None,
+            trace=self.telemetry is not None,
         )
+        if self.telemetry is not None:
+            self.telemetry.watch(gate)
+        return gate
 
     def try_open_data(self) -> bool:
         """Open the gate once rights are loaded and the pepper matches them."""
@@ -181,12 +193,20 @@ class CovergateHandlers:
     # -- CoverageService --------------------------------------------------------------------------
 
     async def check_coverage(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        telemetry = self.telemetry
+        if telemetry is not None:
+            started = time.perf_counter()
         try:
             caller = self._caller(context, "practitioner")
         except Refusal as r:
             await _abort(context, r.code, r.status)
         today, now = self._clock.now()
-        code, payload = self.gate.check(caller, request, today, now)
+        if telemetry is None:
+            code, payload = self.gate.check(caller, request, today, now)
+        else:
+            trace = otel.trace_context(context.invocation_metadata())
+            code, payload = self.gate.check(caller, request, today, now, trace=trace)
+            telemetry.record_rpc("CheckCoverage", time.perf_counter() - started)
         if self.gate.suspensions:
             self.persist_suspensions()
         if code:
@@ -196,6 +216,9 @@ class CovergateHandlers:
     async def check_coverage_batch(
         self, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
+        telemetry = self.telemetry
+        if telemetry is not None:
+            started = time.perf_counter()
         try:
             caller = self._caller(context, "practitioner")
         except Refusal as r:
@@ -204,7 +227,12 @@ class CovergateHandlers:
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         today, now = self._clock.now()
-        code, payload = self.gate.check_batch(caller, request, today, now)
+        if telemetry is None:
+            code, payload = self.gate.check_batch(caller, request, today, now)
+        else:
+            trace = otel.trace_context(context.invocation_metadata())
+            code, payload = self.gate.check_batch(caller, request, today, now, trace=trace)
+            telemetry.record_rpc("CheckCoverageBatch", time.perf_counter() - started)
         if self.gate.suspensions:
             self.persist_suspensions()
         if code:
@@ -218,6 +246,10 @@ class CovergateHandlers:
             caller = self._caller(context, "practitioner")
         except Refusal as r:
             await _abort(context, r.code, r.status)
+        if self.telemetry is not None:
+            async for response in self._traced_stream(caller, requests, context):
+                yield response
+            return
         gate = self.gate
         clock = self._clock
         async for request in requests:
@@ -231,11 +263,70 @@ class CovergateHandlers:
                 # The guard fired on this item: it is answered, then the stream ends.
                 await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
 
+    async def _traced_stream(
+        self,
+        caller: Practitioner,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        """The stream, with one lookup span per message under one SERVER span for the stream
+        (the caller's traceparent honoured), written when the stream ends."""
+        gate = self.gate
+        clock = self._clock
+        telemetry = self.telemetry
+        assert telemetry is not None
+        parent = otel.trace_context(context.invocation_metadata())
+        trace_id, caller_span = parent if parent is not None else (gate.new_trace_id(), b"")
+        stream_span = gate.new_span_id()
+        items_context = (trace_id, stream_span)
+        started_ns, started = time.time_ns(), time.perf_counter()
+        messages = 0
+        code = rules.OK
+        try:
+            async for request in requests:
+                today, now = clock.now()
+                response = gate.check_item(caller, request, today, now, trace=items_context)
+                messages += 1
+                suspended = bool(gate.suspensions) and self.persist_suspensions(
+                    caller.practitioner_id
+                )
+                yield response
+                if suspended:
+                    # The guard fired on this item: it is answered, then the stream ends.
+                    code = rules.PERMISSION_DENIED
+                    await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
+        finally:
+            elapsed = time.perf_counter() - started
+            who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
+            attributes = b"".join(
+                (
+                    tr.RPC_ATTRS[tr.METHOD_STREAM],
+                    tr.attr_int(tr.K_STATUS_CODE, code),
+                    who,
+                    tr.attr_int(tr.K_STREAM_MESSAGES, messages),
+                )
+            )
+            gate.add_span(
+                tr.encode_span(
+                    trace_id,
+                    stream_span,
+                    caller_span,
+                    tr.RPC_SPAN_NAMES[tr.METHOD_STREAM],
+                    tr.KIND_SERVER,
+                    started_ns,
+                    started_ns + int(elapsed * 1e9),
+                    attributes,
+                )
+            )
+            telemetry.record_rpc("CheckCoverageStream", elapsed)
+
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
         by `practitioner reinstate`); True if `practitioner_id` is among them."""
         suspended = set(self.gate.suspensions)
         self.gate.suspensions.clear()
+        if self.telemetry is not None:
+            self.telemetry.suspended(len(suspended))
         for pid in sorted(suspended):
             log.warning("harvest guard suspended practitioner %s", pid)
             try:
@@ -305,7 +396,8 @@ async def run_worker(
     """Serve until SIGTERM/SIGINT, then stop taking calls and drain the ones in flight."""
     settings = options.config.server
     store = Store(options.data_dir, options.config.store)  # after fork: LMDB handles don't survive it
-    handlers = CovergateHandlers(store, options)
+    telemetry = otel.setup(index)  # after fork too: its exporter thread and channels are ours
+    handlers = CovergateHandlers(store, options, telemetry)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1),
@@ -322,6 +414,8 @@ async def run_worker(
     if port == 0:
         raise OSError(f"cannot listen on {options.listen}")
     await server.start()
+    if telemetry is not None:
+        telemetry.start()
     readiness = asyncio.create_task(handlers.watch_readiness())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -341,6 +435,8 @@ async def run_worker(
     while time.monotonic() < deadline and time.monotonic() - handlers.last_call_started < 0.25:
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - time.monotonic()))
+    if telemetry is not None:
+        await telemetry.shutdown()  # the last spans and metrics, before the gate goes
     if handlers.gate is not None:
         handlers.gate.close()
     handlers.quota.flush()

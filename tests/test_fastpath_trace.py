@@ -67,7 +67,9 @@ def personal_values() -> list[bytes]:
 def test_untraced_gate_records_nothing(gate_module, rights_env):
     gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys)
     assert gate.trace is False
-    gate.check(PHARMACIST, covered().request().SerializeToString(), TODAY, NOW, trace=(TRACE_ID, b""))
+    gate.check(
+        PHARMACIST, covered().request().SerializeToString(), TODAY, NOW, trace=(TRACE_ID, b"")
+    )
     assert gate.take_spans() == b""
     assert set(gate.lookup_counts()) == {0}
 
@@ -221,3 +223,23 @@ def test_ids_follow_the_seed_and_bad_contexts_are_refused(gate_module, rights_en
     a.add_span(tr.encode_span(TRACE_ID, PARENT, b"", "x", tr.KIND_SERVER, 1, 2, b""))
     (span,) = decode_spans(a.take_spans())
     assert span.name == "x" and span.span_id == PARENT
+
+
+def test_span_chunks_cut_at_span_boundaries(tgate):
+    request = covered().request().SerializeToString()
+    for _ in range(10):
+        tgate.check(PHARMACIST, request, TODAY, NOW)
+    assert tgate.span_bytes > 0
+    one = len(tr.encode_span(TRACE_ID, PARENT, b"", "x", 1, 0, 0, b""))
+    tgate.add_span(tr.encode_span(TRACE_ID, PARENT, b"", "x" * 3000, 1, 0, 0, b""))
+    everything = []
+    for _ in range(10):
+        tgate.check(PHARMACIST, request, TODAY, NOW)
+    chunks = tgate.take_span_chunks(1000)
+    assert tgate.span_bytes == 0 and tgate.take_spans() == b""
+    assert sum(n for _, n in chunks) == 21
+    for chunk, n in chunks:
+        assert len(decode_spans(chunk)) == n
+        assert len(chunk) <= 1000 or n == 1
+        everything.append(chunk)
+    assert any(len(c) > 3000 for c in everything) and one < 3000
