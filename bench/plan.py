@@ -51,6 +51,13 @@ COMPARISONS: tuple[Comparison, ...] = (
         "one worker per core against one worker",
     ),
     Comparison(
+        "tracing",
+        "covergate-tracing",
+        "covergate",
+        ("unary", "batch-100", "stream-100"),
+        "every lookup traced and exported over OTLP against tracing off",
+    ),
+    Comparison(
         "conventional",
         "covergate",
         "conventional",
@@ -119,6 +126,18 @@ GOALS: tuple[Goal, ...] = (
         "N workers >= 1.7x one worker (batch-100)",
         ("ratio", "workers", "batch-100"),
         1.7,
+    ),
+    Goal(
+        "tracing cost (unary)",
+        "tracing on >= 0.9x tracing off (unary RPC/s)",
+        ("ratio", "tracing", "unary"),
+        0.9,
+    ),
+    Goal(
+        "tracing cost (batch-100)",
+        "tracing on >= 0.8x tracing off (batch-100 items/s)",
+        ("ratio", "tracing", "batch-100"),
+        0.8,
     ),
     Goal(
         "vs conventional (unary)",

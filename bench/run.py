@@ -33,6 +33,7 @@ from bench.servers import (
     cpu_seconds,
     redis_ping,
 )
+from bench.otlp_receiver import OtlpReceiver
 from bench.variants import CONVENTIONAL, VARIANTS, ServerContext, Variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,6 +150,7 @@ class BenchRun:
         self.servers: dict[str, ServerProcess] = {}
         self.redis: RedisProcess | None = None
         self.redis_url: str | None = None
+        self.otlp: OtlpReceiver | None = None
         self.h2load = ""
         self.covergate = str(Path(sys.executable).with_name("covergate"))
         self.ds: bench_dataset.Dataset | None = None
@@ -210,6 +212,8 @@ class BenchRun:
         logs.mkdir(exist_ok=True)
         if any(VARIANTS[n].needs_redis for n in names):
             self.redis_url = self.start_redis(logs)
+        if any(VARIANTS[n].needs_otlp for n in names):
+            self.otlp = OtlpReceiver(keep=False).start()
         for name in names:
             variant = VARIANTS[name]
             if variant.needs_redis and self.redis_url is None:
@@ -234,7 +238,9 @@ class BenchRun:
                 self.servers[name] = ServerProcess(
                     name,
                     variant.command(ctx),
-                    env=variant.environment(),
+                    env=variant.environment(
+                        otlp_endpoint=self.otlp.endpoint if self.otlp else None
+                    ),
                     cpus=cpus,
                     log_path=logs / f"{name}.log",
                     cwd=REPO,
@@ -261,6 +267,11 @@ class BenchRun:
             if code not in (0, None, -15):
                 self.record(f"{name} stop", f"exited with {code}")
         self.servers.clear()
+        if self.otlp is not None:
+            _say(f"bench: OTLP receiver got {self.otlp.trace_calls} trace exports, "
+                 f"{self.otlp.trace_bytes / 1e6:.1f} MB")  # fmt: skip
+            self.otlp.stop()
+            self.otlp = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

@@ -56,6 +56,9 @@ class Variant:
     # covergate --config TOML text (e.g. quota or tracing settings of a later variant).
     config: str | None = None
     needs_redis: bool = False
+    # Tracing on: the run starts an OTLP/gRPC receiver (bench.otlp_receiver) and points the
+    # server at it with OTEL_EXPORTER_OTLP_ENDPOINT.
+    needs_otlp: bool = False
     # Whether sampled answers must carry the right decisions (the no-op ceiling answers COVERED
     # to everything: only status and shape are checked for it).
     checks_decisions: bool = True
@@ -97,14 +100,27 @@ class Variant:
             ]
         raise ValueError(f"unknown server kind {self.server!r}")
 
-    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    def environment(
+        self, base: Mapping[str, str] | None = None, otlp_endpoint: str | None = None
+    ) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
-        for name in self.unset_env:
+        for name in (*self.unset_env, *TRACING_ENV):
             env.pop(name, None)
         env.update(self.env)
+        if self.needs_otlp:
+            if not otlp_endpoint:
+                raise ValueError(f"{self.name} needs an OTLP receiver")
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
         env.setdefault("COVERGATE_LOG_LEVEL", "WARNING")
         return env
 
+
+# Tracing is off unless a variant turns it on: the caller's environment must not decide.
+TRACING_ENV = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "COVERGATE_TRACE_CONSOLE",
+)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -131,6 +147,14 @@ VARIANTS: dict[str, Variant] = {
             env=(("COVERGATE_NO_EXTENSIONS", "1"),),
             unset_env=("COVERGATE_REQUIRE_EXTENSIONS",),
             config=BENCH_CONFIG,
+        ),
+        Variant(
+            "covergate-tracing",
+            "covergate, 1 worker, every lookup traced and exported to a live OTLP/gRPC receiver",
+            COVERGATE,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+            config=BENCH_CONFIG,
+            needs_otlp=True,
         ),
         Variant(
             "noop",
