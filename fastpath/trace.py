@@ -3,8 +3,9 @@ here (reference) or in C (`_gate_c.pyx`, same bytes) straight into a per-gate bu
 
 Each span is framed as a `ScopeSpans.spans` entry (tag 0x12, length, Span), so the exporter builds
 an ExportTraceServiceRequest by concatenation. The constant pieces (attribute keys with their
-values) are encoded once here; the C gate copies them. No attribute ever carries a request value other than
-the domain and AMC of a request that passed validation, and a keyed beneficiary pseudonym.
+values) are encoded once here; the C gate copies them. No attribute ever carries a request value
+other than the domain and AMC of a request that passed validation, and a keyed beneficiary
+pseudonym.
 """
 
 from __future__ import annotations
