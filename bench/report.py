@@ -174,6 +174,20 @@ def render(results: dict[str, Any]) -> str:
         f"{env['cpu_model']}, {env['cores']} cores; {results['placement']['summary']}; "
         f"fast path {env['fastpath']}, grpcio {env['grpcio']}, Python {env['python']}.",
     ]
+    speed = results["noise"].get("speed", [])
+    if speed:
+        shown = ", ".join(f"{s['relative']:.2f}" for s in speed)
+        lines += [
+            "",
+            "Machine speed (a fixed pure-Python loop on the server core) before each round and at "
+            f"the end, relative to the start: {shown}; steal "
+            f"{results['noise'].get('steal_s', 0):.1f} s.",
+        ]
+        if min(s["relative"] for s in speed) < 0.85:
+            lines.append(
+                "**The machine slowed down during the run (other load on the host): compare the "
+                "ratios, which pair variants within a round, rather than absolute rates.**"
+            )
     if results["noise"].get("busy_before") or results["noise"].get("busy_after"):
         busy = ", ".join(
             results["noise"].get("busy_before", []) + results["noise"].get("busy_after", [])

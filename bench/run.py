@@ -24,6 +24,7 @@ from typing import Any
 from bench import dataset as bench_dataset
 from bench import frames, h2load, plan, probe, report, stats
 from bench.frames import CheckSpec
+from bench.otlp_receiver import OtlpReceiver
 from bench.scenarios import BATCH, GRPC_AIO, H2LOAD, SCENARIOS, UNARY, Scenario
 from bench.servers import (
     RedisProcess,
@@ -31,9 +32,10 @@ from bench.servers import (
     ServerProcess,
     busy_processes,
     cpu_seconds,
+    machine_speed,
     redis_ping,
+    steal_seconds,
 )
-from bench.otlp_receiver import OtlpReceiver
 from bench.variants import CONVENTIONAL, VARIANTS, ServerContext, Variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -375,6 +377,7 @@ class BenchRun:
             )
         by0 = self.server_cpu_by_process(variant)
         cpu0, ru0, t0 = sum(by0.values()), _children_cpu(), time.perf_counter()
+        steal0 = steal_seconds()
         outcomes = h2load.run(
             self._h2load_runs(scenario, server, self.opts.duration),
             h2load=self.h2load,
@@ -383,6 +386,7 @@ class BenchRun:
         )
         by1 = self.server_cpu_by_process(variant)
         cpu1, ru1, t1 = sum(by1.values()), _children_cpu(), time.perf_counter()
+        steal = steal_seconds() - steal0
         after = [
             self._probe_load(server, variant, scenario, ld, where + " probe after") for ld in loads
         ]
@@ -399,6 +403,7 @@ class BenchRun:
             "items_per_s": calls * scenario.items_per_call,
             "wall_s": wall,
             "server_cpu": stats.cpu_share(cpu1 - cpu0, wall),
+            "steal": stats.cpu_share(steal, wall),
             "server_cpu_by_process": {
                 k: stats.cpu_share(v - by0.get(k, 0.0), wall) for k, v in by1.items()
             },
@@ -617,6 +622,8 @@ class BenchRun:
         exclude = {os.getpid()}
         noise: dict[str, Any] = {"load_before": os.getloadavg()}
         noise["busy_before"] = busy_processes(exclude)
+        noise["speed"] = []
+        steal0 = steal_seconds()
         if noise["busy_before"]:
             _say(f"bench: WARNING: other processes are using the CPU: {noise['busy_before']}")
         self.ds = bench_dataset.prepare(
@@ -636,22 +643,36 @@ class BenchRun:
                 if v in self.servers:
                     by_scenario.setdefault(s, []).append(v)
             for r in range(opts.rounds):
+                self._speed(f"closed-loop round {r + 1}", noise)
                 for s, vs in by_scenario.items():
                     for v in plan.rotated(vs, r):
                         self._closed(v, s, r, closed)
             if opts.open_loop:
                 points = [(v, s) for v, s in plan.OPEN_LOOP if closed.get((v, s))]
                 for r in range(opts.rounds):
+                    self._speed(f"open-loop round {r + 1}", noise)
                     for v, s in plan.rotated(points, r):
                         self._open(v, s, r, closed, open_results)
         finally:
             self.stop_servers()
             # The copy served its purpose; logs and request bodies stay in the run dir.
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        self._speed("end", noise)
+        noise["steal_s"] = steal_seconds() - steal0
         noise["load_after"] = os.getloadavg()
         noise["busy_after"] = busy_processes(exclude)
         results = self.assemble(started, micro, closed, open_results, noise)
         return results
+
+    def _speed(self, when: str, noise: dict[str, Any]) -> None:
+        cores = self.placement.cores
+        rate = machine_speed(cores[0] if self.placement.pinned else None)
+        first = noise["speed"][0]["loops_per_s"] if noise["speed"] else rate
+        noise["speed"].append({"when": when, "loops_per_s": rate, "relative": rate / first})
+        if rate < 0.85 * first:
+            _say(
+                f"bench: WARNING: the machine runs at {rate / first:.0%} of its speed at the start"
+            )
 
     def _closed(
         self, v: str, s: str, r: int, closed: dict[tuple[str, str], list[dict[str, Any]]]

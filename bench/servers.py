@@ -237,6 +237,32 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM's CPUs wanted it (all CPUs)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / _CLK_TCK if len(fields) > 8 else 0.0
+
+
+def machine_speed(cpu: int | None, seconds: float = 0.2) -> float:
+    """Iterations per second of a fixed pure-Python loop on `cpu`: taken between runs, it shows
+    when the machine itself got slower (a busy neighbour, steal) so those rounds can be read as
+    such. Ratios between variants of one round stay comparable either way."""
+    previous = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        loops = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            total = 0
+            for i in range(10_000):
+                total += i * i % 7
+            loops += 1
+        return loops * 10_000 / (time.perf_counter() - started)
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
 def busy_processes(exclude: set[int], min_share: float = 0.2, window: float = 1.0) -> list[str]:
     """Other processes using more than `min_share` of a core over `window` seconds: benchmark
     numbers taken while they run are not worth much, so the run records them."""
