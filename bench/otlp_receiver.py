@@ -15,6 +15,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -49,6 +50,8 @@ class OtlpReceiver:
             self._server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, methods),)
             )
+        # grpc.health.v1 too, so the bench starts it like any server it waits for.
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self.endpoint = f"http://127.0.0.1:{self.port}"
 

@@ -24,7 +24,6 @@ from typing import Any
 from bench import dataset as bench_dataset
 from bench import frames, h2load, plan, probe, report, stats
 from bench.frames import CheckSpec
-from bench.otlp_receiver import OtlpReceiver
 from bench.scenarios import BATCH, GRPC_AIO, H2LOAD, SCENARIOS, UNARY, Scenario
 from bench.servers import (
     RedisProcess,
@@ -152,7 +151,7 @@ class BenchRun:
         self.servers: dict[str, ServerProcess] = {}
         self.redis: RedisProcess | None = None
         self.redis_url: str | None = None
-        self.otlp: OtlpReceiver | None = None
+        self.otlp: ServerProcess | None = None
         self.h2load = ""
         self.covergate = str(Path(sys.executable).with_name("covergate"))
         self.ds: bench_dataset.Dataset | None = None
@@ -215,7 +214,15 @@ class BenchRun:
         if any(VARIANTS[n].needs_redis for n in names):
             self.redis_url = self.start_redis(logs)
         if any(VARIANTS[n].needs_otlp for n in names):
-            self.otlp = OtlpReceiver(keep=False).start()
+            # Its own process on the load's cores: the collector is not the server's CPU.
+            self.otlp = ServerProcess(
+                "otlp-receiver",
+                [sys.executable, "-m", "bench.otlp_receiver"],
+                env=dict(os.environ),
+                cpus=self.placement.client(1),
+                log_path=logs / "otlp-receiver.log",
+                cwd=REPO,
+            )
         for name in names:
             variant = VARIANTS[name]
             if variant.needs_redis and self.redis_url is None:
@@ -241,7 +248,7 @@ class BenchRun:
                     name,
                     variant.command(ctx),
                     env=variant.environment(
-                        otlp_endpoint=self.otlp.endpoint if self.otlp else None
+                        otlp_endpoint=f"http://{self.otlp.target}" if self.otlp else None
                     ),
                     cpus=cpus,
                     log_path=logs / f"{name}.log",
@@ -270,9 +277,7 @@ class BenchRun:
                 self.record(f"{name} stop", f"exited with {code}")
         self.servers.clear()
         if self.otlp is not None:
-            _say(f"bench: OTLP receiver got {self.otlp.trace_calls} trace exports, "
-                 f"{self.otlp.trace_bytes / 1e6:.1f} MB")  # fmt: skip
-            self.otlp.stop()
+            self.otlp.stop()  # it logs what it received to its log
             self.otlp = None
         if self.redis is not None:
             self.redis.stop()
