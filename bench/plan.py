@@ -58,6 +58,13 @@ COMPARISONS: tuple[Comparison, ...] = (
         "every lookup traced and exported over OTLP against tracing off",
     ),
     Comparison(
+        "quotas",
+        "covergate",
+        "covergate-noquota",
+        ("unary", "batch-100", "stream-100"),
+        "quotas and the harvest guard on (every lookup counted in the shared state) against off",
+    ),
+    Comparison(
         "conventional",
         "covergate",
         "conventional",
@@ -138,6 +145,18 @@ GOALS: tuple[Goal, ...] = (
         "tracing on >= 0.8x tracing off (batch-100 items/s)",
         ("ratio", "tracing", "batch-100"),
         0.8,
+    ),
+    Goal(
+        "quota cost (unary)",
+        "quotas on >= 0.95x quotas off (unary RPC/s)",
+        ("ratio", "quotas", "unary"),
+        0.95,
+    ),
+    Goal(
+        "quota cost (batch-100)",
+        "quotas on >= 0.95x quotas off (batch-100 items/s)",
+        ("ratio", "quotas", "batch-100"),
+        0.95,
     ),
     Goal(
         "vs conventional (unary)",

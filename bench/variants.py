@@ -157,6 +157,13 @@ VARIANTS: dict[str, Variant] = {
             needs_otlp=True,
         ),
         Variant(
+            "covergate-noquota",
+            "covergate, 1 worker, quotas and the harvest guard off ([quota] enabled = false)",
+            COVERGATE,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+            config=BENCH_CONFIG + "\n[quota]\nenabled = false\n",
+        ),
+        Variant(
             "noop",
             "no-op grpc.aio server from the same protos, constant valid answer (the ceiling)",
             NOOP,
