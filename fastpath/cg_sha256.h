@@ -80,15 +80,17 @@ static void cg_sha256_update(cg_sha256_state *s, const uint8_t *in, size_t n) {
 
 static void cg_sha256_final(cg_sha256_state *s, uint8_t out[32]) {
     uint64_t bits = s->len * 8;
-    uint8_t pad = 0x80;
     int i;
-    cg_sha256_update(s, &pad, 1);
-    pad = 0;
-    while (s->buflen != 56) cg_sha256_update(s, &pad, 1);
-    for (i = 7; i >= 0; i--) {
-        uint8_t byte = (uint8_t)(bits >> (8 * i));
-        cg_sha256_update(s, &byte, 1);
+    /* Padding written in place: 0x80, zeros, then the bit length in the last 8 bytes. */
+    s->buf[s->buflen++] = 0x80;
+    if (s->buflen > 56) {
+        memset(s->buf + s->buflen, 0, 64 - s->buflen);
+        cg_sha256_compress(s, s->buf);
+        s->buflen = 0;
     }
+    memset(s->buf + s->buflen, 0, 56 - s->buflen);
+    for (i = 0; i < 8; i++) s->buf[56 + i] = (uint8_t)(bits >> (56 - 8 * i));
+    cg_sha256_compress(s, s->buf);
     for (i = 0; i < 8; i++) {
         out[4 * i] = (uint8_t)(s->h[i] >> 24);
         out[4 * i + 1] = (uint8_t)(s->h[i] >> 16);
