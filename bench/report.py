@@ -424,7 +424,7 @@ def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
     decisions = results.get("micro", {}).get("decisions", {})
     if decisions.get("cython"):
         measures = list(decisions["cython"])
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(max(7, 1.7 * len(measures)), 4))
         for i, impl in enumerate(("cython", "python")):
             ys = [decisions.get(impl, {}).get(m, {}).get("median") or 0 for m in measures]
             ax.bar(
