@@ -1650,6 +1650,10 @@ cdef class Gate:
             c.outcome = O_AMC
             return rules.AMC_OUT_OF_SCOPE
 
+        # The storage key (no store read yet): it also fingerprints the beneficiary for the
+        # distinct count, which saves a second keyed hash per lookup.
+        _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
+
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         if slot != NULL:
             if slot.daily_count >= c.daily_limit:
@@ -1661,11 +1665,7 @@ cdef class Gate:
                     )
                 if c.would_deny == WD_NONE:
                     c.would_deny = WD_DAILY
-            if self.trace:
-                memcpy(&fp, c.pseudonym, 8)     # the same keyed hash, already made
-            else:
-                _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, digest)
-                memcpy(&fp, digest, 8)
+            memcpy(&fp, digest, 8)
             if fp == 0:
                 fp = 1
             full = slot.distinct_count >= c.distinct_limit
@@ -1687,8 +1687,7 @@ cdef class Gate:
             if added:
                 slot.distinct_count += 1
 
-        # 5. Pseudonymise and read the store: one keyed hash, one LMDB get.
-        _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
+        # 5. Read the store: one LMDB get.
         storage_key = PyBytes_FromStringAndSize(<const char*>digest, STORAGE_KEY_SIZE)
         self.store_reads += 1
         value = txn_get(storage_key)

@@ -581,6 +581,10 @@ class Gate:
 
         identity = rules.identity_bytes(nir, birth_date, birth_rank)
 
+        # The storage key (no store read yet): it also fingerprints the beneficiary for the
+        # distinct count, which saves a second keyed hash per lookup.
+        storage_key = self._keys.storage_key(identity)
+
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         if state is not None:
             assert profile is not None and self._quota is not None
@@ -591,7 +595,7 @@ class Gate:
                     )
                 if lookup is not None and not lookup.would_deny:
                     lookup.would_deny = tr.WD_DAILY
-            fp = fingerprint(self._keys.pseudonym(identity))
+            fp = fingerprint(storage_key)
             full = state.distinct_count >= profile.distinct_limit
             seen, added = self._quota.seen_or_add(
                 practitioner.slot,
@@ -610,8 +614,7 @@ class Gate:
             if added:
                 state.distinct_count += 1
 
-        # 5. Pseudonymise and read the store: one keyed hash, one LMDB get.
-        storage_key = self._keys.storage_key(identity)
+        # 5. Read the store: one LMDB get.
         self.store_reads += 1
         value = txn.get(storage_key)
 

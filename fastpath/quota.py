@@ -106,9 +106,10 @@ class SlotState:
     suspended_at_ms: int
 
 
-def fingerprint(pseudonym: bytes) -> int:
-    """A beneficiary's 8-byte pseudonym as a non-zero table entry."""
-    return int.from_bytes(pseudonym[:8], "little") or 1
+def fingerprint(storage_key: bytes) -> int:
+    """A beneficiary's storage key (keyed hash) cut to a non-zero 8-byte table entry. The file
+    holds nothing the store does not already key by."""
+    return int.from_bytes(storage_key[:8], "little") or 1
 
 
 class QuotaState(Protocol):
