@@ -174,16 +174,17 @@ def render(results: dict[str, Any]) -> str:
         f"{env['cpu_model']}, {env['cores']} cores; {results['placement']['summary']}; "
         f"fast path {env['fastpath']}, grpcio {env['grpcio']}, Python {env['python']}.",
     ]
-    speed = results["noise"].get("speed", [])
+    speed = [s["loops_per_s"] for s in results["noise"].get("speed", [])]
     if speed:
-        shown = ", ".join(f"{s['relative']:.2f}" for s in speed)
+        relative = stats.relative_to_best(speed)
+        shown = ", ".join(f"{r:.2f}" for r in relative)
         lines += [
             "",
             "Machine speed (a fixed pure-Python loop on the server core) before each round and at "
-            f"the end, relative to the start: {shown}; steal "
+            f"the end, relative to the fastest: {shown}; steal "
             f"{results['noise'].get('steal_s', 0):.1f} s.",
         ]
-        if min(s["relative"] for s in speed) < 0.85:
+        if min(relative) < 0.85:
             lines.append(
                 "**The machine slowed down during the run (other load on the host): compare the "
                 "ratios, which pair variants within a round, rather than absolute rates.**"

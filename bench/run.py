@@ -672,12 +672,10 @@ class BenchRun:
     def _speed(self, when: str, noise: dict[str, Any]) -> None:
         cores = self.placement.cores
         rate = machine_speed(cores[0] if self.placement.pinned else None)
-        first = noise["speed"][0]["loops_per_s"] if noise["speed"] else rate
-        noise["speed"].append({"when": when, "loops_per_s": rate, "relative": rate / first})
-        if rate < 0.85 * first:
-            _say(
-                f"bench: WARNING: the machine runs at {rate / first:.0%} of its speed at the start"
-            )
+        best = max([rate] + [s["loops_per_s"] for s in noise["speed"]])
+        noise["speed"].append({"when": when, "loops_per_s": rate})
+        if rate < 0.85 * best:
+            _say(f"bench: WARNING: the machine runs at {rate / best:.0%} of its best speed so far")
 
     def _closed(
         self, v: str, s: str, r: int, closed: dict[tuple[str, str], list[dict[str, Any]]]

@@ -108,3 +108,9 @@ def split_clients(weights: dict[str, int], total: int) -> dict[str, int]:
         raise ValueError("a mix needs at least one positive weight")
     whole = sum(positive.values())
     return {k: max(1, round(total * w / whole)) for k, w in positive.items()}
+
+
+def relative_to_best(values: Sequence[float]) -> list[float]:
+    """Each value over the largest (1.0 = the fastest the machine was during the run)."""
+    best = max(values, default=0.0)
+    return [v / best if best else 0.0 for v in values]

@@ -306,6 +306,11 @@ def test_split_clients_by_weight() -> None:
     assert stats.split_clients({"a": 99, "b": 1}, 4)["b"] == 1  # never zero connections
 
 
+def test_relative_to_best() -> None:
+    assert stats.relative_to_best([50.0, 100.0, 80.0]) == [0.5, 1.0, 0.8]
+    assert stats.relative_to_best([]) == []
+
+
 def test_cpu_share() -> None:
     assert stats.cpu_share(5.0, 5.0) == 1.0
     assert stats.cpu_share(None, 5.0) is None
