@@ -56,6 +56,7 @@ lint: $(STAMP_DEPS)
 	$(BIN)/cython-lint fastpath/*.pyx
 
 bench: install
+	$(BIN)/pip install --quiet -e '.[bench]' --no-build-isolation
 	COVERGATE_REQUIRE_EXTENSIONS=1 $(PY) -m bench $(BENCH_ARGS)
 
 clean:

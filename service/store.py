@@ -102,6 +102,18 @@ class Store:
             self.practitioners_db = self.env.open_db(DB_PRACTITIONERS, txn=txn)
             self.credentials_db = self.env.open_db(DB_CREDENTIALS, txn=txn)
             self.meta_db = self.env.open_db(DB_META, txn=txn)
+            # Practitioners written before quota slots existed would be served without quotas:
+            # give each one a slot now, so no practitioner ever goes unmetered.
+            unslotted = [
+                PractitionerRecord.from_bytes(v)
+                for _, v in txn.cursor(self.practitioners_db)
+                if PractitionerRecord.from_bytes(v).slot < 0
+            ]
+            for rec in unslotted:
+                rec.slot = self._next_slot(txn)
+                txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
+            if unslotted:
+                self._bump_generation(txn)
             schema = txn.get(META_SCHEMA, db=self.meta_db)
             if schema is None:
                 txn.put(META_SCHEMA, str(SCHEMA_VERSION).encode(), db=self.meta_db)

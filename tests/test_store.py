@@ -328,3 +328,18 @@ def test_same_pepper_reimport_is_accepted(small_store: tuple[Path, Path]) -> Non
     after = snapshot(data)
     assert after["rights"] == before["rights"]
     assert after["meta"][META_DATASET] != before["meta"][META_DATASET]  # a new dataset id
+
+
+def test_practitioners_without_a_quota_slot_get_one_on_open(tmp_path: Path) -> None:
+    """A store written before quota slots existed must not serve anyone unmetered."""
+    from service.store import DB_PRACTITIONERS, PractitionerRecord, Store
+
+    with Store(tmp_path / "data") as store, store.env.begin(write=True) as txn:
+        db = store.env.open_db(DB_PRACTITIONERS, txn=txn)
+        for pid in ("10000000001", "10000000002"):
+            old = PractitionerRecord(pid, "pharmacist", ["123456789"])  # slot -1, as before
+            txn.put(pid.encode(), old.to_bytes(), db=db)
+    with Store(tmp_path / "data") as store:
+        slots = sorted(p.slot for p in store.practitioners())
+        assert slots == [0, 1]
+        assert store.quota_slots_used() == 2
