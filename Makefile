@@ -53,7 +53,7 @@ lint: $(STAMP_DEPS)
 	$(BIN)/ruff check service fastpath tests bench
 	$(BIN)/ruff format --check service fastpath tests bench
 	$(BIN)/mypy
-	$(BIN)/cython-lint fastpath/*.pyx
+	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 fastpath/*.pyx
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]' --no-build-isolation
