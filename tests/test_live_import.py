@@ -8,7 +8,6 @@ A real `covergate serve --workers 2` on loopback, client threads calling it over
 from __future__ import annotations
 
 import random
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -38,22 +37,7 @@ UNARY_THREADS = 2
 BATCH_THREADS = 2
 
 
-class Server(RunningServer):
-    """RunningServer that closes its stdout pipe once stopped and whose log stays readable."""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        code = super().stop(sig, timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return code
-
-    def __enter__(self) -> Server:
-        return self
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
+Server = RunningServer
 
 
 # -- the two datasets --

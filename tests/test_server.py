@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import queue
 import re
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,23 +85,7 @@ COVERED_FIELDS = {
 # -- fixtures --
 
 
-class Server(RunningServer):
-    """RunningServer that also closes its stdout pipe when stopped (else a ResourceWarning, an
-    error under filterwarnings=error) and whose log can still be read once it has stopped."""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        code = super().stop(sig, timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return code
-
-    def __enter__(self) -> Server:
-        return self
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
+Server = RunningServer
 
 
 @dataclass

@@ -36,21 +36,7 @@ LISTENING = re.compile(r"covergate\[(\d+)\] INFO covergate\.server: worker (\d+)
 
 
 class Server(RunningServer):
-    """RunningServer that closes its stdout pipe once stopped and whose log stays readable."""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        code = super().stop(sig, timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return code
-
-    def __enter__(self) -> Server:
-        return self
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
+    """RunningServer that can tell its workers apart from the log."""
 
     def worker_pids(self) -> dict[int, int]:
         """Worker index -> pid of its latest start, from the log."""
