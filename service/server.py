@@ -193,29 +193,17 @@ class CovergateHandlers:
     # -- CoverageService --------------------------------------------------------------------------
 
     async def check_coverage(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        telemetry = self.telemetry
-        if telemetry is not None:
-            started = time.perf_counter()
-        try:
-            caller = self._caller(context, "practitioner")
-        except Refusal as r:
-            await _abort(context, r.code, r.status)
-        today, now = self._clock.now()
-        if telemetry is None:
-            code, payload = self.gate.check(caller, request, today, now)
-        else:
-            trace = otel.trace_context(context.invocation_metadata())
-            code, payload = self.gate.check(caller, request, today, now, trace=trace)
-            telemetry.record_rpc("CheckCoverage", time.perf_counter() - started)
-        if self.gate.suspensions:
-            self.persist_suspensions()
-        if code:
-            await _abort(context, code, payload)
-        return payload  # type: ignore[no-any-return]
+        return await self._decide("CheckCoverage", request, context)
 
     async def check_coverage_batch(
         self, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
+        return await self._decide("CheckCoverageBatch", request, context)
+
+    async def _decide(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """CheckCoverage and CheckCoverageBatch: one gate call, its refusal or its answer."""
         telemetry = self.telemetry
         if telemetry is not None:
             started = time.perf_counter()
@@ -226,13 +214,14 @@ class CovergateHandlers:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        decide = self.gate.check if method == "CheckCoverage" else self.gate.check_batch
         today, now = self._clock.now()
         if telemetry is None:
-            code, payload = self.gate.check_batch(caller, request, today, now)
+            code, payload = decide(caller, request, today, now)
         else:
             trace = otel.trace_context(context.invocation_metadata())
-            code, payload = self.gate.check_batch(caller, request, today, now, trace=trace)
-            telemetry.record_rpc("CheckCoverageBatch", time.perf_counter() - started)
+            code, payload = decide(caller, request, today, now, trace=trace)
+            telemetry.record_rpc(method, time.perf_counter() - started)
         if self.gate.suspensions:
             self.persist_suspensions()
         if code:
