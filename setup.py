@@ -74,6 +74,7 @@ def extensions() -> list[Extension]:
                 "fastpath._gate_c",
                 ["fastpath/_gate_c.pyx"],
                 extra_compile_args=["-O3"],
+                libraries=["pthread"],  # the quota slot mutexes (in libc since glibc 2.34)
             )
         ],
         compiler_directives={

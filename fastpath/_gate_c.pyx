@@ -22,6 +22,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport (
     PyUnicode_AsUTF8AndSize,
@@ -769,7 +770,11 @@ cdef extern from "cg_quota.h" nogil:
         uint32_t window_len
         uint64_t window_bits
         int64_t suspended_at_ms
-    int cg_lock_range(int fd, long long start, long long length, int lock)
+    int cg_slot_trylock(unsigned char* locks, long long slot)
+    int cg_slot_lock(unsigned char* locks, long long slot)
+    int EBUSY
+    int cg_slot_unlock(unsigned char* locks, long long slot)
+    int CG_LOCK_ENTRY
     void cg_roll_day(cg_slot* s, uint32_t today)
     int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
     unsigned int CG_FLAG_SUSPENDED
@@ -783,9 +788,29 @@ cdef enum:
     PSEUDONYM_SIZE = 8
     STORAGE_KEY_SIZE = 16
 
+cdef struct View:
+    # rules.Practitioner.gate_view (rules.PRACTITIONER_VIEW + quota.PROFILE_VIEW): what a call
+    # needs of the practitioner, read with one attribute access instead of a dozen.
+    int64_t slot
+    uint64_t domains
+    int64_t has_profile
+    int64_t interval_ms
+    int64_t tolerance_ms
+    int64_t daily_limit
+    int64_t distinct_limit
+    int64_t guard_window
+    int64_t guard_min
+    int64_t guard_percent
+    int64_t shadow
+
+cdef enum:
+    QUOTA_HEADER_SIZE = 4096
+
 if (quota.SHADOW_RATE, quota.SHADOW_DAILY, quota.SHADOW_DISTINCT, quota.SHADOW_GUARD) != (
     SHADOW_RATE, SHADOW_DAILY, SHADOW_DISTINCT, SHADOW_GUARD
-) or quota.SLOT_SIZE != sizeof(cg_slot) or quota.SLOT_HEAD != 64:
+) or quota.SLOT_SIZE != sizeof(cg_slot) or quota.SLOT_HEAD != 64 or (
+    quota.HEADER_SIZE != QUOTA_HEADER_SIZE or quota.LOCK_ENTRY != CG_LOCK_ENTRY
+) or rules.PRACTITIONER_VIEW.size + quota.PROFILE_VIEW.size != sizeof(View):
     raise ImportError("fastpath._gate_c is out of date with fastpath.quota")
 
 _PERMISSION_DENIED = rules.PERMISSION_DENIED
@@ -982,7 +1007,7 @@ cdef int _put_span_head(Buf* b, const unsigned char* trace_id,
 cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
-    long long slot_offset
+    long long slot_index
     long long now_ms
     long long interval_ms
     long long tolerance_ms
@@ -1043,8 +1068,8 @@ cdef class Gate:
     # The shared quota file (fastpath.quota.QuotaFile) and its mapping.
     cdef object _quota
     cdef unsigned char[::1] _quota_map
+    cdef unsigned char[::1] _quota_locks
     cdef long long _quota_slots
-    cdef int _quota_fd
     cdef public object max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
@@ -1090,11 +1115,10 @@ cdef class Gate:
         )
         self._quota = quota
         self._quota_slots = 0
-        self._quota_fd = -1
         if quota is not None:
             self._quota_map = quota.map
+            self._quota_locks = quota.locks_map
             self._quota_slots = quota.slots
-            self._quota_fd = quota.fd
 
     def __dealloc__(self):
         PyMem_Free(self._spans.data)
@@ -1103,6 +1127,7 @@ cdef class Gate:
         """Let go of the quota file's mapping (so QuotaFile.close() can unmap it)."""
         self._quota = None
         self._quota_map = None
+        self._quota_locks = None
         self._quota_slots = 0
 
     cdef void _init_state(self, cg_blake2b_state* s, size_t size, bytes person):
@@ -1117,37 +1142,55 @@ cdef class Gate:
 
     cdef int _begin(self, object practitioner, object today, object now,
                     Caller* c) except -1:
-        cdef object profile
-        cdef long long slot
+        cdef View v
+        cdef int rc
+        cdef unsigned char* locks
+        cdef int overflow = 0
+        cdef long long now_c
+        cdef double now_d
         memset(c, 0, sizeof(Caller))
-        c.domains = <unsigned long long>(practitioner.domains & 0xFFFFFFFFFFFFFFFF)
-        if self._quota is None:
+        view = practitioner.gate_view
+        if type(view) is not bytes or PyBytes_GET_SIZE(view) != sizeof(View):
+            raise TypeError("practitioner.gate_view is not a rules.Practitioner's")
+        memcpy(&v, PyBytes_AS_STRING(view), sizeof(View))
+        c.domains = v.domains
+        if self._quota is None or v.slot < 0 or not v.has_profile:
             return 0
-        slot = practitioner.slot
-        profile = practitioner.quota
-        if slot < 0 or profile is None:
-            return 0
-        if slot >= self._quota_slots:
+        if v.slot >= self._quota_slots:
             raise IndexError("quota slot out of range")
-        c.now_ms = int(now * 1000)
-        c.interval_ms = profile.interval_ms
-        c.tolerance_ms = profile.tolerance_ms
-        c.daily_limit = profile.daily_limit
-        c.distinct_limit = profile.distinct_limit
-        c.guard_window = profile.guard_window
-        c.guard_min = profile.guard_min_lookups
-        c.guard_percent = profile.guard_bad_percent
-        c.shadow = profile.shadow
-        c.slot_offset = quota.HEADER_SIZE + slot * sizeof(cg_slot)
-        if cg_lock_range(self._quota_fd, c.slot_offset, 1, 1) != 0:
-            raise OSError("cannot lock the quota slot")
-        c.slot = <cg_slot*>(&self._quota_map[0] + c.slot_offset)
+        # int(now * 1000), in C for the clock's own types (same truncation toward zero).
+        if PyFloat_CheckExact(now) and -9e15 < PyFloat_AS_DOUBLE(now) < 9e15:
+            now_d = PyFloat_AS_DOUBLE(now) * 1000.0
+            c.now_ms = <long long>now_d
+        else:
+            now_c = PyLong_AsLongLongAndOverflow(now, &overflow) if PyLong_CheckExact(now) else 0
+            if PyLong_CheckExact(now) and not overflow and -9e15 < now_c < 9e15:
+                c.now_ms = now_c * 1000
+            else:
+                c.now_ms = int(now * 1000)
+        c.interval_ms = v.interval_ms
+        c.tolerance_ms = v.tolerance_ms
+        c.daily_limit = v.daily_limit
+        c.distinct_limit = v.distinct_limit
+        c.guard_window = v.guard_window
+        c.guard_min = v.guard_min
+        c.guard_percent = v.guard_percent
+        c.shadow = v.shadow
+        c.slot_index = v.slot
+        locks = &self._quota_locks[0]
+        rc = cg_slot_trylock(locks, v.slot)
+        if rc == EBUSY:
+            with nogil:  # another process (or thread) holds the slot: let this one's run
+                rc = cg_slot_lock(locks, v.slot)
+        if rc != 0:
+            raise OSError(rc, "cannot lock the quota slot")
+        c.slot = <cg_slot*>(&self._quota_map[0] + QUOTA_HEADER_SIZE + v.slot * sizeof(cg_slot))
         cg_roll_day(c.slot, <uint32_t>today)
         return 0
 
     cdef void _end(self, Caller* c) noexcept:
         if c.slot != NULL:
-            cg_lock_range(self._quota_fd, c.slot_offset, 1, 0)
+            cg_slot_unlock(&self._quota_locks[0], c.slot_index)
             c.slot = NULL
 
     # -- entry points

@@ -5,14 +5,9 @@
 #define CG_QUOTA_H
 
 #include <errno.h>
-#include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
-#include <unistd.h>
-
-#ifndef F_OFD_SETLKW
-#define F_OFD_SETLKW 38 /* Linux; older libc headers may not name it */
-#endif
 
 #define CG_DISTINCT_CAPACITY 4096
 #define CG_FLAG_SUSPENDED 1u
@@ -33,20 +28,36 @@ typedef struct {
 
 _Static_assert(sizeof(cg_slot) == 64 + 8 * CG_DISTINCT_CAPACITY, "quota slot layout");
 
-/* Open-file-description byte-range lock: excludes other processes (and other opens), and the
- * kernel drops it if the holder dies. Returns 0, or -1 with errno. */
-static int cg_lock_range(int fd, long long start, long long len, int lock) {
-    struct flock fl;
-    int rc;
-    memset(&fl, 0, sizeof(fl));
-    fl.l_type = lock ? F_WRLCK : F_UNLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = start;
-    fl.l_len = len;
-    do {
-        rc = fcntl(fd, F_OFD_SETLKW, &fl);
-    } while (rc == -1 && errno == EINTR);
+/* The slot's robust process-shared mutex in the locks file (fastpath.quota.SlotLocks, which
+ * initialises it): a u32 marker, then the pthread_mutex_t at CG_LOCK_MUTEX_OFFSET. A holder that
+ * died leaves it EOWNERDEAD: the slot keeps what it wrote, and the next caller goes on.
+ * Returns 0 or an errno value. */
+#define CG_LOCK_ENTRY 64
+#define CG_LOCK_MUTEX_OFFSET 8
+
+_Static_assert(CG_LOCK_MUTEX_OFFSET + sizeof(pthread_mutex_t) <= CG_LOCK_ENTRY, "lock entry");
+
+static inline pthread_mutex_t *cg_slot_mutex(unsigned char *locks, long long slot) {
+    return (pthread_mutex_t *)(locks + slot * CG_LOCK_ENTRY + CG_LOCK_MUTEX_OFFSET);
+}
+
+/* Without waiting: 0, or EBUSY when another holds it (then wait with cg_slot_lock, GIL released). */
+static int cg_slot_trylock(unsigned char *locks, long long slot) {
+    pthread_mutex_t *m = cg_slot_mutex(locks, slot);
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(m);
     return rc;
+}
+
+static int cg_slot_lock(unsigned char *locks, long long slot) {
+    pthread_mutex_t *m = cg_slot_mutex(locks, slot);
+    int rc = pthread_mutex_lock(m);
+    if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(m);
+    return rc;
+}
+
+static int cg_slot_unlock(unsigned char *locks, long long slot) {
+    return pthread_mutex_unlock(cg_slot_mutex(locks, slot));
 }
 
 static void cg_roll_day(cg_slot *s, uint32_t today) {

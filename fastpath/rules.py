@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from fastpath.quota import QuotaProfile
+from fastpath.quota import PROFILE_VIEW, QuotaProfile
 
 PARIS = ZoneInfo("Europe/Paris")
 
@@ -333,6 +333,25 @@ class Practitioner:
     slot: int = -1  # quota slot in the shared state; -1: no quotas (decision-only tests)
     domains: int = ALL_DOMAINS  # bit (1 << CareDomain) per domain the profession may check
     quota: QuotaProfile | None = None
+    # What the Cython gate reads of all this on every call, packed once (PRACTITIONER_VIEW:
+    # slot, domains, whether there is a profile, then QuotaProfile.packed or zeros).
+    gate_view: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        slot = self.slot if self.slot >= 0 else -1
+        object.__setattr__(
+            self,
+            "gate_view",
+            PRACTITIONER_VIEW.pack(
+                min(slot, (1 << 63) - 1), self.domains & _U64, self.quota is not None
+            )
+            + (self.quota.packed if self.quota is not None else _NO_PROFILE),
+        )
+
+
+PRACTITIONER_VIEW = struct.Struct("<qQq")
+_U64 = (1 << 64) - 1
+_NO_PROFILE = bytes(PROFILE_VIEW.size)
 
 
 # -- attestations ----------------------------------------------------------------------------------
