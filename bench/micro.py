@@ -130,6 +130,122 @@ def decisions(
     return out
 
 
+def _blocks(
+    calls: dict[str, Callable[[], None]], seconds: float, block_seconds: float = 0.02
+) -> dict[str, Any]:
+    """Two ways of doing the same work (`on` and `off`), alternated in short blocks for about
+    `seconds`, each block timed by this thread's CPU clock: host noise (steal, the other core's
+    load, frequency drift) hits both sides alike, and time the thread is not running is not
+    counted. Each call does one unit of work; returns units/s of each and the median of the
+    per-pair ratios on/off."""
+    on, off = calls["on"], calls["off"]
+    # Calibrate: calls per block from a short trial of the `off` side.
+    t0 = time.thread_time_ns()
+    n = 0
+    while time.thread_time_ns() - t0 < 5_000_000:
+        off()
+        n += 1
+    per_block = max(1, int(n * block_seconds / 0.005))
+    times: dict[str, list[int]] = {"on": [], "off": []}
+    deadline = time.perf_counter() + seconds
+    pair = 0
+    while time.perf_counter() < deadline or pair < 4:
+        order = ("on", "off") if pair % 2 == 0 else ("off", "on")
+        for side in order:
+            call = calls[side]
+            t = time.thread_time_ns()
+            for _ in range(per_block):
+                call()
+            times[side].append(time.thread_time_ns() - t)
+        pair += 1
+    ratios = sorted(b / a for a, b in zip(times["on"], times["off"], strict=True))
+    return {
+        "on_per_s": per_block * len(times["on"]) / (sum(times["on"]) / 1e9),
+        "off_per_s": per_block * len(times["off"]) / (sum(times["off"]) / 1e9),
+        "ratio": ratios[len(ratios) // 2],
+        "pairs": len(ratios),
+        "calls_per_block": per_block,
+    }
+
+
+def pairs(
+    ds: bench_dataset.Dataset, seconds: float, rounds: int, config_path: str | None = None
+) -> dict[str, Any]:
+    """On/off pairs of the Cython gate, in process: quotas (a quota slot against none) and tracing
+    (spans recorded, taken and wrapped into OTLP export requests, against none), for unary calls
+    and batches of 100. The gRPC side of both pairs is bench.variants' covergate-noquota and
+    covergate-tracing."""
+    import dataclasses
+
+    from fastpath import _gate_c
+    from service import telemetry
+
+    store, keys, quota, served_as = _server_parts(ds, config_path)
+    if quota is None or served_as is None:
+        return {}
+    today = int(ds.care_date)
+    now = int(time.time())
+    covered = ds.pools[COVERED]
+    singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
+    batches = [
+        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
+    ]
+    plain = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
+    traced = _gate_c.Gate(
+        store.env, store.rights_db, keys, max_batch_items=500, quota=quota, trace=True
+    )
+    resource = telemetry.encode_resource({"service.name": "covergate-bench"})
+    scope = telemetry.encode_scope("covergate", "bench")
+    unmetered = dataclasses.replace(served_as, slot=-1)
+    exported = [0]
+
+    def caller(gate: Any, method: str, inputs: list[bytes], who: Practitioner) -> Callable[[], None]:
+        bound = getattr(gate, method)
+        state = [0]
+        n = len(inputs)
+
+        def call() -> None:
+            i = state[0]
+            bound(who, inputs[i], today, now)
+            state[0] = i + 1 if i + 1 < n else 0
+            if gate is traced and gate.span_bytes >= telemetry.CHUNK_BYTES:
+                # What the worker's flush and exporter thread do with them, short of the send.
+                for request, _count in gate.take_export_requests(
+                    resource, scope, telemetry.CHUNK_BYTES
+                ):
+                    exported[0] += len(request)
+
+        return call
+
+    out: dict[str, Any] = {"quotas": {}, "tracing": {}}
+    shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
+    for _ in range(rounds):
+        for shape, (method, inputs, items) in shapes.items():
+            quotas = _blocks(
+                {
+                    "on": caller(plain, method, inputs, served_as),
+                    "off": caller(plain, method, inputs, unmetered),
+                },
+                seconds,
+            )
+            tracing = _blocks(
+                {
+                    "on": caller(traced, method, inputs, served_as),
+                    "off": caller(plain, method, inputs, served_as),
+                },
+                seconds,
+            )
+            for name, result in (("quotas", quotas), ("tracing", tracing)):
+                result["on_per_s"] *= items  # items (lookups) per second
+                result["off_per_s"] *= items
+                out[name].setdefault(shape, []).append(result)
+    for gate in (plain, traced):
+        gate.close()
+    quota.close()
+    store.close()
+    return out
+
+
 def import_rate(ds: bench_dataset.Dataset, covergate: str) -> dict[str, Any]:
     """`covergate import rights` of the cached sample file into a fresh temporary store."""
     with tempfile.TemporaryDirectory(prefix="covergate-bench-import-") as tmp:
@@ -176,6 +292,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "cpus": sorted(os.sched_getaffinity(0)),
         "decisions": decisions(ds, args.seconds, args.rounds, args.config),
+        "pairs": pairs(ds, args.seconds, args.rounds, args.config),
     }
     if not args.no_import:
         result["import"] = import_rate(ds, args.covergate)

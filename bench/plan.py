@@ -88,7 +88,8 @@ OPEN_LOOP: tuple[tuple[str, str], ...] = (
 class Goal:
     """A target from the issue. `source` names the measurement:
     ("ratio", comparison, scenario), ("micro", implementation, measure),
-    ("micro_ratio", measure) (Cython / reference), ("latency", variant, scenario, percentile).
+    ("micro_ratio", measure) (Cython / reference), ("micro_pair", pair, shape) (on/off in process,
+    bench.micro.pairs), ("latency", variant, scenario, percentile).
     """
 
     name: str
@@ -156,6 +157,18 @@ GOALS: tuple[Goal, ...] = (
         "quota cost (batch-100)",
         "quotas on >= 0.95x quotas off (batch-100 items/s)",
         ("ratio", "quotas", "batch-100"),
+        0.95,
+    ),
+    Goal(
+        "quota cost in process (unary)",
+        "quotas on >= 0.95x quotas off, in process (Cython gate, unary calls/s)",
+        ("micro_pair", "quotas", "unary"),
+        0.95,
+    ),
+    Goal(
+        "quota cost in process (batch-100)",
+        "quotas on >= 0.95x quotas off, in process (Cython gate, batch-100 items/s)",
+        ("micro_pair", "quotas", "batch-100"),
         0.95,
     ),
     Goal(

@@ -85,6 +85,10 @@ def goal_value(goal: Goal, results: dict[str, Any]) -> float | None:
     if kind == "micro_ratio":
         (measure,) = key
         return micro.get("ratios", {}).get(measure)  # type: ignore[no-any-return]
+    if kind == "micro_pair":
+        pair, shape = key
+        pairs = results.get("micro", {}).get("pairs", {})
+        return pairs.get(pair, {}).get(shape, {}).get("ratio")  # type: ignore[no-any-return]
     if kind == "latency":
         variant, scenario, percentile = key
         for cell in results.get("open_loop", ()):
@@ -311,6 +315,26 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             table(["measure", "Cython decisions/s", "reference decisions/s", "ratio"], rows)
         )
+    pairs = micro.get("pairs", {})
+    if pairs:
+        lines += [
+            "",
+            "### On/off pairs in process (Cython gate; alternated 20 ms blocks, thread CPU time)",
+            "",
+        ]
+        rows = []
+        for pair, shapes in pairs.items():
+            for shape, cell in shapes.items():
+                rows.append(
+                    [
+                        pair,
+                        shape,
+                        number(cell["on_per_s"]),
+                        number(cell["off_per_s"]),
+                        times(cell["ratio"]),
+                    ]
+                )
+        lines.append(table(["pair", "shape", "on lookups/s", "off lookups/s", "on/off"], rows))
     if micro.get("import"):
         imp = micro["import"]
         lines += [

@@ -616,7 +616,23 @@ class BenchRun:
             c = decisions["cython"][m]["rounds"]
             p = decisions.get("python", {}).get(m, {}).get("rounds", [])
             decisions["ratios"][m] = stats.paired_ratios(c, p)["ratio"]
-        return {"cpus": raw["cpus"], "decisions": decisions, "import": raw.get("import")}
+        pairs: dict[str, Any] = {}
+        for pair, shapes in raw.get("pairs", {}).items():
+            pairs[pair] = {
+                shape: {
+                    "rounds": rounds,
+                    "ratio": stats.median(r["ratio"] for r in rounds),
+                    "on_per_s": stats.median(r["on_per_s"] for r in rounds),
+                    "off_per_s": stats.median(r["off_per_s"] for r in rounds),
+                }
+                for shape, rounds in shapes.items()
+            }
+        return {
+            "cpus": raw["cpus"],
+            "decisions": decisions,
+            "pairs": pairs,
+            "import": raw.get("import"),
+        }
 
     # -- the run ---------------------------------------------------------------------------------
 

@@ -759,6 +759,11 @@ cdef extern from "cg_sha256.h" nogil:
     void cg_hmac_sha256(const cg_hmac_sha256_key* k, const unsigned char* msg, size_t n,
                         unsigned char* out)
 
+cdef extern from "cg_siphash.h" nogil:
+    void cg_siphash24(const unsigned char* k, const unsigned char* data, size_t n,
+                      unsigned char* out)
+
+
 cdef extern from "cg_quota.h" nogil:
     ctypedef struct cg_slot:
         uint32_t flags
@@ -1004,6 +1009,74 @@ cdef int _put_span_head(Buf* b, const unsigned char* trace_id,
     return 0
 
 
+# The span buffer keeps its memory between takes up to this size: a buffer freed and grown again
+# every flush costs a page fault per 4 KiB written.
+cdef Py_ssize_t _KEEP_SPAN_BUFFER = 16 << 20
+
+
+cdef object _chunk(const unsigned char* spans, Py_ssize_t n, bytes resource, bytes scope):
+    """Framed spans as bytes, or (with a resource) as a whole ExportTraceServiceRequest:
+    {1: ResourceSpans{1: resource, 2: ScopeSpans{1: scope, spans}}}."""
+    cdef Py_ssize_t scope_spans, resource_spans, total
+    cdef Buf b
+    if resource is None:
+        return PyBytes_FromStringAndSize(<const char*>spans, n)
+    scope_spans = 1 + _varint_size(PyBytes_GET_SIZE(scope)) + PyBytes_GET_SIZE(scope) + n
+    resource_spans = (1 + _varint_size(PyBytes_GET_SIZE(resource)) + PyBytes_GET_SIZE(resource)
+                      + 1 + _varint_size(scope_spans) + scope_spans)
+    total = 1 + _varint_size(resource_spans) + resource_spans
+    out = PyBytes_FromStringAndSize(NULL, total)
+    b.data = <unsigned char*>PyBytes_AS_STRING(out)
+    b.size = 0
+    b.capacity = total
+    b.data[b.size] = 0x0A
+    b.size += 1
+    _put_varint_unchecked(&b, resource_spans)
+    _put_raw_unchecked(&b, 0x0A, resource)
+    b.data[b.size] = 0x12
+    b.size += 1
+    _put_varint_unchecked(&b, scope_spans)
+    _put_raw_unchecked(&b, 0x0A, scope)
+    memcpy(b.data + b.size, spans, n)
+    b.size += n
+    if b.size != total:
+        raise AssertionError("export request size")
+    return out
+
+
+cdef inline void _put_raw_unchecked(Buf* b, unsigned char tag, bytes data) noexcept:
+    b.data[b.size] = tag
+    b.size += 1
+    _put_varint_unchecked(b, PyBytes_GET_SIZE(data))
+    memcpy(b.data + b.size, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    b.size += PyBytes_GET_SIZE(data)
+
+
+cdef uint64_t _start_ns(object now) except? 0:
+    """fastpath.trace.now_ns(now), in C for the clock's own types."""
+    cdef double value
+    cdef long long seconds
+    cdef int overflow = 0
+    if PyFloat_CheckExact(now):
+        value = PyFloat_AS_DOUBLE(now)
+        if value != value:
+            return 0
+        value = value * 1e9
+        if value >= 9.2e18:
+            return 0x7FFFFFFFFFFFFFFF
+        if value <= 0:
+            return 0
+        return <uint64_t>value
+    if PyLong_CheckExact(now):
+        seconds = PyLong_AsLongLongAndOverflow(now, &overflow)
+        if overflow > 0 or (not overflow and seconds > 9223372036):
+            seconds = 9223372036
+        elif overflow < 0 or seconds < 0:
+            seconds = 0
+        return <uint64_t>seconds * 1000000000
+    return <uint64_t>(<long long>_now_ns(now))
+
+
 cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
@@ -1060,7 +1133,7 @@ cdef class Gate:
     cdef object _attestation_key
     # Keyed BLAKE2b states and the HMAC key schedule, computed once (C, no Python call).
     cdef cg_blake2b_state _storage_state
-    cdef cg_blake2b_state _pseudonym_state
+    cdef unsigned char _pseudonym_key[16]
     cdef cg_blake2b_state _tag_state
     cdef cg_hmac_sha256_key _mac_key
     cdef unsigned char _pepper[64]
@@ -1104,8 +1177,8 @@ cdef class Gate:
         self._pepper_size = len(pepper)
         memcpy(self._pepper, PyBytes_AS_STRING(pepper), self._pepper_size)
         self._init_state(&self._storage_state, STORAGE_KEY_SIZE, rules.PERSON_STORE)
-        self._init_state(&self._pseudonym_state, PSEUDONYM_SIZE,
-                         rules.PERSON_PSEUDONYM)
+        cdef bytes pseudonym_key = keys.pseudonym_key
+        memcpy(self._pseudonym_key, PyBytes_AS_STRING(pseudonym_key), 16)
         self._init_state(&self._tag_state, BENEFICIARY_TAG_SIZE, rules.PERSON_ATTEST)
         cdef bytes attestation_key = self._attestation_key
         cg_hmac_sha256_setkey(
@@ -1375,15 +1448,25 @@ cdef class Gate:
         empties them. Not thread-safe: call it where the gate is called."""
         data = _buf_bytes(&self._spans)
         self._spans.size = 0
-        if self._spans.capacity > (4 << 20):
+        if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
             self._spans.capacity = 0
         return data
 
     def take_span_chunks(self, Py_ssize_t max_bytes):
-        """take_spans() cut at span boundaries into [(chunk, spans in it)], each chunk at
-        most `max_bytes` (or one span, if a span is larger): one export request each."""
+        """take_spans() cut at span boundaries into [(chunk, spans in it)], each chunk at most
+        `max_bytes` (or one span, if a span is larger): one export request each."""
+        return self._take_chunks(max_bytes, None, None)
+
+    def take_export_requests(self, bytes resource not None, bytes scope not None,
+                             Py_ssize_t max_bytes):
+        """take_span_chunks(max_bytes), each chunk written straight into the OTLP
+        ExportTraceServiceRequest for this encoded Resource and InstrumentationScope
+        (fastpath.trace.export_trace_request): one copy of the spans, no intermediate chunk."""
+        return self._take_chunks(max_bytes, resource, scope)
+
+    cdef list _take_chunks(self, Py_ssize_t max_bytes, bytes resource, bytes scope):
         cdef const unsigned char* p = self._spans.data
         cdef Py_ssize_t n = self._spans.size
         cdef Py_ssize_t pos = 0
@@ -1398,17 +1481,15 @@ cdef class Gate:
                 raise AssertionError("the span buffer is not framed spans")
             next_pos += <Py_ssize_t>size
             if next_pos - start > max_bytes and count:
-                chunks.append((PyBytes_FromStringAndSize(<const char*>p + start,
-                                                         pos - start), count))
+                chunks.append((_chunk(p + start, pos - start, resource, scope), count))
                 start = pos
                 count = 0
             count += 1
             pos = next_pos
         if count:
-            chunks.append((PyBytes_FromStringAndSize(<const char*>p + start, n - start),
-                           count))
+            chunks.append((_chunk(p + start, n - start, resource, scope), count))
         self._spans.size = 0
-        if self._spans.capacity > (4 << 20):
+        if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
             self._spans.capacity = 0
@@ -1488,7 +1569,7 @@ cdef class Gate:
             if PyBytes_GET_SIZE(parent) == SPAN_ID_SIZE:
                 memcpy(t.parent, PyBytes_AS_STRING(parent), SPAN_ID_SIZE)
                 t.has_parent = True
-        t.start_ns = <uint64_t>(<long long>_now_ns(now))
+        t.start_ns = _start_ns(now)
         who, profession = _practitioner_attributes(practitioner.practitioner_id,
                                                    practitioner.profession)
         t.who = PyBytes_AS_STRING(who)
@@ -1673,7 +1754,9 @@ cdef class Gate:
         identity[IDENTITY_SIZE - 1] = <unsigned char>(48 + r.birth_rank)
         c.validated = 1
         if self.trace:
-            _hash(&self._pseudonym_state, identity, IDENTITY_SIZE, c.pseudonym)
+            # The pseudonym is SipHash of the storage key (rules.Keys.pseudonym): hash it now.
+            _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
+            cg_siphash24(self._pseudonym_key, digest, STORAGE_KEY_SIZE, c.pseudonym)
         if care_date < 0:
             # No care date: the caller's today, compared in C when it is an exact int.
             if PyLong_CheckExact(today):
@@ -1693,9 +1776,10 @@ cdef class Gate:
             c.outcome = O_AMC
             return rules.AMC_OUT_OF_SCOPE
 
-        # The storage key (no store read yet): it also fingerprints the beneficiary for the
-        # distinct count, which saves a second keyed hash per lookup.
-        _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
+        # The storage key (no store read yet; traced lookups have it already): it also
+        # fingerprints the beneficiary for the distinct count, which saves a second keyed hash.
+        if not self.trace:
+            _hash(&self._storage_state, identity, IDENTITY_SIZE, digest)
 
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         if slot != NULL:
@@ -1880,3 +1964,12 @@ def _hmac_sha256_for_tests(bytes key, bytes msg):
     cg_hmac_sha256_setkey(&k, <const unsigned char*>PyBytes_AS_STRING(key), len(key))
     cg_hmac_sha256(&k, <const unsigned char*>PyBytes_AS_STRING(msg), len(msg), out)
     return PyBytes_FromStringAndSize(<const char*>out, 32)
+
+
+def _siphash24_for_tests(bytes key not None, bytes data not None):
+    cdef unsigned char out[8]
+    if len(key) != 16:
+        raise ValueError("SipHash takes a 16-byte key")
+    cg_siphash24(<const unsigned char*>PyBytes_AS_STRING(key),
+                 <const unsigned char*>PyBytes_AS_STRING(data), len(data), out)
+    return PyBytes_FromStringAndSize(<const char*>out, 8)

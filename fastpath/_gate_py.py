@@ -219,6 +219,16 @@ class Gate:
             chunks.append((data[start:], count))
         return chunks
 
+    def take_export_requests(
+        self, resource: bytes, scope: bytes, max_bytes: int
+    ) -> list[tuple[bytes, int]]:
+        """take_span_chunks(max_bytes), each chunk wrapped into the OTLP ExportTraceServiceRequest
+        for this encoded Resource and InstrumentationScope: [(request, spans in it)]."""
+        return [
+            (tr.export_trace_request(resource, scope, chunk), count)
+            for chunk, count in self.take_span_chunks(max_bytes)
+        ]
+
     @property
     def span_bytes(self) -> int:
         """Bytes of spans waiting for take_spans()."""

@@ -104,6 +104,15 @@ def field_bytes(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + varint(len(data)) + data
 
 
+def export_trace_request(resource: bytes, scope: bytes, spans: bytes) -> bytes:
+    """ExportTraceServiceRequest{ResourceSpans{resource, ScopeSpans{scope, spans}}} for an encoded
+    Resource and InstrumentationScope: `spans` are already framed ScopeSpans.spans entries, so this
+    is concatenation (the Cython gate's take_export_requests writes the same bytes in one go)."""
+    scope_spans = field_bytes(0x0A, scope) + spans
+    resource_spans = field_bytes(0x0A, resource) + field_bytes(0x12, scope_spans)
+    return field_bytes(0x0A, resource_spans)
+
+
 def _key_value(key: str, any_value: bytes) -> bytes:
     """One Span.attributes entry (field 9): KeyValue{key, value: AnyValue}."""
     return field_bytes(0x4A, field_bytes(0x0A, key.encode()) + field_bytes(0x12, any_value))

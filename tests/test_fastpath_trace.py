@@ -225,6 +225,33 @@ def test_ids_follow_the_seed_and_bad_contexts_are_refused(gate_module, rights_en
     assert span.name == "x" and span.span_id == PARENT
 
 
+def test_export_requests_wrap_each_chunk_exactly_as_the_reference_envelope(tgate):
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    resource = tr.field_bytes(0x0A, tr.field_bytes(0x0A, b"service.name") + b"\x12\x0a\x0a\x08cg-tests")
+    scope = tr.field_bytes(0x0A, tr.SCOPE_NAME.encode()) + tr.field_bytes(0x12, b"0.test")
+    request = covered().request().SerializeToString()
+    for _ in range(12):
+        tgate.check(PHARMACIST, request, TODAY, NOW)
+    batch = pb.CheckCoverageBatchRequest(items=[covered().request()] * 5).SerializeToString()
+    tgate.check_batch(PHARMACIST, batch, TODAY, NOW)
+    requests = tgate.take_export_requests(resource, scope, 1500)
+    assert tgate.span_bytes == 0 and len(requests) > 1
+    assert sum(n for _, n in requests) == 12 + 5 + 1
+    scope_field = tr.field_bytes(0x0A, scope)
+    for raw, n in requests:
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
+        (resource_spans,) = message.resource_spans
+        assert resource_spans.resource.attributes[0].value.string_value == "cg-tests"
+        (scope_spans,) = resource_spans.scope_spans
+        assert scope_spans.scope.name == tr.SCOPE_NAME and scope_spans.scope.version == "0.test"
+        assert len(scope_spans.spans) == n
+        # Byte for byte what the reference envelope makes of the same spans.
+        spans = raw[raw.index(scope_field) + len(scope_field) :]
+        assert tr.export_trace_request(resource, scope, spans) == raw
+        assert len(spans) <= 1500 or n == 1
+
+
 def test_span_chunks_cut_at_span_boundaries(tgate):
     request = covered().request().SerializeToString()
     for _ in range(10):
