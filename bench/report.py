@@ -130,6 +130,12 @@ def comparisons(closed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 [r.get("items_per_s") for r in a["rounds"]],
                 [r.get("items_per_s") for r in b["rounds"]],
             )
+            # The same per server CPU-second: what each would serve on a core of its own, immune
+            # to the time a busy host takes away (steal); a cross-check of the ratio above.
+            per_cpu = stats.paired_ratios(
+                [stats.per_cpu(r.get("items_per_s"), r.get("server_cpu")) for r in a["rounds"]],
+                [stats.per_cpu(r.get("items_per_s"), r.get("server_cpu")) for r in b["rounds"]],
+            )
             out.append(
                 {
                     "name": comp.name,
@@ -137,6 +143,8 @@ def comparisons(closed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "subject": comp.subject,
                     "baseline": comp.baseline,
                     **paired,
+                    "ratio_per_cpu": per_cpu["ratio"],
+                    "per_round_per_cpu": per_cpu["per_round"],
                 }
             )
     return out
@@ -248,7 +256,11 @@ def render(results: dict[str, Any]) -> str:
 
     comps = results.get("comparisons", [])
     if comps:
-        lines += ["", "### Ratios (items/s, median of per-round ratios)", ""]
+        lines += [
+            "",
+            "### Ratios (items/s, median of per-round ratios; and per server CPU-second)",
+            "",
+        ]
         rows = [
             [
                 c["name"],
@@ -256,10 +268,17 @@ def render(results: dict[str, Any]) -> str:
                 f"{c['subject']} / {c['baseline']}",
                 times(c["ratio"]),
                 ", ".join(times(r) for r in c["per_round"]),
+                times(c.get("ratio_per_cpu")),
             ]
             for c in comps
         ]
-        lines.append(table(["comparison", "scenario", "pair", "ratio", "per round"], rows, "lllrl"))
+        lines.append(
+            table(
+                ["comparison", "scenario", "pair", "ratio", "per round", "per CPU-second"],
+                rows,
+                "lllrlr",
+            )
+        )
 
     open_loop = results.get("open_loop", [])
     if open_loop:

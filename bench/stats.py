@@ -83,6 +83,13 @@ def goal_met(value: float | None, threshold: float, higher_is_better: bool = Tru
     return value >= threshold if higher_is_better else value <= threshold
 
 
+def per_cpu(rate: float | None, cpu: float | None) -> float | None:
+    """A rate per core busy (items/s over the server's CPU share): None when either is missing."""
+    if rate is None or not cpu:
+        return None
+    return rate / cpu
+
+
 def cpu_share(cpu_seconds: float | None, wall_seconds: float) -> float | None:
     """CPU time over wall time, in cores (1.0 = one core busy the whole time)."""
     if cpu_seconds is None or wall_seconds <= 0:

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,10 +178,17 @@ class CovergateHandlers:
 
     # -- the common prologue ----------------------------------------------------------------------
 
-    def _caller(self, context: grpc.aio.ServicerContext, role: str) -> Practitioner:
+    def _caller(
+        self,
+        context: grpc.aio.ServicerContext,
+        role: str,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+    ) -> Practitioner:
         self.last_call_started = time.monotonic()
         certificate = peer_certificate(context.auth_context()) if self._mtls else None
-        caller = self._auth.authenticate(context.invocation_metadata(), role, certificate)
+        if metadata is None:
+            metadata = context.invocation_metadata()
+        caller = self._auth.authenticate(metadata, role, certificate)
         if isinstance(caller, AuthFailure):
             raise Refusal(caller.code, caller.status)
         if self.gate is None:
@@ -207,8 +214,9 @@ class CovergateHandlers:
         telemetry = self.telemetry
         if telemetry is not None:
             started = time.perf_counter()
+        metadata = context.invocation_metadata()
         try:
-            caller = self._caller(context, "practitioner")
+            caller = self._caller(context, "practitioner", metadata)
         except Refusal as r:
             await _abort(context, r.code, r.status)
         remaining = context.time_remaining()
@@ -219,7 +227,7 @@ class CovergateHandlers:
         if telemetry is None:
             code, payload = decide(caller, request, today, now)
         else:
-            trace = otel.trace_context(context.invocation_metadata())
+            trace = otel.trace_context(metadata) if metadata else None
             code, payload = decide(caller, request, today, now, trace=trace)
             telemetry.record_rpc(method, time.perf_counter() - started)
         if self.gate.suspensions:

@@ -524,3 +524,27 @@ def test_load_bound_marks_a_saturated_pinned_generator() -> None:
     assert not report.load_bound({**cell, "median_client_cpu": 0.5})
     assert not report.load_bound({**cell, "rounds": [{"client_cpus": "0,1"}]})
     assert not report.load_bound({"median_client_cpu": None, "rounds": []})
+
+
+def test_comparisons_pair_rounds_on_rate_and_on_rate_per_server_cpu() -> None:
+    from bench import report
+
+    def cell(variant: str, rounds: list[tuple[float, float]]) -> dict[str, object]:
+        return {
+            "variant": variant,
+            "scenario": "unary",
+            "rounds": [{"items_per_s": r, "server_cpu": c} for r, c in rounds],
+        }
+
+    # Round 2: the host took half the subject's core away (steal): its rate halves, its rate
+    # per CPU-second does not.
+    closed = [
+        cell("covergate-tracing", [(900, 1.0), (450, 0.5), (920, 1.0)]),
+        cell("covergate", [(1000, 1.0), (1000, 1.0), (1000, 1.0)]),
+    ]
+    (tracing,) = [c for c in report.comparisons(closed) if c["name"] == "tracing"]
+    assert tracing["per_round"] == [0.9, 0.45, 0.92]
+    assert tracing["ratio"] == 0.9
+    assert tracing["per_round_per_cpu"] == [0.9, 0.9, 0.92]
+    assert tracing["ratio_per_cpu"] == 0.9
+    assert stats.per_cpu(100.0, 0.0) is None and stats.per_cpu(None, 1.0) is None
