@@ -421,10 +421,12 @@ def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
                     continue
                 rounds = [r["items_per_s"] for r in cell["rounds"] if r.get("items_per_s")]
                 med = cell["median_items_per_s"]
+                if not rounds or not med:
+                    continue  # a cell that served nothing (its failures are reported)
                 xs.append(j + (i - (len(variants) - 1) / 2) * width)
                 ys.append(med)
-                lo.append(med - min(rounds))
-                hi.append(max(rounds) - med)
+                lo.append(max(0.0, med - min(rounds)))
+                hi.append(max(0.0, max(rounds) - med))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=v)
         ax.set_xticks(range(len(scenarios)), scenarios)
         ax.set_yscale("log")

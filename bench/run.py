@@ -908,9 +908,15 @@ def main(opts: Options) -> int:
     prefix = opts.results / run.stamp
     json_path = prefix.with_suffix(".json")
     text = report.render(results)
-    plots = report.plot(results, prefix) if opts.plots else []
-    results["plots"] = [str(p) for p in plots]
-    report.write_json(results, json_path)
+    report.write_json(results, json_path)  # first: a plotting error must not cost the run
+    plots: list[Path] = []
+    if opts.plots:
+        try:
+            plots = report.plot(results, prefix)
+        except Exception as exc:  # noqa: BLE001 - the numbers are saved; say what went wrong
+            print(f"plots: failed ({_first_line(exc)})")
+        results["plots"] = [str(p) for p in plots]
+        report.write_json(results, json_path)
     print(text)
     print(f"results: {json_path}")
     for p in plots:

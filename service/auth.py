@@ -15,7 +15,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -34,10 +34,13 @@ _CACHE_SIZE = 10_000
 
 @dataclass(frozen=True)
 class AuthFailure:
-    """A refusal ready to send: gRPC code and google.rpc.Status bytes."""
+    """A refusal ready to send: gRPC code and google.rpc.Status bytes; and, when the credential
+    was good but its practitioner may not look anything up (suspended), who it was, so that the
+    attempt is still traced."""
 
     code: int
     status: bytes
+    practitioner: Practitioner | None = None
 
 
 MISSING = AuthFailure(
@@ -219,7 +222,7 @@ class Authenticator:
         if caller.role != role:
             return wrong_role(role)
         if caller.status == "suspended":
-            return SUSPENDED
+            return replace(SUSPENDED, practitioner=caller)
         return caller
 
     def _resolve_credentials(

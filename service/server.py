@@ -69,11 +69,13 @@ class ServeOptions:
 
 
 class Refusal(Exception):
-    """Ends the call with a google.rpc.Status (code, bytes) made by the fast path or auth."""
+    """Ends the call with a google.rpc.Status (code, bytes) made by the fast path or auth;
+    `practitioner` when a known practitioner was refused (suspended), for its trace."""
 
-    def __init__(self, code: int, status: bytes) -> None:
+    def __init__(self, code: int, status: bytes, practitioner: Practitioner | None = None) -> None:
         self.code = code
         self.status = status
+        self.practitioner = practitioner
 
 
 _messages: dict[bytes, str] = {}
@@ -190,7 +192,7 @@ class CovergateHandlers:
             metadata = context.invocation_metadata()
         caller = self._auth.authenticate(metadata, role, certificate)
         if isinstance(caller, AuthFailure):
-            raise Refusal(caller.code, caller.status)
+            raise Refusal(caller.code, caller.status, caller.practitioner)
         if self.gate is None:
             raise Refusal(rules.UNAVAILABLE, NOT_LOADED)
         if caller.slot >= self.quota.slots:
@@ -218,6 +220,8 @@ class CovergateHandlers:
         try:
             caller = self._caller(context, "practitioner", metadata)
         except Refusal as r:
+            if telemetry is not None and r.practitioner is not None:
+                self._refused_span(method, r, metadata, time.perf_counter() - started)
             await _abort(context, r.code, r.status)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -239,9 +243,15 @@ class CovergateHandlers:
     async def check_coverage_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        metadata = context.invocation_metadata()
         try:
-            caller = self._caller(context, "practitioner")
+            caller = self._caller(context, "practitioner", metadata)
         except Refusal as r:
+            if self.telemetry is not None and r.practitioner is not None:
+                self._refused_span(
+                    "CheckCoverageStream", r, metadata, time.perf_counter() - started
+                )
             await _abort(context, r.code, r.status)
         if self.telemetry is not None:
             async for response in self._traced_stream(caller, requests, context):
@@ -316,6 +326,46 @@ class CovergateHandlers:
                 )
             )
             telemetry.record_rpc("CheckCoverageStream", elapsed)
+
+    def _refused_span(
+        self,
+        method: str,
+        refusal: Refusal,
+        metadata: Sequence[tuple[str, str | bytes]] | None,
+        elapsed: float,
+    ) -> None:
+        """A known practitioner refused before the gate (suspended): its attempt is still one
+        traced lookup, a SERVER span with the refusal's reason, and counted in the metrics, so a
+        suspended credential that keeps trying stays visible."""
+        telemetry, gate, who = self.telemetry, self.gate, refusal.practitioner
+        if telemetry is None or gate is None or who is None:
+            return
+        index = tr.METHODS.index(method)
+        parent = otel.trace_context(metadata) if metadata else None
+        trace_id, parent_span = parent if parent is not None else (gate.new_trace_id(), b"")
+        attributes, profession = tr.practitioner_attributes(who.practitioner_id, who.profession)
+        end_ns = time.time_ns()
+        gate.add_span(
+            tr.encode_span(
+                trace_id,
+                gate.new_span_id(),
+                parent_span,
+                tr.RPC_SPAN_NAMES[index],
+                tr.KIND_SERVER,
+                end_ns - int(elapsed * 1e9),
+                end_ns,
+                b"".join(
+                    (
+                        tr.RPC_ATTRS[index],
+                        tr.attr_int(tr.K_STATUS_CODE, refusal.code),
+                        attributes,
+                        tr.OUTCOME_ATTRS[tr.O_SUSPENDED],
+                    )
+                ),
+            )
+        )
+        telemetry.refused(profession, tr.O_SUSPENDED)
+        telemetry.record_rpc(method, elapsed)
 
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only

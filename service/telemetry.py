@@ -425,6 +425,10 @@ class Telemetry:
             ]
             self._gates.remove(gate)
 
+    def refused(self, profession: int, outcome: int) -> None:
+        """A lookup refused before any gate saw it (a suspended practitioner's attempt)."""
+        self._retired_counts[profession * tr.N_OUTCOMES + outcome] += 1
+
     def lookup_counts(self) -> list[int]:
         counts = list(self._retired_counts)
         for gate in list(self._gates):

@@ -39,7 +39,7 @@ import service
 from fastpath import rules
 from fastpath.rules import Keys
 from service import importer
-from service.auth import INVALID, SUSPENDED, Authenticator, create_token
+from service.auth import INVALID, SUSPENDED, AuthFailure, Authenticator, create_token
 from service.config import DEFAULT_PROFESSION_DOMAINS, load_pepper
 from service.store import Store
 
@@ -527,7 +527,10 @@ def test_practitioner_show_suspend_reinstate(admin_data: Path) -> None:
     ).stdout
     assert "status        suspended (harvest suspected)" in out
     assert show(admin_data, PHARMACIST_ID)["status"] == "suspended (harvest suspected)"
-    assert authenticate(admin_data, token) is SUSPENDED
+    refused = authenticate(admin_data, token)
+    assert isinstance(refused, AuthFailure) and refused.status == SUSPENDED.status
+    assert refused.practitioner is not None  # who, for the refused attempt's trace
+    assert refused.practitioner.practitioner_id == PHARMACIST_ID
     out = cli("practitioner", "reinstate", PHARMACIST_ID, data_dir=admin_data).stdout
     assert "status        active" in out.splitlines()
     assert getattr(authenticate(admin_data, token), "practitioner_id", None) == PHARMACIST_ID

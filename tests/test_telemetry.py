@@ -194,17 +194,46 @@ def test_guard_firing_is_a_span_event_and_a_counted_suspension(
                 suspended = True
                 break
         assert suspended
+        # The stolen credential keeps trying, by every method: each attempt is refused before
+        # the gate (authentication reads the persisted suspension) and each is still traced.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CheckCoverageBatch(
+                pb.CheckCoverageBatchRequest(items=[_request(make_identity(rng))]),
+                metadata=metadata,
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.CheckCoverageStream(iter([_request(make_identity(rng))]), metadata=metadata))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         _wait(lambda: any(s.events for s in receiver.spans()))
         _wait(lambda: _suspensions(receiver) >= 1)
+        _wait(lambda: len(_refused(receiver)) >= 3)
     fired = [s for s in receiver.spans() if s.events]
     assert len(fired) == 1
     assert [e.name for e in fired[0].events] == [
         "covergate.guard.fired", "covergate.practitioner.suspended"]  # fmt: skip
     a = attributes(fired[0])
     assert a["covergate.guard.fired"] is True and a["covergate.decision"] == "NO_MATCH"
-    # The lookup that tipped the guard was answered; the next call was refused (by authentication,
-    # which reads the persisted suspension, before any lookup).
-    assert fired[0].span_id == _lookups(receiver)[-1].span_id
+    # The lookup that tipped the guard was answered; what came after was refused.
+    lookups = _lookups(receiver)
+    assert fired[0].span_id == lookups[-4].span_id
+    after = [attributes(s) for s in lookups[-3:]]
+    assert [x["rpc.method"] for x in after] == [
+        "CheckCoverage", "CheckCoverageBatch", "CheckCoverageStream"]  # fmt: skip
+    for x in after:
+        assert x["covergate.refusal"] == "PRACTITIONER_SUSPENDED"
+        assert x["rpc.grpc.status_code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert x["covergate.practitioner.id"] == PHARMACIST_ID
+        assert x["covergate.practitioner.profession"] == "pharmacist"
+
+
+def _refused(receiver: OtlpReceiver) -> list[Any]:
+    return [
+        s
+        for s in receiver.spans()
+        if attributes(s).get("covergate.refusal") == "PRACTITIONER_SUSPENDED"
+        and "rpc.method" in attributes(s)
+    ]
 
 
 def _suspensions(receiver: OtlpReceiver) -> int:
