@@ -1273,53 +1273,23 @@ cdef class Gate:
 
     def check(self, practitioner, request, today, now, *, trace=None):
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
-        cdef Request r
-        cdef Buf out, scratch
-        cdef Caller c
-        cdef TraceCall t
-        cdef unsigned char span_id[SPAN_ID_SIZE]
-        cdef bint traced = self.trace
-        out.data = scratch.data = NULL
-        out.size = out.capacity = scratch.size = scratch.capacity = 0
-        try:
-            if traced:
-                who = self._begin_trace(&t, trace, now, practitioner)
-                self._new_span_id(span_id)
-            owner = _load_request(request, &r)
-            if owner is None:
-                status = rules.malformed_message_status("CheckCoverageRequest")
-                if traced:
-                    memset(&c, 0, sizeof(Caller))
-                    c.outcome = O_INVALID
-                    self._lookup_span(&scratch, &t, NULL, &c, METHOD_UNARY,
-                                      _INVALID_ARGUMENT, span_id, False, t.t0)
-                return _INVALID_ARGUMENT, status
-            amcs = practitioner.amc_numbers
-            with self._env.begin(db=self._rights_db, buffers=False) as txn:
-                self._begin(practitioner, today, now, &c)
-                try:
-                    status = self._decide(&r, txn.get, today, practitioner, now, &out,
-                                          &c, amcs)
-                    if traced:
-                        self._lookup_span(&scratch, &t, &r, &c, METHOD_UNARY, c.code,
-                                          span_id, False, t.t0)
-                finally:
-                    self._end(&c)
-            if status is not None:
-                return c.code, status
-            return _OK, _buf_bytes(&out)
-        finally:
-            PyMem_Free(out.data)
-            PyMem_Free(scratch.data)
+        return self._single(practitioner, request, today, now, trace, METHOD_UNARY)
 
     def check_item(self, practitioner, request, today, now, *, trace=None):
         """A stream message: always a CheckCoverageResponse, refusals in `error`."""
+        return self._single(practitioner, request, today, now, trace, METHOD_STREAM)
+
+    cdef object _single(self, object practitioner, object request, object today, object now,
+                        object trace, int method):
+        """One request: check()'s (code, bytes) for METHOD_UNARY; check_item()'s response,
+        refusal included, for METHOD_STREAM."""
         cdef Request r
         cdef Buf out, scratch
         cdef Caller c
         cdef TraceCall t
         cdef unsigned char span_id[SPAN_ID_SIZE]
         cdef bint traced = self.trace
+        cdef bint unary = method == METHOD_UNARY
         out.data = scratch.data = NULL
         out.size = out.capacity = scratch.size = scratch.capacity = 0
         try:
@@ -1333,20 +1303,26 @@ cdef class Gate:
                 if traced:
                     memset(&c, 0, sizeof(Caller))
                     c.outcome = O_INVALID
-                    self._lookup_span(&scratch, &t, NULL, &c, METHOD_STREAM,
-                                      _INVALID_ARGUMENT, span_id, False, t.t0)
+                    self._lookup_span(&scratch, &t, NULL, &c, method, _INVALID_ARGUMENT,
+                                      span_id, False, t.t0)
+                if unary:
+                    return _INVALID_ARGUMENT, status
                 _put_refusal(&out, NULL, status)
                 return _buf_bytes(&out)
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 self._begin(practitioner, today, now, &c)
                 try:
-                    status = self._decide(&r, txn.get, today, practitioner, now, &out,
-                                          &c, amcs)
+                    status = self._decide(&r, txn.get, today, practitioner, now, &out, &c,
+                                          amcs)
                     if traced:
-                        self._lookup_span(&scratch, &t, &r, &c, METHOD_STREAM, c.code,
-                                          span_id, False, t.t0)
+                        self._lookup_span(&scratch, &t, &r, &c, method, c.code, span_id,
+                                          False, t.t0)
                 finally:
                     self._end(&c)
+            if unary:
+                if status is not None:
+                    return c.code, status
+                return _OK, _buf_bytes(&out)
             if status is not None:
                 _put_refusal(&out, &r, status)
             return _buf_bytes(&out)
