@@ -138,7 +138,7 @@ def _blocks(
     load, frequency drift) hits both sides alike, and time the thread is not running is not
     counted. Each call does one unit of work; returns units/s of each and the median of the
     per-pair ratios on/off."""
-    on, off = calls["on"], calls["off"]
+    off = calls["off"]
     # Calibrate: calls per block from a short trial of the `off` side.
     t0 = time.thread_time_ns()
     n = 0
@@ -199,7 +199,9 @@ def pairs(
     unmetered = dataclasses.replace(served_as, slot=-1)
     exported = [0]
 
-    def caller(gate: Any, method: str, inputs: list[bytes], who: Practitioner) -> Callable[[], None]:
+    def caller(
+        gate: Any, method: str, inputs: list[bytes], who: Practitioner
+    ) -> Callable[[], None]:
         bound = getattr(gate, method)
         state = [0]
         n = len(inputs)

@@ -913,7 +913,7 @@ def main(opts: Options) -> int:
     if opts.plots:
         try:
             plots = report.plot(results, prefix)
-        except Exception as exc:  # noqa: BLE001 - the numbers are saved; say what went wrong
+        except Exception as exc:
             print(f"plots: failed ({_first_line(exc)})")
         results["plots"] = [str(p) for p in plots]
         report.write_json(results, json_path)

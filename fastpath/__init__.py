@@ -21,9 +21,7 @@ _REQUIRE_EXTENSIONS = os.environ.get("COVERGATE_REQUIRE_EXTENSIONS", "") not in 
 if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
     raise RuntimeError("COVERGATE_NO_EXTENSIONS and COVERGATE_REQUIRE_EXTENSIONS are both set")
 
-if TYPE_CHECKING:
-    from fastpath._gate_py import IMPLEMENTATION, Gate
-elif _NO_EXTENSIONS:
+if TYPE_CHECKING or _NO_EXTENSIONS:
     from fastpath._gate_py import IMPLEMENTATION, Gate
 else:
     try:

@@ -1158,7 +1158,8 @@ cdef class Gate:
     cdef unsigned long long _counts[N_PROFESSIONS * N_OUTCOMES]
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
-                 attestation_ttl=7 * 86400, quota=None, trace=False, trace_seed=None):
+                 attestation_ttl=7 * 86400, quota=None,  # no-cython-lint
+                 trace=False, trace_seed=None):  # (`quota` is the keyword callers use)
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
@@ -1294,7 +1295,8 @@ cdef class Gate:
         out.size = out.capacity = scratch.size = scratch.capacity = 0
         try:
             if traced:
-                who = self._begin_trace(&t, trace, now, practitioner)
+                # Held for the call: t.who points into these bytes.
+                _who = self._begin_trace(&t, trace, now, practitioner)
                 self._new_span_id(span_id)
             amcs = practitioner.amc_numbers
             owner = _load_request(request, &r)
@@ -1353,7 +1355,8 @@ cdef class Gate:
         scratch.size = scratch.capacity = 0
         try:
             if traced:
-                who = self._begin_trace(&t, trace, now, practitioner)
+                # Held for the call: t.who points into these bytes.
+                _who = self._begin_trace(&t, trace, now, practitioner)
                 self._new_span_id(rpc_span)
             owner = request
             if type(request) is not bytes or not _scan_batch(

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 
@@ -42,6 +42,11 @@ from fastpath.rules import (
 )
 
 IMPLEMENTATION = "python"
+
+# The decisions as the generated stubs type them (protobuf enums are ints at run time).
+_COVERED = cast("pb.Decision", DECISION_COVERED)
+_NOT_COVERED = cast("pb.Decision", DECISION_NOT_COVERED)
+_NO_MATCH = cast("pb.Decision", DECISION_NO_MATCH)
 
 
 class Gate:
@@ -116,14 +121,17 @@ class Gate:
     ) -> tuple[int, bytes]:
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
         if self.trace:
-            return self._traced(tr.METHOD_UNARY, practitioner, request, today, now, trace)
+            result = self._traced(tr.METHOD_UNARY, practitioner, request, today, now, trace)
+            assert isinstance(result, tuple)
+            return result
         try:
             req = pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
             return INVALID_ARGUMENT, rules.malformed_message_status("CheckCoverageRequest")
-        with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
-            practitioner, today
-        ) as state:
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
             code, payload = self._decide(txn, practitioner, req, today, now, state)
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
@@ -151,9 +159,10 @@ class Gate:
             return self._error_response(
                 "", rules.malformed_message_status("CheckCoverageRequest")
             ).SerializeToString()
-        with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
-            practitioner, today
-        ) as state:
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
             return self._item(txn, practitioner, req, today, now, state).SerializeToString()
 
     def check_batch(
@@ -177,9 +186,10 @@ class Gate:
         if len(batch.items) > self.max_batch_items:
             return INVALID_ARGUMENT, rules.batch_too_large_status(self.max_batch_items)
         out = pb.CheckCoverageBatchResponse()
-        with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
-            practitioner, today
-        ) as state:
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
             for req in batch.items:
                 out.items.append(self._item(txn, practitioner, req, today, now, state))
         return OK, out.SerializeToString()
@@ -289,9 +299,10 @@ class Gate:
                                start, t0)  # fmt: skip
                 return INVALID_ARGUMENT, rules.batch_too_large_status(self.max_batch_items)
             out = pb.CheckCoverageBatchResponse()
-            with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
-                practitioner, today
-            ) as state:
+            with (
+                self._env.begin(db=self._rights_db, buffers=False) as txn,
+                self._slot(practitioner, today) as state,
+            ):
                 for req in batch.items:
                     t1 = time.perf_counter_ns()
                     lookup = _Lookup()
@@ -318,9 +329,10 @@ class Gate:
                 return INVALID_ARGUMENT, status
             return self._error_response("", status).SerializeToString()
         lookup = _Lookup()
-        with self._env.begin(db=self._rights_db, buffers=False) as txn, self._slot(
-            practitioner, today
-        ) as state:
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
             code, payload = self._decide(txn, practitioner, req, today, now, state, lookup)
             self._lookup_span(
                 name, trace_id, span_id, who, profession, code, payload, lookup,
@@ -367,7 +379,13 @@ class Gate:
         end = start + time.perf_counter_ns() - t0
         self.add_span(
             tr.encode_span(
-                trace_id, span_id, parent, tr.RPC_SPAN_NAMES[method], tr.KIND_SERVER, start, end,
+                trace_id,
+                span_id,
+                parent,
+                tr.RPC_SPAN_NAMES[method],
+                tr.KIND_SERVER,
+                start,
+                end,
                 attributes,
             )
         )
@@ -400,7 +418,7 @@ class Gate:
             assert isinstance(payload, bytes)
             outcome = tr.refusal_outcome(code, payload)
         self._counts[profession * tr.N_OUTCOMES + outcome] += 1
-        parts = []
+        parts: list[bytes] = []
         if method == tr.METHOD_UNARY:
             parts += (tr.RPC_ATTRS[method], tr.attr_int(tr.K_STATUS_CODE, code))
         parts.append(who)
@@ -408,9 +426,7 @@ class Gate:
             parts += (tr.DOMAIN_ATTRS[lookup.domain], tr.attr_str(tr.K_AMC, lookup.amc))
         parts.append(tr.OUTCOME_ATTRS[outcome])
         if lookup is not None and lookup.identity is not None:
-            parts.append(
-                tr.attr_str(tr.K_BENEFICIARY, self._keys.pseudonym(lookup.identity).hex())
-            )
+            parts.append(tr.attr_str(tr.K_BENEFICIARY, self._keys.pseudonym(lookup.identity).hex()))
         if state is not None:
             profile = practitioner.quota
             assert profile is not None
@@ -430,7 +446,14 @@ class Gate:
             kind = tr.KIND_SERVER if method == tr.METHOD_UNARY else tr.KIND_INTERNAL
         self.add_span(
             tr.encode_span(
-                trace_id, span_id, parent, name, kind, span_start, end, b"".join(parts),
+                trace_id,
+                span_id,
+                parent,
+                name,
+                kind,
+                span_start,
+                end,
+                b"".join(parts),
                 tr.guard_events(end) if fired else b"",
             )
         )
@@ -494,7 +517,7 @@ class Gate:
         code, payload = self._evaluate(txn, practitioner, req, today, now, state, profile, lookup)
 
         # 7. The harvest guard watches the share of NO_MATCH and invalid answers.
-        if state is not None and (code == OK or code == INVALID_ARGUMENT):
+        if state is not None and code in (OK, INVALID_ARGUMENT):
             assert profile is not None
             bad = code == INVALID_ARGUMENT or (
                 isinstance(payload, pb.CheckCoverageResponse)
@@ -641,7 +664,7 @@ class Gate:
                 and (member_hash is None or row.member_hash == member_hash)
             ]
         if not matched:
-            return OK, pb.CheckCoverageResponse(request_id=request_id, decision=DECISION_NO_MATCH)
+            return OK, pb.CheckCoverageResponse(request_id=request_id, decision=_NO_MATCH)
 
         # Rights open for the domain on the care date; the one running longest wins.
         best: rules.RightRow | None = None
@@ -653,9 +676,7 @@ class Gate:
             ):
                 best = row
         if best is None:
-            return OK, pb.CheckCoverageResponse(
-                request_id=request_id, decision=DECISION_NOT_COVERED
-            )
+            return OK, pb.CheckCoverageResponse(request_id=request_id, decision=_NOT_COVERED)
 
         attestation = rules.encode_attestation(
             self._attestation_key,
@@ -668,7 +689,7 @@ class Gate:
         )
         return OK, pb.CheckCoverageResponse(
             request_id=request_id,
-            decision=DECISION_COVERED,
+            decision=_COVERED,
             rate_percent=best.rate_percent,
             convention_type=best.convention_type,
             rights_end_date=f"{best.end:08d}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 from functools import lru_cache
+from typing import cast
 
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
@@ -94,7 +95,7 @@ class AttestationVerifier:
             ).SerializeToString()
         return rules.OK, pb.VerifyAttestationResponse(
             valid=True,
-            domain=claims.domain,
+            domain=cast("pb.CareDomain", claims.domain),
             care_date=f"{claims.care_date:08d}",
             amc_number=claims.amc_number,
         ).SerializeToString()

@@ -241,7 +241,7 @@ class Authenticator:
         subject = certificate_subject(certificate)
         if subject is None:
             return INVALID
-        if by_token is not None and (
+        if isinstance(by_token, Practitioner) and (
             by_token.practitioner_id != subject.subject_id or by_token.role != subject.role
         ):
             return MISMATCH

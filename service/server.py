@@ -8,6 +8,7 @@ so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -104,9 +105,7 @@ class CovergateHandlers:
         self._settings = options.config.server
         # Opened after fork, like LMDB: every worker maps the same file and locks slots in it.
         self.quota = open_quota_file(options.data_dir, options.config, store.quota_slots_used())
-        self._auth = Authenticator(
-            store, options.config.auth, PractitionerFactory(options.config)
-        )
+        self._auth = Authenticator(store, options.config.auth, PractitionerFactory(options.config))
         # Client certificates exist only with --client-ca; otherwise skip the auth context.
         self._mtls = options.tls is not None and options.tls.client_ca is not None
         self._clock = ParisClock()
@@ -127,6 +126,7 @@ class CovergateHandlers:
         self.quota = open_quota_file(
             self._options.data_dir, self._options.config, self._store.quota_slots_used()
         )
+        assert self._keys is not None  # a gate exists, so the keys were loaded
         self.gate = self._new_gate(self._keys)
 
     def _new_gate(self, keys: Keys) -> Any:
@@ -262,9 +262,7 @@ class CovergateHandlers:
         async for request in requests:
             today, now = clock.now()
             response = gate.check_item(caller, request, today, now)
-            suspended = bool(gate.suspensions) and self.persist_suspensions(
-                caller.practitioner_id
-            )
+            suspended = bool(gate.suspensions) and self.persist_suspensions(caller.practitioner_id)
             yield response
             if suspended:
                 # The guard fired on this item: it is answered, then the stream ends.
@@ -376,14 +374,12 @@ class CovergateHandlers:
             self.telemetry.suspended(len(suspended))
         for pid in sorted(suspended):
             log.warning("harvest guard suspended practitioner %s", pid)
-            try:
+            with contextlib.suppress(KeyError):  # removed from the store since
                 self._store.update_practitioner(
                     pid,
                     status="suspended",
                     suspension_reason="harvest guard: too many NO_MATCH or invalid lookups",
                 )
-            except KeyError:
-                pass
         return practitioner_id in suspended
 
     # -- AttestationService -----------------------------------------------------------------------
@@ -442,7 +438,8 @@ async def run_worker(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop taking calls and drain the ones in flight."""
     settings = options.config.server
-    store = Store(options.data_dir, options.config.store)  # after fork: LMDB handles don't survive it
+    # Opened here, after fork/spawn: LMDB handles don't survive it.
+    store = Store(options.data_dir, options.config.store)
     telemetry = otel.setup(index)  # after fork too: its exporter thread and channels are ours
     handlers = CovergateHandlers(store, options, telemetry)
     server = grpc.aio.server(
@@ -494,10 +491,8 @@ async def run_worker(
 
 def _worker_process(options: ServeOptions, index: int, ready: Any) -> None:
     configure_logging()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(options, index, on_ready=lambda port: ready.send(port)))
-    except KeyboardInterrupt:
-        pass
 
 
 # -- the supervisor --------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ META_GENERATION = b"generation"  # bumped by every change to practitioners or cr
 META_NEXT_SLOT = b"next_quota_slot"
 
 
+def _bytes(value: bytes | memoryview | None) -> bytes | None:
+    """A py-lmdb value as bytes. The store's transactions return bytes (buffers=False); py-lmdb's
+    stubs type them as either."""
+    return value if value is None or isinstance(value, bytes) else bytes(value)
+
+
 @dataclass
 class PractitionerRecord:
     practitioner_id: str
@@ -137,17 +143,17 @@ class Store:
     def dataset(self) -> dict[str, Any] | None:
         """What the last rights import recorded, or None when no rights are loaded yet."""
         with self.env.begin(db=self.meta_db) as txn:
-            raw = txn.get(META_DATASET)
+            raw = _bytes(txn.get(META_DATASET))
         return json.loads(raw) if raw else None
 
     def pepper_fingerprint(self) -> str | None:
         with self.env.begin(db=self.meta_db) as txn:
-            raw = txn.get(META_PEPPER)
+            raw = _bytes(txn.get(META_PEPPER))
         return raw.decode() if raw else None
 
     def check_pepper(self, txn: lmdb.Transaction, fingerprint: str) -> None:
         """Refuse to mix hashes made with two peppers: they would silently never match."""
-        stored = txn.get(META_PEPPER, db=self.meta_db)
+        stored = _bytes(txn.get(META_PEPPER, db=self.meta_db))
         if stored is None:
             txn.put(META_PEPPER, fingerprint.encode(), db=self.meta_db)
         elif stored.decode() != fingerprint:
@@ -158,9 +164,9 @@ class Store:
     def generation(self, txn: lmdb.Transaction | None = None) -> int:
         if txn is None:
             with self.env.begin(db=self.meta_db) as own:
-                raw = own.get(META_GENERATION)
+                raw = _bytes(own.get(META_GENERATION))
         else:
-            raw = txn.get(META_GENERATION, db=self.meta_db)
+            raw = _bytes(txn.get(META_GENERATION, db=self.meta_db))
         return int(raw) if raw else 0
 
     def _bump_generation(self, txn: lmdb.Transaction) -> None:
@@ -212,9 +218,9 @@ class Store:
     ) -> PractitionerRecord | None:
         if txn is None:
             with self.env.begin(db=self.practitioners_db) as own:
-                raw = own.get(practitioner_id.encode())
+                raw = _bytes(own.get(practitioner_id.encode()))
         else:
-            raw = txn.get(practitioner_id.encode(), db=self.practitioners_db)
+            raw = _bytes(txn.get(practitioner_id.encode(), db=self.practitioners_db))
         return PractitionerRecord.from_bytes(raw) if raw else None
 
     def practitioners(self) -> Iterator[PractitionerRecord]:
@@ -254,12 +260,12 @@ class Store:
     def quota_slots_used(self) -> int:
         """How many quota slots have been handed out (the shared state file must hold them)."""
         with self.env.begin(db=self.meta_db) as txn:
-            raw = txn.get(META_NEXT_SLOT)
+            raw = _bytes(txn.get(META_NEXT_SLOT))
         return int(raw) if raw else 0
 
     def _next_slot(self, txn: lmdb.Transaction) -> int:
         """Quota slots are never reused: a new practitioner never inherits someone's counters."""
-        raw = txn.get(META_NEXT_SLOT, db=self.meta_db)
+        raw = _bytes(txn.get(META_NEXT_SLOT, db=self.meta_db))
         slot = int(raw) if raw else 0
         txn.put(META_NEXT_SLOT, str(slot + 1).encode(), db=self.meta_db)
         return slot
@@ -283,9 +289,9 @@ class Store:
     ) -> CredentialRecord | None:
         if txn is None:
             with self.env.begin(db=self.credentials_db) as own:
-                raw = own.get(token_id.encode())
+                raw = _bytes(own.get(token_id.encode()))
         else:
-            raw = txn.get(token_id.encode(), db=self.credentials_db)
+            raw = _bytes(txn.get(token_id.encode(), db=self.credentials_db))
         return CredentialRecord.from_bytes(raw) if raw else None
 
     def add_credential(self, record: CredentialRecord) -> None:

@@ -5,10 +5,11 @@ Why not the SDK's tracer: an SDK span costs 30-40 us here, more than a whole bat
 encode each lookup's OTLP span themselves (fastpath.trace); this module takes their buffer on the
 worker's loop (the gate is not thread-safe) every OTEL_BSP_SCHEDULE_DELAY ms, or sooner when it
 fills, already wrapped into ExportTraceServiceRequests (the gate writes the envelope around its
-spans in one copy), and a background thread sends them with a raw gRPC call. A receiver that is down costs dropped spans, counted and
-warned about, never a blocked request. Likewise the SDK's per-record metric calls cost 10-15 us:
-lookup counts live in the gate (C counters, read by an SDK ObservableCounter callback), and
-latencies go to a local fixed-bucket histogram exported as OTLP by the same thread.
+spans in one copy), and a background thread sends them with a raw gRPC call. A receiver that is
+down costs dropped spans, counted and warned about, never a blocked request. Likewise the SDK's
+per-record metric calls cost 10-15 us: lookup counts live in the gate (C counters, read by an SDK
+ObservableCounter callback), and latencies go to a local fixed-bucket histogram exported as OTLP by
+the same thread.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ class Telemetry:
 
         version = _version()
         host = socket.gethostname()
-        defaults = {
+        defaults: dict[str, str | int] = {
             "service.name": "covergate",
             "service.version": version,
             "host.name": host,

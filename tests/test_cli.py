@@ -39,7 +39,7 @@ import service
 from fastpath import rules
 from fastpath.rules import Keys
 from service import importer
-from service.auth import INVALID, SUSPENDED, AuthFailure, Authenticator, create_token
+from service.auth import INVALID, SUSPENDED, Authenticator, AuthFailure, create_token
 from service.config import DEFAULT_PROFESSION_DOMAINS, load_pepper
 from service.store import Store
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spans import masked_spans
 
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
 from fastpath.rules import Practitioner, RightRow
-from spans import masked_spans
 
 # One fixed profile for the whole module: broad enough to matter, fast enough for `make test`.
 DIFFERENTIAL = settings(

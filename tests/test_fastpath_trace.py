@@ -228,7 +228,9 @@ def test_ids_follow_the_seed_and_bad_contexts_are_refused(gate_module, rights_en
 def test_export_requests_wrap_each_chunk_exactly_as_the_reference_envelope(tgate):
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-    resource = tr.field_bytes(0x0A, tr.field_bytes(0x0A, b"service.name") + b"\x12\x0a\x0a\x08cg-tests")
+    resource = tr.field_bytes(
+        0x0A, tr.field_bytes(0x0A, b"service.name") + b"\x12\x0a\x0a\x08cg-tests"
+    )
     scope = tr.field_bytes(0x0A, tr.SCOPE_NAME.encode()) + tr.field_bytes(0x12, b"0.test")
     request = covered().request().SerializeToString()
     for _ in range(12):

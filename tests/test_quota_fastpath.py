@@ -15,6 +15,7 @@ from conftest import KNOWN_IDENTITIES, NOW, TODAY, UNKNOWN_IDENTITY, RightsStore
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spans import masked_spans
 
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
@@ -27,7 +28,6 @@ from fastpath.quota import (
     QuotaProfile,
 )
 from fastpath.rules import Practitioner
-from spans import masked_spans
 
 PROFILE = QuotaProfile(
     rate_per_minute=60,
@@ -231,8 +231,9 @@ def test_quota_sequences_identical_in_c_and_python(
     gates: list[Any] = []
     try:
         gates += [
-            m.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=f, trace=traced,
-                   trace_seed=99)  # fmt: skip
+            m.Gate(
+                rights_env.env, rights_env.db, rights_env.keys, quota=f, trace=traced, trace_seed=99
+            )
             for m, f in zip((cython_gate_module, python_gate_module), files, strict=True)
         ]
         p = practitioner(profile, slot=2, domains=rules.ALL_DOMAINS & ~(1 << 5))
