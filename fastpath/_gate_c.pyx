@@ -758,6 +758,7 @@ cdef extern from "cg_sha256.h" nogil:
                                size_t keylen)
     void cg_hmac_sha256(const cg_hmac_sha256_key* k, const unsigned char* msg, size_t n,
                         unsigned char* out)
+    int cg_sha256_use_ni(int on)
 
 cdef extern from "cg_siphash.h" nogil:
     void cg_siphash24(const unsigned char* k, const unsigned char* data, size_t n,
@@ -1935,6 +1936,12 @@ def _blake2b_for_tests(bytes data, int digest_size, bytes key, bytes salt, bytes
     cg_blake2b_update(&s, <const unsigned char*>PyBytes_AS_STRING(data), len(data))
     cg_blake2b_final(&s, out)
     return PyBytes_FromStringAndSize(<const char*>out, digest_size)
+
+
+def _sha256_use_ni(bint on):
+    """Use the SHA extensions for the attestation MAC when the CPU has them (the default), or
+    the portable code; returns whether SHA-NI is now in use. For tests and benchmarks."""
+    return bool(cg_sha256_use_ni(on))
 
 
 def _hmac_sha256_for_tests(bytes key, bytes msg):

@@ -29,7 +29,7 @@ static const uint32_t cg_sha256_k[64] = {
 
 static inline uint32_t cg_ror32(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
-static void cg_sha256_compress(cg_sha256_state *s, const uint8_t *p) {
+static void cg_sha256_compress_portable(cg_sha256_state *s, const uint8_t *p) {
     uint32_t w[64], a, b, c, d, e, f, g, h;
     int i;
     for (i = 0; i < 16; i++)
@@ -52,6 +52,86 @@ static void cg_sha256_compress(cg_sha256_state *s, const uint8_t *p) {
     }
     s->h[0] += a; s->h[1] += b; s->h[2] += c; s->h[3] += d;
     s->h[4] += e; s->h[5] += f; s->h[6] += g; s->h[7] += h;
+}
+
+/* The SHA extensions (SHA-NI: sha256rnds2, sha256msg1/2), when the CPU has them: the same
+ * compression in about a fifth of the time. Chosen once at run time (CPUID leaf 7, EBX bit 29);
+ * tests run both paths against hashlib (cg_sha256_use_ni). */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define CG_HAVE_SHA_NI_CODE 1
+
+__attribute__((target("sha,sse4.1"))) static void cg_sha256_compress_ni(cg_sha256_state *s,
+                                                                         const uint8_t *p) {
+    const __m128i mask = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i state0, state1, msg, tmp, abef, cdgh, w[4];
+    int i;
+    /* h[0..7] = A..H, into the ABEF / CDGH lane order the instructions use. */
+    tmp = _mm_loadu_si128((const __m128i *)&s->h[0]);
+    state1 = _mm_loadu_si128((const __m128i *)&s->h[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);          /* CDAB */
+    state1 = _mm_shuffle_epi32(state1, 0x1B);    /* EFGH */
+    state0 = _mm_alignr_epi8(tmp, state1, 8);    /* ABEF */
+    state1 = _mm_blend_epi16(state1, tmp, 0xF0); /* CDGH */
+    abef = state0;
+    cdgh = state1;
+    for (i = 0; i < 16; i++) {
+        /* w[i % 4] holds the message words 4i..4i+3 once this group's schedule is done. */
+        if (i < 4) {
+            w[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * i)), mask);
+        } else {
+            /* W[t] = W[t-16] + s0(W[t-15]) + W[t-7] + s1(W[t-2]), four words at a time, from the
+             * groups i-4 (w[i%4]), i-3, i-2 and i-1. */
+            __m128i x = _mm_sha256msg1_epu32(w[i % 4], w[(i + 1) % 4]);
+            x = _mm_add_epi32(x, _mm_alignr_epi8(w[(i + 3) % 4], w[(i + 2) % 4], 4));
+            w[i % 4] = _mm_sha256msg2_epu32(x, w[(i + 3) % 4]);
+        }
+        msg = _mm_add_epi32(w[i % 4], _mm_loadu_si128((const __m128i *)&cg_sha256_k[4 * i]));
+        state1 = _mm_sha256rnds2_epu32(state1, state0, msg);
+        msg = _mm_shuffle_epi32(msg, 0x0E);
+        state0 = _mm_sha256rnds2_epu32(state0, state1, msg);
+    }
+    state0 = _mm_add_epi32(state0, abef);
+    state1 = _mm_add_epi32(state1, cdgh);
+    tmp = _mm_shuffle_epi32(state0, 0x1B);       /* FEBA */
+    state1 = _mm_shuffle_epi32(state1, 0xB1);    /* DCHG */
+    state0 = _mm_blend_epi16(tmp, state1, 0xF0); /* DCBA */
+    state1 = _mm_alignr_epi8(state1, tmp, 8);    /* ABEF */
+    _mm_storeu_si128((__m128i *)&s->h[0], state0);
+    _mm_storeu_si128((__m128i *)&s->h[4], state1);
+}
+
+static int cg_cpu_has_sha_ni(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!(b & (1u << 29))) return 0; /* SHA */
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c & (1u << 19)) != 0; /* SSE4.1, for the blend */
+}
+#else
+#define CG_HAVE_SHA_NI_CODE 0
+static int cg_cpu_has_sha_ni(void) { return 0; }
+#endif
+
+/* -1: not chosen yet; 0: portable; 1: SHA-NI. */
+static int cg_sha256_ni = -1;
+
+/* Use SHA-NI (when `on` and the CPU has it) or the portable code; returns what is now used. */
+static int cg_sha256_use_ni(int on) {
+    cg_sha256_ni = on && CG_HAVE_SHA_NI_CODE && cg_cpu_has_sha_ni();
+    return cg_sha256_ni;
+}
+
+static void cg_sha256_compress(cg_sha256_state *s, const uint8_t *p) {
+    if (cg_sha256_ni < 0) cg_sha256_use_ni(1);
+#if CG_HAVE_SHA_NI_CODE
+    if (cg_sha256_ni) {
+        cg_sha256_compress_ni(s, p);
+        return;
+    }
+#endif
+    cg_sha256_compress_portable(s, p);
 }
 
 static void cg_sha256_init(cg_sha256_state *s) {

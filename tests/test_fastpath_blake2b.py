@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastpath import rules
@@ -33,17 +34,41 @@ def test_blake2b_matches_hashlib(
     assert gate_c._blake2b_for_tests(data, digest_size, key, salt, person) == expected
 
 
+def _cpu_has_sha_ni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " sha_ni" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["sha-ni", "portable"])
+def sha256_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The MAC's SHA-256 compression both ways: with the CPU's SHA extensions and without."""
+    if request.param == "sha-ni" and not _cpu_has_sha_ni():
+        pytest.skip("this CPU has no SHA extensions")
+    assert gate_c._sha256_use_ni(request.param == "sha-ni") == (request.param == "sha-ni")
+    yield request.param
+    gate_c._sha256_use_ni(True)  # the default: SHA-NI where the CPU has it
+
+
 @pytest.mark.parametrize("n", [0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 129, 300])
-def test_hmac_sha256_at_block_boundaries(n: int) -> None:
+def test_hmac_sha256_at_block_boundaries(n: int, sha256_path: str) -> None:
     msg = bytes((i * 7) % 256 for i in range(n))
     for key in (b"", b"k" * 32, b"k" * 64, b"k" * 65, b"k" * 200):
         assert gate_c._hmac_sha256_for_tests(key, msg) == hmac.digest(key, msg, "sha256")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(key=st.binary(max_size=100), msg=st.binary(max_size=400))
-def test_hmac_sha256_matches_hmac(key: bytes, msg: bytes) -> None:
+def test_hmac_sha256_matches_hmac(key: bytes, msg: bytes, sha256_path: str) -> None:
     assert gate_c._hmac_sha256_for_tests(key, msg) == hmac.digest(key, msg, "sha256")
+
+
+def test_the_default_uses_sha_ni_where_the_cpu_has_it() -> None:
+    assert gate_c._sha256_use_ni(True) == _cpu_has_sha_ni()
 
 
 # SipHash-2-4 reference implementation's vectors.h: key 00..0f, message 00..(n-1), for n = 0..15.
