@@ -30,6 +30,7 @@ Slot layout (little-endian), SLOT_SIZE bytes:
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -170,9 +171,8 @@ class _Pthread:
     """The few glibc calls a robust process-shared mutex needs, through ctypes (the standard
     library), so that pure-Python processes lock the same mutexes as the Cython gate."""
 
-    PTHREAD_PROCESS_SHARED = 1
+    PTHREAD_PROCESS_SHARED = 1  # glibc's values, the same on every Linux architecture
     PTHREAD_MUTEX_ROBUST = 1
-    EOWNERDEAD = 130  # Linux
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)  # the process's namespace: libc (and libpthread)
@@ -183,7 +183,6 @@ class _Pthread:
         self.attr_init = libc.pthread_mutexattr_init
         self.attr_setpshared = libc.pthread_mutexattr_setpshared
         self.attr_setrobust = libc.pthread_mutexattr_setrobust
-        self.attr_destroy = libc.pthread_mutexattr_destroy
         for f in (self.lock, self.unlock, self.consistent, self.init):
             f.argtypes = [ctypes.c_void_p] if f is not self.init else [ctypes.c_void_p] * 2
             f.restype = ctypes.c_int
@@ -256,7 +255,7 @@ class SlotLocks:
     def lock(self, slot: int) -> None:
         mutex = self.address + slot * LOCK_ENTRY + LOCK_MUTEX_OFFSET
         rc = self._pthread.lock(mutex)
-        if rc == _Pthread.EOWNERDEAD:
+        if rc == errno.EOWNERDEAD:
             # Its holder died mid-call: the slot holds whatever it had written. Carry on.
             rc = self._pthread.consistent(mutex)
         if rc:
