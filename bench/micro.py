@@ -219,8 +219,21 @@ def pairs(
 
         return call
 
+    def answers_right(gate: Any, who: Practitioner) -> None:
+        """Every side must answer correctly, or its speed means nothing (a side refused by a
+        quota would be measuring refusals)."""
+        code, payload = gate.check(who, singles[0], today, now)
+        problem = frames.check_unary(covered[0], code, payload, decisions=True)
+        code, payload = gate.check_batch(who, batches[0], today, now)
+        problems = frames.check_batch(covered[:100], code, payload, decisions=True)
+        if problem or problems:
+            raise RuntimeError(f"in-process pair: {problem or problems[0]}")
+
     out: dict[str, Any] = {"quotas": {}, "tracing": {}}
     shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
+    sides = ((plain, served_as), (plain, unmetered), (traced, served_as))
+    for gate, who in sides:
+        answers_right(gate, who)
     for _ in range(rounds):
         for shape, (method, inputs, items) in shapes.items():
             quotas = _blocks(
@@ -241,6 +254,8 @@ def pairs(
                 result["on_per_s"] *= items  # items (lookups) per second
                 result["off_per_s"] *= items
                 out[name].setdefault(shape, []).append(result)
+    for gate, who in sides:  # still answering right after all the rounds
+        answers_right(gate, who)
     for gate in (plain, traced):
         gate.close()
     quota.close()

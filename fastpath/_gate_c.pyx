@@ -1081,6 +1081,7 @@ cdef uint64_t _start_ns(object now) except? 0:
 cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
+    unsigned char* locks
     long long slot_index
     long long now_ms
     long long interval_ms
@@ -1220,6 +1221,7 @@ cdef class Gate:
         cdef View v
         cdef int rc
         cdef unsigned char* locks
+        cdef uint32_t day
         cdef int overflow = 0
         cdef long long now_c
         cdef double now_d
@@ -1243,6 +1245,9 @@ cdef class Gate:
                 c.now_ms = now_c * 1000
             else:
                 c.now_ms = int(now * 1000)
+        # Converted before the mutex is taken: nothing may raise while it is held outside the
+        # callers' try/finally.
+        day = <uint32_t>today
         c.interval_ms = v.interval_ms
         c.tolerance_ms = v.tolerance_ms
         c.daily_limit = v.daily_limit
@@ -1259,13 +1264,14 @@ cdef class Gate:
                 rc = cg_slot_lock(locks, v.slot)
         if rc != 0:
             raise OSError(rc, "cannot lock the quota slot")
+        c.locks = locks
         c.slot = <cg_slot*>(&self._quota_map[0] + QUOTA_HEADER_SIZE + v.slot * sizeof(cg_slot))
-        cg_roll_day(c.slot, <uint32_t>today)
+        cg_roll_day(c.slot, day)
         return 0
 
     cdef void _end(self, Caller* c) noexcept:
         if c.slot != NULL:
-            cg_slot_unlock(&self._quota_locks[0], c.slot_index)
+            cg_slot_unlock(c.locks, c.slot_index)
             c.slot = NULL
 
     # -- entry points
@@ -1313,8 +1319,8 @@ cdef class Gate:
                 _put_refusal(&out, NULL, status)
                 return _buf_bytes(&out)
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
-                self._begin(practitioner, today, now, &c)
                 try:
+                    self._begin(practitioner, today, now, &c)
                     status = self._decide(&r, txn.get, today, practitioner, now, &out, &c,
                                           amcs)
                     if traced:
@@ -1394,8 +1400,8 @@ cdef class Gate:
             amcs = practitioner.amc_numbers
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
-                self._begin(practitioner, today, now, &c)
                 try:
+                    self._begin(practitioner, today, now, &c)
                     while pos < n:
                         if traced:
                             item_t0 = _monotonic_ns()

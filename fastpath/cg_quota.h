@@ -60,21 +60,25 @@ static int cg_slot_unlock(unsigned char *locks, long long slot) {
     return pthread_mutex_unlock(cg_slot_mutex(locks, slot));
 }
 
+/* The day is written last: a holder killed mid-roll leaves the old day, so the next caller rolls
+ * again rather than count on a half-cleared table. */
 static void cg_roll_day(cg_slot *s, uint32_t today) {
     if (s->day != today) {
-        s->day = today;
+        memset(s->table, 0, sizeof(s->table));
         s->daily_count = 0;
         s->distinct_count = 0;
-        memset(s->table, 0, sizeof(s->table));
+        s->day = today;
     }
 }
 
-/* Whether fp was already seen today; adds it (and sets *added) when unseen and may_add. */
+/* Whether fp was already seen today; adds it (and sets *added) when unseen and may_add. The probe
+ * is bounded: a full table (which only a corrupted slot can have) answers "unseen, not added". */
 static int cg_seen_or_add(cg_slot *s, uint64_t fp, int may_add, int *added) {
     uint64_t mask = CG_DISTINCT_CAPACITY - 1;
     uint64_t i = fp & mask;
+    int probes;
     *added = 0;
-    for (;;) {
+    for (probes = 0; probes < CG_DISTINCT_CAPACITY; probes++) {
         uint64_t entry = s->table[i];
         if (entry == fp) return 1;
         if (entry == 0) {
@@ -86,6 +90,7 @@ static int cg_seen_or_add(cg_slot *s, uint64_t fp, int may_add, int *added) {
         }
         i = (i + 1) & mask;
     }
+    return 0;
 }
 
 #endif

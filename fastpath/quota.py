@@ -227,6 +227,8 @@ class SlotLocks:
             except BlockingIOError:
                 alone = False
             size = slots * LOCK_ENTRY
+            if alone:
+                os.ftruncate(self.fd, 0)  # nothing in it is in use: no stale entry survives
             if os.fstat(self.fd).st_size < size:
                 os.ftruncate(self.fd, size)
             self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -252,8 +254,13 @@ class SlotLocks:
             raise OSError(rc, "pthread_mutex_init failed")
         _LOCK_READY.pack_into(self.map, start, LOCK_READY)
 
+    def _mutex(self, slot: int) -> int:
+        if self.map is None:
+            raise ValueError("the quota locks file is closed")
+        return self.address + slot * LOCK_ENTRY + LOCK_MUTEX_OFFSET
+
     def lock(self, slot: int) -> None:
-        mutex = self.address + slot * LOCK_ENTRY + LOCK_MUTEX_OFFSET
+        mutex = self._mutex(slot)
         rc = self._pthread.lock(mutex)
         if rc == errno.EOWNERDEAD:
             # Its holder died mid-call: the slot holds whatever it had written. Carry on.
@@ -262,7 +269,7 @@ class SlotLocks:
             raise OSError(rc, "cannot lock the quota slot")
 
     def unlock(self, slot: int) -> None:
-        rc = self._pthread.unlock(self.address + slot * LOCK_ENTRY + LOCK_MUTEX_OFFSET)
+        rc = self._pthread.unlock(self._mutex(slot))
         if rc:
             raise OSError(rc, "cannot unlock the quota slot")
 
@@ -270,6 +277,7 @@ class SlotLocks:
         if self.map is not None:
             self.map.close()  # BufferError while a gate still maps it
             self.map = None
+            self.address = 0
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -385,11 +393,12 @@ class QuotaFile:
             self.map[start : start + 8 * DISTINCT_CAPACITY] = bytes(8 * DISTINCT_CAPACITY)
 
     def seen_or_add(self, slot: int, fp: int, may_add: bool) -> tuple[bool, bool]:
-        """(already seen today, added now). Linear probing in the slot's table."""
+        """(already seen today, added now). Linear probing in the slot's table, bounded: a full
+        table (only a corrupted slot has one) answers (False, False), as cg_quota.h does."""
         base = self.offset(slot) + SLOT_HEAD
         mask = DISTINCT_CAPACITY - 1
         i = fp & mask
-        while True:
+        for _ in range(DISTINCT_CAPACITY):
             pos = base + 8 * i
             entry = int.from_bytes(self.map[pos : pos + 8], "little")
             if entry == fp:
@@ -400,6 +409,7 @@ class QuotaFile:
                     return False, True
                 return False, False
             i = (i + 1) & mask
+        return False, False
 
     # -- administration ----------------------------------------------------------------------------
 

@@ -20,7 +20,14 @@ import pytest
 from conftest import KNOWN_IDENTITIES, NOW, TODAY, RightsStore
 
 from fastpath import rules
-from fastpath.quota import LOCK_ENTRY, LOCK_READY, QuotaFile, QuotaProfile
+from fastpath.quota import (
+    DISTINCT_CAPACITY,
+    LOCK_ENTRY,
+    LOCK_READY,
+    SLOT_HEAD,
+    QuotaFile,
+    QuotaProfile,
+)
 from fastpath.rules import Practitioner
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -168,3 +175,98 @@ def test_reopening_in_one_process_keeps_the_mutexes_working(tmp_path: Path, slot
             assert _lock_within(again, slot, 10)
     finally:
         again.close()
+
+
+def _answers_within(call: Any, seconds: float) -> list[Any]:
+    out: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except Exception as exc:
+            out.append(exc)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(seconds), "the call never came back: a slot mutex stayed locked"
+    return out
+
+
+def _practitioner(slot: int = 3) -> Practitioner:
+    return Practitioner(
+        practitioner_id="10001234567",
+        profession="pharmacist",
+        amc_numbers=frozenset({"123456789", "987654321", "1122"}),
+        slot=slot,
+        quota=PROFILE,
+    )
+
+
+def test_a_call_that_raises_leaves_the_slot_unlocked(
+    gate_module: ModuleType, rights_env: RightsStore, tmp_path: Path
+) -> None:
+    quota = QuotaFile(tmp_path / "state", 4)
+    gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=quota)
+    request = (
+        next(k for k in KNOWN_IDENTITIES if k.expected == rules.DECISION_COVERED)
+        .request()
+        .SerializeToString()
+    )
+    try:
+        # A day that is no YYYYMMDD (only a broken clock could give one): the call fails...
+        (failed,) = _answers_within(lambda: gate.check(_practitioner(), request, -1, NOW), 10)
+        assert isinstance(failed, Exception)
+        # ...and the next ones, on this process and on the slot, are answered.
+        ((code, _payload),) = _answers_within(
+            lambda: gate.check(_practitioner(), request, TODAY, NOW), 10
+        )
+        assert code == rules.OK
+        assert _lock_within(quota, 3, 10)
+    finally:
+        gate.close()
+        quota.close()
+
+
+def test_a_full_distinct_table_is_answered_not_probed_forever(
+    gate_module: ModuleType, rights_env: RightsStore, tmp_path: Path
+) -> None:
+    """Only a corrupted slot can have every entry taken (the limits stop at 3/4): the probe is
+    bounded all the same, in both gates alike."""
+    quota = QuotaFile(tmp_path / "state", 4)
+    gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=quota)
+    state = quota.read(3)
+    state.day = TODAY
+    quota.write(3, state)
+    start = quota.offset(3) + SLOT_HEAD
+    quota.map[start : start + 8 * DISTINCT_CAPACITY] = b"".join(
+        (i + 1).to_bytes(8, "little") for i in range(DISTINCT_CAPACITY)
+    )
+    request = (
+        next(k for k in KNOWN_IDENTITIES if k.expected == rules.DECISION_COVERED)
+        .request()
+        .SerializeToString()
+    )
+    try:
+        (result,) = _answers_within(lambda: gate.check(_practitioner(), request, TODAY, NOW), 10)
+        assert not isinstance(result, Exception)
+    finally:
+        gate.close()
+        quota.close()
+
+
+def test_locking_a_closed_file_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    quota = QuotaFile(tmp_path / "state", 2)
+    quota.close()
+    with pytest.raises(ValueError, match="closed"):
+        quota.locks.lock(0)
+
+
+def test_a_lone_opener_drops_stale_entries_beyond_its_slots(tmp_path: Path) -> None:
+    locks = tmp_path / "state.locks"
+    locks.write_bytes(b"\xff" * (9 * LOCK_ENTRY))  # left by an older, larger state
+    quota = QuotaFile(tmp_path / "state", 2)
+    try:
+        assert locks.stat().st_size == 2 * LOCK_ENTRY
+    finally:
+        quota.close()
