@@ -932,20 +932,25 @@ cdef inline void _put_fixed64_unchecked(Buf* b, uint64_t v) noexcept:
     b.size += 8
 
 
-cdef int _put_attr_str(Buf* b, bytes key, const void* value,
-                       Py_ssize_t size) except -1:
-    """A Span.attributes entry: KeyValue{key (already a field), AnyValue{string_value}}."""
-    cdef Py_ssize_t any_size = 1 + _varint_size(size) + size
-    cdef Py_ssize_t kv_size = PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size
-    _reserve(b, 11 + kv_size)
+cdef inline void _put_attr_head(Buf* b, bytes key, Py_ssize_t any_size) noexcept:
+    """A Span.attributes entry up to its AnyValue's content: 0x4A, the KeyValue's length, the key
+    (already a field), 0x12 and the AnyValue's length. The caller reserved 11 + kv size."""
     b.data[b.size] = 0x4A
     b.size += 1
-    _put_varint_unchecked(b, kv_size)
+    _put_varint_unchecked(b, PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size)
     memcpy(b.data + b.size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
     b.size += PyBytes_GET_SIZE(key)
     b.data[b.size] = 0x12
     b.size += 1
     _put_varint_unchecked(b, any_size)
+
+
+cdef int _put_attr_str(Buf* b, bytes key, const void* value,
+                       Py_ssize_t size) except -1:
+    """A Span.attributes entry: KeyValue{key (already a field), AnyValue{string_value}}."""
+    cdef Py_ssize_t any_size = 1 + _varint_size(size) + size
+    _reserve(b, 11 + PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size)
+    _put_attr_head(b, key, any_size)
     b.data[b.size] = 0x0A
     b.size += 1
     _put_varint_unchecked(b, size)
@@ -955,17 +960,10 @@ cdef int _put_attr_str(Buf* b, bytes key, const void* value,
 
 
 cdef int _put_attr_int(Buf* b, bytes key, unsigned long long value) except -1:
+    """KeyValue{key, AnyValue{int_value}}."""
     cdef Py_ssize_t any_size = 1 + _varint_size(value)
-    cdef Py_ssize_t kv_size = PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size
-    _reserve(b, 11 + kv_size)
-    b.data[b.size] = 0x4A
-    b.size += 1
-    _put_varint_unchecked(b, kv_size)
-    memcpy(b.data + b.size, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-    b.size += PyBytes_GET_SIZE(key)
-    b.data[b.size] = 0x12
-    b.size += 1
-    _put_varint_unchecked(b, any_size)
+    _reserve(b, 11 + PyBytes_GET_SIZE(key) + 1 + _varint_size(any_size) + any_size)
+    _put_attr_head(b, key, any_size)
     b.data[b.size] = 0x18
     b.size += 1
     _put_varint_unchecked(b, value)
@@ -1017,40 +1015,28 @@ cdef Py_ssize_t _KEEP_SPAN_BUFFER = 16 << 20
 
 cdef object _chunk(const unsigned char* spans, Py_ssize_t n, bytes resource, bytes scope):
     """Framed spans as bytes, or (with a resource) as a whole ExportTraceServiceRequest:
-    {1: ResourceSpans{1: resource, 2: ScopeSpans{1: scope, spans}}}."""
-    cdef Py_ssize_t scope_spans, resource_spans, total
-    cdef Buf b
+    {1: ResourceSpans{1: resource, 2: ScopeSpans{1: scope, spans}}}, the spans copied once."""
+    cdef Py_ssize_t scope_spans, resource_spans
+    cdef Buf head
     if resource is None:
         return PyBytes_FromStringAndSize(<const char*>spans, n)
     scope_spans = 1 + _varint_size(PyBytes_GET_SIZE(scope)) + PyBytes_GET_SIZE(scope) + n
     resource_spans = (1 + _varint_size(PyBytes_GET_SIZE(resource)) + PyBytes_GET_SIZE(resource)
                       + 1 + _varint_size(scope_spans) + scope_spans)
-    total = 1 + _varint_size(resource_spans) + resource_spans
-    out = PyBytes_FromStringAndSize(NULL, total)
-    b.data = <unsigned char*>PyBytes_AS_STRING(out)
-    b.size = 0
-    b.capacity = total
-    b.data[b.size] = 0x0A
-    b.size += 1
-    _put_varint_unchecked(&b, resource_spans)
-    _put_raw_unchecked(&b, 0x0A, resource)
-    b.data[b.size] = 0x12
-    b.size += 1
-    _put_varint_unchecked(&b, scope_spans)
-    _put_raw_unchecked(&b, 0x0A, scope)
-    memcpy(b.data + b.size, spans, n)
-    b.size += n
-    if b.size != total:
-        raise AssertionError("export request size")
-    return out
-
-
-cdef inline void _put_raw_unchecked(Buf* b, unsigned char tag, bytes data) noexcept:
-    b.data[b.size] = tag
-    b.size += 1
-    _put_varint_unchecked(b, PyBytes_GET_SIZE(data))
-    memcpy(b.data + b.size, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-    b.size += PyBytes_GET_SIZE(data)
+    head.data = NULL
+    head.size = head.capacity = 0
+    try:
+        # A length prefix is a varint: tag + varint(length), then the nested message.
+        _put_varint_field(&head, 0x0A, resource_spans)
+        _put_len_field(&head, 0x0A, PyBytes_AS_STRING(resource), PyBytes_GET_SIZE(resource))
+        _put_varint_field(&head, 0x12, scope_spans)
+        _put_len_field(&head, 0x0A, PyBytes_AS_STRING(scope), PyBytes_GET_SIZE(scope))
+        out = PyBytes_FromStringAndSize(NULL, head.size + n)
+        memcpy(PyBytes_AS_STRING(out), head.data, head.size)
+        memcpy(PyBytes_AS_STRING(out) + head.size, spans, n)
+        return out
+    finally:
+        PyMem_Free(head.data)
 
 
 cdef uint64_t _start_ns(object now) except? 0:

@@ -124,15 +124,7 @@ class Gate:
             result = self._traced(tr.METHOD_UNARY, practitioner, request, today, now, trace)
             assert isinstance(result, tuple)
             return result
-        try:
-            req = pb.CheckCoverageRequest.FromString(request)
-        except DecodeError:
-            return INVALID_ARGUMENT, rules.malformed_message_status("CheckCoverageRequest")
-        with (
-            self._env.begin(db=self._rights_db, buffers=False) as txn,
-            self._slot(practitioner, today) as state,
-        ):
-            code, payload = self._decide(txn, practitioner, req, today, now, state)
+        _req, code, payload = self._single(practitioner, request, today, now)
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             return OK, payload.SerializeToString()
@@ -153,17 +145,26 @@ class Gate:
             result = self._traced(tr.METHOD_STREAM, practitioner, request, today, now, trace)
             assert isinstance(result, bytes)
             return result
+        req, code, payload = self._single(practitioner, request, today, now)
+        if req is None:
+            assert isinstance(payload, bytes)
+            return self._error_response("", payload).SerializeToString()
+        return self._as_item(req, code, payload).SerializeToString()
+
+    def _single(
+        self, practitioner: Practitioner, request: bytes, today: int, now: float
+    ) -> tuple[pb.CheckCoverageRequest | None, int, pb.CheckCoverageResponse | bytes]:
+        """One untraced request, for check and check_item: (the parsed request, or None when it
+        does not parse; the code; the response or the google.rpc.Status)."""
         try:
             req = pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
-            return self._error_response(
-                "", rules.malformed_message_status("CheckCoverageRequest")
-            ).SerializeToString()
+            return None, INVALID_ARGUMENT, rules.malformed_message_status("CheckCoverageRequest")
         with (
             self._env.begin(db=self._rights_db, buffers=False) as txn,
             self._slot(practitioner, today) as state,
         ):
-            return self._item(txn, practitioner, req, today, now, state).SerializeToString()
+            return req, *self._decide(txn, practitioner, req, today, now, state)
 
     def check_batch(
         self,
@@ -191,7 +192,8 @@ class Gate:
             self._slot(practitioner, today) as state,
         ):
             for req in batch.items:
-                out.items.append(self._item(txn, practitioner, req, today, now, state))
+                code, payload = self._decide(txn, practitioner, req, today, now, state)
+                out.items.append(self._as_item(req, code, payload))
         return OK, out.SerializeToString()
 
     # -- tracing ----------------------------------------------------------------------------------
@@ -459,23 +461,6 @@ class Gate:
         )
 
     # -- one decision -----------------------------------------------------------------------------
-
-    def _item(
-        self,
-        txn: Any,
-        practitioner: Practitioner,
-        req: pb.CheckCoverageRequest,
-        today: int,
-        now: float,
-        state: SlotState | None,
-    ) -> pb.CheckCoverageResponse:
-        code, payload = self._decide(txn, practitioner, req, today, now, state)
-        if code == OK:
-            assert isinstance(payload, pb.CheckCoverageResponse)
-            return payload
-        assert isinstance(payload, bytes)
-        request_id = req.request_id if rules.valid_request_id(req.request_id) else ""
-        return self._error_response(request_id, payload)
 
     @staticmethod
     def _error_response(request_id: str, status: bytes) -> pb.CheckCoverageResponse:
