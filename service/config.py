@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fastpath.quota import QuotaProfile
 from fastpath.rules import DOMAIN_CODES
 
 # Profession -> care domains it may check (CSV codes). Overridable under [professions.NAME].
@@ -76,15 +77,16 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class QuotaSettings:
-    """Base quota values; profession defaults, then practitioner overrides, apply on top."""
+    """Base quota values; profession defaults, then practitioner overrides, apply on top. The
+    defaults are QuotaProfile's, the one place they are written."""
 
-    rate_per_minute: int = 60
-    burst: int = 30
-    daily_limit: int = 2000
-    distinct_limit: int = 600
-    guard_window: int = 40
-    guard_min_lookups: int = 20
-    guard_bad_percent: int = 50
+    rate_per_minute: int = QuotaProfile.rate_per_minute
+    burst: int = QuotaProfile.burst
+    daily_limit: int = QuotaProfile.daily_limit
+    distinct_limit: int = QuotaProfile.distinct_limit
+    guard_window: int = QuotaProfile.guard_window
+    guard_min_lookups: int = QuotaProfile.guard_min_lookups
+    guard_bad_percent: int = QuotaProfile.guard_bad_percent
     shadow: list[str] = field(default_factory=list)  # rules in shadow mode: rate, daily, ...
     # false: no quota or harvest guard at all (benchmark baselines only; logged loudly)
     enabled: bool = True
