@@ -811,12 +811,15 @@ cdef struct View:
 
 cdef enum:
     QUOTA_HEADER_SIZE = 4096
+    AMC_VIEW_ENTRY = 1 + MAX_AMC_NUMBER
 
 if (quota.SHADOW_RATE, quota.SHADOW_DAILY, quota.SHADOW_DISTINCT, quota.SHADOW_GUARD) != (
     SHADOW_RATE, SHADOW_DAILY, SHADOW_DISTINCT, SHADOW_GUARD
 ) or quota.SLOT_SIZE != sizeof(cg_slot) or quota.SLOT_HEAD != 64 or (
     quota.HEADER_SIZE != QUOTA_HEADER_SIZE or quota.LOCK_ENTRY != CG_LOCK_ENTRY
-) or rules.PRACTITIONER_VIEW.size + quota.PROFILE_VIEW.size != sizeof(View):
+) or rules.PRACTITIONER_VIEW.size + quota.PROFILE_VIEW.size != sizeof(View) or (
+    rules.AMC_VIEW_ENTRY != AMC_VIEW_ENTRY
+):
     raise ImportError("fastpath._gate_c is out of date with fastpath.quota")
 
 _PERMISSION_DENIED = rules.PERMISSION_DENIED
@@ -1064,6 +1067,19 @@ cdef uint64_t _start_ns(object now) except? 0:
     return <uint64_t>(<long long>_now_ns(now))
 
 
+cdef bint _amc_in(bytes view, const unsigned char* amc, Py_ssize_t n) except -1:
+    """Whether the validated request AMC `amc` is among the practitioner's insurers, read from
+    rules.Practitioner.amc_view (no Python string, no set lookup per item)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(view)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(view)
+    cdef Py_ssize_t pos = 0
+    while pos + AMC_VIEW_ENTRY <= size:
+        if p[pos] == n and memcmp(p + pos + 1, amc, n) == 0:
+            return True
+        pos += AMC_VIEW_ENTRY
+    return False
+
+
 cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
@@ -1291,7 +1307,7 @@ cdef class Gate:
                 # Held for the call: t.who points into these bytes.
                 _who = self._begin_trace(&t, trace, now, practitioner)
                 self._new_span_id(span_id)
-            amcs = practitioner.amc_numbers
+            amcs = practitioner.amc_view
             owner = _load_request(request, &r)
             if owner is None:
                 status = rules.malformed_message_status("CheckCoverageRequest")
@@ -1383,7 +1399,7 @@ cdef class Gate:
 
             p = <const unsigned char*>PyBytes_AS_STRING(owner)
             n = PyBytes_GET_SIZE(owner)
-            amcs = practitioner.amc_numbers
+            amcs = practitioner.amc_view
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
                 try:
@@ -1741,9 +1757,9 @@ cdef class Gate:
             c.code = _PERMISSION_DENIED
             c.outcome = O_DOMAIN
             return rules.DOMAIN_OUT_OF_SCOPE
-        if amcs is not None and PyUnicode_DecodeASCII(
-            <const char*>r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER], NULL
-        ) not in amcs:
+        if amcs is not None and not _amc_in(
+            amcs, r.text[F_AMC_NUMBER], r.size[F_AMC_NUMBER]
+        ):
             c.code = _PERMISSION_DENIED
             c.outcome = O_AMC
             return rules.AMC_OUT_OF_SCOPE

@@ -386,6 +386,10 @@ class Practitioner:
     # What the Cython gate reads of all this on every call, packed once (PRACTITIONER_VIEW:
     # slot, domains, whether there is a profile, then QuotaProfile.packed or zeros).
     gate_view: bytes = field(init=False, repr=False, compare=False)
+    # amc_numbers for the Cython gate's scope check, packed once: AMC_VIEW_ENTRY bytes per insurer
+    # (its length, then its digits, zero-padded); None when amc_numbers is. Only well-formed AMC
+    # numbers are kept: a request's AMC is validated before scope, so no other could match it.
+    amc_view: bytes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         slot = self.slot if self.slot >= 0 else -1
@@ -397,9 +401,18 @@ class Practitioner:
             )
             + (self.quota.packed if self.quota is not None else _NO_PROFILE),
         )
+        amc_view = None
+        if self.amc_numbers is not None:
+            amc_view = b"".join(
+                bytes((len(a),)) + a.encode("ascii").ljust(MAX_AMC_NUMBER, b"\0")
+                for a in sorted(a for a in self.amc_numbers if isinstance(a, str))
+                if valid_amc_number(a)
+            )
+        object.__setattr__(self, "amc_view", amc_view)
 
 
 PRACTITIONER_VIEW = struct.Struct("<qQq")
+AMC_VIEW_ENTRY = 1 + MAX_AMC_NUMBER
 _U64 = (1 << 64) - 1
 _NO_PROFILE = bytes(PROFILE_VIEW.size)
 

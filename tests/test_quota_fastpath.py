@@ -263,3 +263,39 @@ def test_quota_sequences_identical_in_c_and_python(
             g.close()
         for f in files:
             f.close()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    agreements=st.frozensets(
+        st.one_of(
+            st.sampled_from(sorted(AMCS)),
+            st.text("0123456789", max_size=12),
+            st.sampled_from(["12a", "", "\uff11\uff12\uff13", "12345678"]),
+        ),
+        max_size=5,
+    ),
+    amc=st.one_of(st.sampled_from(sorted(AMCS)), st.text("0123456789", min_size=1, max_size=10)),
+)
+def test_insurer_scope_identical_in_c_and_python(
+    cython_gate_module: ModuleType,
+    python_gate_module: ModuleType,
+    rights_env: RightsStore,
+    agreements: frozenset[str],
+    amc: str,
+) -> None:
+    """The Cython gate checks agreements on Practitioner.amc_view (packed once), the reference on
+    the set itself: prefixes, lengths, malformed entries and the empty set must all agree."""
+    who = next(k for k in KNOWN_IDENTITIES if k.expected == rules.DECISION_COVERED)
+    request = who.request(amc_number=amc).SerializeToString()
+    p = practitioner(None, slot=-1, amc_numbers=agreements)  # type: ignore[arg-type]
+    answers = [
+        m.Gate(rights_env.env, rights_env.db, rights_env.keys).check(p, request, TODAY, NOW)
+        for m in (cython_gate_module, python_gate_module)
+    ]
+    assert answers[0] == answers[1]
+    if amc not in agreements:
+        assert answers[0][0] == rules.PERMISSION_DENIED
+        assert reason_of(answers[0][1]) == rules.REASON_AMC
