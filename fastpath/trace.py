@@ -39,6 +39,12 @@ OUTCOMES = (
     rules.REASON_RATE,
     rules.REASON_DAILY,
     rules.REASON_DISTINCT,
+    rules.REASON_QUOTA_STATE,
+    rules.REASON_NOT_LOADED,
+    rules.REASON_ROLE,
+    rules.REASON_DEADLINE,
+    rules.REASON_BACKLOG,
+    rules.REASON_CANCELLED,
 )
 (
     O_COVERED,
@@ -51,6 +57,12 @@ OUTCOMES = (
     O_RATE,
     O_DAILY,
     O_DISTINCT,
+    O_QUOTA_STATE,
+    O_NOT_LOADED,
+    O_ROLE,
+    O_DEADLINE,
+    O_BACKLOG,
+    O_CANCELLED,
 ) = range(len(OUTCOMES))
 N_OUTCOMES = len(OUTCOMES)
 DECISION_OUTCOMES = {
@@ -171,6 +183,68 @@ def encode_span(
         )
     )
     return field_bytes(0x12, span)
+
+
+def rpc_span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent_span_id: bytes,
+    method: int,
+    code: int,
+    who: bytes,
+    count: int,
+    start_ns: int,
+    end_ns: int,
+) -> bytes:
+    """The SERVER span of a batch (`count` items) or a stream (`count` messages), parent of the
+    lookup spans of its items or messages."""
+    key = K_BATCH_ITEMS if method == METHOD_BATCH else K_STREAM_MESSAGES
+    attributes = b"".join(
+        (RPC_ATTRS[method], attr_int(K_STATUS_CODE, code), who, attr_int(key, count))
+    )
+    return encode_span(
+        trace_id,
+        span_id,
+        parent_span_id,
+        RPC_SPAN_NAMES[method],
+        KIND_SERVER,
+        start_ns,
+        end_ns,
+        attributes,
+    )
+
+
+def refusal_span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent_span_id: bytes,
+    method: int,
+    code: int,
+    who: bytes,
+    outcome: int,
+    start_ns: int,
+    end_ns: int,
+    *,
+    child: bool = False,
+) -> bytes:
+    """An attempt refused before a gate decided it (a suspended or wrong-role credential, data
+    not loaded, an expired deadline, a full audit spool): a unary or batch call's SERVER span, or
+    (`child`) a stream message's covergate.lookup span under the stream's span."""
+    if child:
+        name, kind, head = LOOKUP_SPAN_NAME, KIND_INTERNAL, b""
+    else:
+        name, kind = RPC_SPAN_NAMES[method], KIND_SERVER
+        head = RPC_ATTRS[method] + attr_int(K_STATUS_CODE, code)
+    return encode_span(
+        trace_id,
+        span_id,
+        parent_span_id,
+        name,
+        kind,
+        start_ns,
+        end_ns,
+        head + who + OUTCOME_ATTRS[outcome],
+    )
 
 
 # -- the constant attributes, encoded once -------------------------------------------------------

@@ -185,9 +185,13 @@ class CovergateHandlers:
         context: grpc.aio.ServicerContext,
         role: str,
         metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        certificate: bytes | None = None,
     ) -> Practitioner:
+        """Who is calling, with everything a fresh call checks: the credential, its role, the
+        data being loaded, and a quota slot mapped for it (the gate replaced if one is not)."""
         self.last_call_started = time.monotonic()
-        certificate = peer_certificate(context.auth_context()) if self._mtls else None
+        if certificate is None and self._mtls:
+            certificate = peer_certificate(context.auth_context())
         if metadata is None:
             metadata = context.invocation_metadata()
         caller = self._auth.authenticate(metadata, role, certificate)
@@ -221,7 +225,10 @@ class CovergateHandlers:
             caller = self._caller(context, "practitioner", metadata)
         except Refusal as r:
             if telemetry is not None and r.practitioner is not None:
-                self._refused_span(method, r, metadata, time.perf_counter() - started)
+                parent = otel.trace_context(metadata) if metadata else None
+                self._refused(
+                    tr.METHODS.index(method), r, parent or (b"", b""), started, child=False
+                )
             await _abort(context, r.code, r.status)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -243,54 +250,47 @@ class CovergateHandlers:
     async def check_coverage_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
+        """Every message is authorised and metered as if it were its own unary call: the
+        credential is checked again (a suspension, a revocation, a scope or quota change made
+        while the stream is open applies from its next message, which is then refused with the
+        code a new call would get), and the worker's current gate decides it (a gate replaced
+        since the stream opened is never used again)."""
+        method = tr.METHOD_STREAM
+        started, started_ns = time.perf_counter(), time.time_ns()
         metadata = context.invocation_metadata()
-        try:
-            caller = self._caller(context, "practitioner", metadata)
-        except Refusal as r:
-            if self.telemetry is not None and r.practitioner is not None:
-                self._refused_span(
-                    "CheckCoverageStream", r, metadata, time.perf_counter() - started
-                )
-            await _abort(context, r.code, r.status)
-        if self.telemetry is not None:
-            async for response in self._traced_stream(caller, requests, context):
-                yield response
-            return
-        gate = self.gate
-        clock = self._clock
-        async for request in requests:
-            today, now = clock.now()
-            response = gate.check_item(caller, request, today, now)
-            suspended = bool(gate.suspensions) and self.persist_suspensions(caller.practitioner_id)
-            yield response
-            if suspended:
-                # The guard fired on this item: it is answered, then the stream ends.
-                await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
-
-    async def _traced_stream(
-        self,
-        caller: Practitioner,
-        requests: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[bytes]:
-        """The stream, with one lookup span per message under one SERVER span for the stream
-        (the caller's traceparent honoured), written when the stream ends."""
-        gate = self.gate
-        clock = self._clock
+        # A connection's client certificate cannot change while it is open: read it once.
+        certificate = peer_certificate(context.auth_context()) if self._mtls else None
         telemetry = self.telemetry
-        assert telemetry is not None
-        parent = otel.trace_context(context.invocation_metadata())
-        trace_id, caller_span = parent if parent is not None else (gate.new_trace_id(), b"")
-        stream_span = gate.new_span_id()
-        items_context = (trace_id, stream_span)
-        started_ns, started = time.time_ns(), time.perf_counter()
+        trace_id = stream_span = caller_span = b""
+        if telemetry is not None:
+            parent = otel.trace_context(metadata) if metadata else None
+            trace_id, caller_span = parent if parent is not None else (self._new_trace_id(), b"")
+            stream_span = self._new_span_id()
+        try:
+            caller = self._caller(context, "practitioner", metadata, certificate)
+        except Refusal as r:
+            self._refused(method, r, (trace_id, caller_span), started, child=False)
+            await _abort(context, r.code, r.status)
+        clock = self._clock
         messages = 0
         code = rules.OK
         try:
             async for request in requests:
+                try:
+                    caller = self._caller(context, "practitioner", metadata, certificate)
+                except Refusal as r:
+                    self._refused(method, r, (trace_id, stream_span), time.perf_counter())
+                    messages += 1
+                    code = r.code
+                    await _abort(context, r.code, r.status)
+                gate = self.gate
                 today, now = clock.now()
-                response = gate.check_item(caller, request, today, now, trace=items_context)
+                if telemetry is None:
+                    response = gate.check_item(caller, request, today, now)
+                else:
+                    response = gate.check_item(
+                        caller, request, today, now, trace=(trace_id, stream_span)
+                    )
                 messages += 1
                 suspended = bool(gate.suspensions) and self.persist_suspensions(
                     caller.practitioner_id
@@ -301,69 +301,75 @@ class CovergateHandlers:
                     code = rules.PERMISSION_DENIED
                     await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
         finally:
-            elapsed = time.perf_counter() - started
-            who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
-            attributes = b"".join(
-                (
-                    tr.RPC_ATTRS[tr.METHOD_STREAM],
-                    tr.attr_int(tr.K_STATUS_CODE, code),
-                    who,
-                    tr.attr_int(tr.K_STREAM_MESSAGES, messages),
+            if telemetry is not None:
+                elapsed = time.perf_counter() - started
+                who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
+                self._add_span(
+                    tr.rpc_span(
+                        trace_id,
+                        stream_span,
+                        caller_span,
+                        method,
+                        code,
+                        who,
+                        messages,
+                        started_ns,
+                        started_ns + int(elapsed * 1e9),
+                    )
                 )
-            )
-            gate.add_span(
-                tr.encode_span(
-                    trace_id,
-                    stream_span,
-                    caller_span,
-                    tr.RPC_SPAN_NAMES[tr.METHOD_STREAM],
-                    tr.KIND_SERVER,
-                    started_ns,
-                    started_ns + int(elapsed * 1e9),
-                    attributes,
-                )
-            )
-            telemetry.record_rpc("CheckCoverageStream", elapsed)
+                telemetry.record_rpc("CheckCoverageStream", elapsed)
 
-    def _refused_span(
+    # -- refusals before any gate, still traced ----------------------------------------------------
+
+    def _new_trace_id(self) -> bytes:
+        return self.gate.new_trace_id() if self.gate is not None else os.urandom(16)
+
+    def _new_span_id(self) -> bytes:
+        return self.gate.new_span_id() if self.gate is not None else os.urandom(8)
+
+    def _add_span(self, span: bytes) -> None:
+        if self.gate is not None:
+            self.gate.add_span(span)
+
+    def _refused(
         self,
-        method: str,
+        method: int,
         refusal: Refusal,
-        metadata: Sequence[tuple[str, str | bytes]] | None,
-        elapsed: float,
+        context: tuple[bytes, bytes],
+        started: float,
+        *,
+        child: bool = True,
     ) -> None:
-        """A known practitioner refused before the gate (suspended): its attempt is still one
-        traced lookup, a SERVER span with the refusal's reason, and counted in the metrics, so a
-        suspended credential that keeps trying stays visible."""
-        telemetry, gate, who = self.telemetry, self.gate, refusal.practitioner
-        if telemetry is None or gate is None or who is None:
+        """A known practitioner refused before the gate (suspended, ...): its attempt is still
+        one traced lookup with the refusal's reason, and counted in the metrics, so a suspended
+        credential that keeps trying stays visible. `context`: (trace id, parent span); a stream
+        message's span is a child of the stream's span."""
+        telemetry, who = self.telemetry, refusal.practitioner
+        if telemetry is None or who is None:
             return
-        index = tr.METHODS.index(method)
-        parent = otel.trace_context(metadata) if metadata else None
-        trace_id, parent_span = parent if parent is not None else (gate.new_trace_id(), b"")
+        trace_id, parent = context
+        if not trace_id:
+            trace_id = self._new_trace_id()
         attributes, profession = tr.practitioner_attributes(who.practitioner_id, who.profession)
+        elapsed = time.perf_counter() - started
         end_ns = time.time_ns()
-        gate.add_span(
-            tr.encode_span(
+        self._add_span(
+            tr.refusal_span(
                 trace_id,
-                gate.new_span_id(),
-                parent_span,
-                tr.RPC_SPAN_NAMES[index],
-                tr.KIND_SERVER,
+                self._new_span_id(),
+                parent,
+                method,
+                refusal.code,
+                attributes,
+                tr.O_SUSPENDED,
                 end_ns - int(elapsed * 1e9),
                 end_ns,
-                b"".join(
-                    (
-                        tr.RPC_ATTRS[index],
-                        tr.attr_int(tr.K_STATUS_CODE, refusal.code),
-                        attributes,
-                        tr.OUTCOME_ATTRS[tr.O_SUSPENDED],
-                    )
-                ),
+                child=child,
             )
         )
         telemetry.refused(profession, tr.O_SUSPENDED)
-        telemetry.record_rpc(method, elapsed)
+        if not child:
+            telemetry.record_rpc(tr.METHODS[method], elapsed)
 
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
