@@ -42,6 +42,27 @@ from covergate.v1 import covergate_pb2 as pb
 from fastpath import quota, rules
 from fastpath import trace as _trace
 
+from fastpath._cheaders cimport (
+    CG_FLAG_SUSPENDED,
+    CG_LOCK_ENTRY,
+    EBUSY,
+    cg_blake2b_absorb_key,
+    cg_blake2b_final,
+    cg_blake2b_init,
+    cg_blake2b_state,
+    cg_blake2b_update,
+    cg_hmac_sha256,
+    cg_hmac_sha256_key,
+    cg_hmac_sha256_setkey,
+    cg_roll_day,
+    cg_seen_or_add,
+    cg_siphash24,
+    cg_slot,
+    cg_slot_lock,
+    cg_slot_trylock,
+    cg_slot_unlock,
+)
+
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
@@ -776,49 +797,10 @@ cdef int _put_refusal(Buf* out, const Request* r, bytes status) except -1:
 
 # -- the gate
 
-cdef extern from "cg_blake2b.h" nogil:
-    ctypedef struct cg_blake2b_state:
-        pass
-    void cg_blake2b_init(cg_blake2b_state* s, size_t outlen, const unsigned char* key,
-                         size_t keylen, const unsigned char* salt,
-                         const unsigned char* personal)
-    void cg_blake2b_update(cg_blake2b_state* s, const unsigned char* data, size_t n)
-    void cg_blake2b_final(cg_blake2b_state* s, unsigned char* out)
-    void cg_blake2b_absorb_key(cg_blake2b_state* s)
-
-cdef extern from "cg_sha256.h" nogil:
-    ctypedef struct cg_hmac_sha256_key:
-        pass
-    void cg_hmac_sha256_setkey(cg_hmac_sha256_key* k, const unsigned char* key,
-                               size_t keylen)
-    void cg_hmac_sha256(const cg_hmac_sha256_key* k, const unsigned char* msg, size_t n,
-                        unsigned char* out)
-    int cg_sha256_use_ni(int on)
-
-cdef extern from "cg_siphash.h" nogil:
-    void cg_siphash24(const unsigned char* k, const unsigned char* data, size_t n,
-                      unsigned char* out)
 
 
-cdef extern from "cg_quota.h" nogil:
-    ctypedef struct cg_slot:
-        uint32_t flags
-        uint32_t guard_fired
-        int64_t tat_ms
-        uint32_t day
-        uint32_t daily_count
-        uint32_t distinct_count
-        uint32_t window_len
-        uint64_t window_bits
-        int64_t suspended_at_ms
-    int cg_slot_trylock(unsigned char* locks, long long slot)
-    int cg_slot_lock(unsigned char* locks, long long slot)
-    int EBUSY
-    int cg_slot_unlock(unsigned char* locks, long long slot)
-    int CG_LOCK_ENTRY
-    void cg_roll_day(cg_slot* s, uint32_t today)
-    int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
-    unsigned int CG_FLAG_SUSPENDED
+
+
 
 
 cdef enum:
@@ -2021,46 +2003,3 @@ cdef class Gate:
         _put_varint_unchecked(out, <unsigned long long>token_size)
         out.size += _b64url(payload, size, out.data + out.size)
         return 0
-
-
-# -- the vendored hashes, exposed for tests against hashlib/hmac (tests/test_fastpath_blake2b.py)
-
-def _blake2b_for_tests(bytes data, int digest_size, bytes key, bytes salt, bytes person):
-    cdef cg_blake2b_state s
-    cdef unsigned char out[64]
-    cdef unsigned char salt16[16]
-    cdef unsigned char person16[16]
-    memset(salt16, 0, 16)
-    memset(person16, 0, 16)
-    memcpy(salt16, PyBytes_AS_STRING(salt), min(len(salt), 16))
-    memcpy(person16, PyBytes_AS_STRING(person), min(len(person), 16))
-    cg_blake2b_init(&s, digest_size, <const unsigned char*>PyBytes_AS_STRING(key),
-                    len(key), salt16, person16)
-    if len(key) and len(data):
-        cg_blake2b_absorb_key(&s)
-    cg_blake2b_update(&s, <const unsigned char*>PyBytes_AS_STRING(data), len(data))
-    cg_blake2b_final(&s, out)
-    return PyBytes_FromStringAndSize(<const char*>out, digest_size)
-
-
-def _sha256_use_ni(bint on):
-    """Use the SHA extensions for the attestation MAC when the CPU has them (the default), or
-    the portable code; returns whether SHA-NI is now in use. For tests and benchmarks."""
-    return bool(cg_sha256_use_ni(on))
-
-
-def _hmac_sha256_for_tests(bytes key, bytes msg):
-    cdef cg_hmac_sha256_key k
-    cdef unsigned char out[32]
-    cg_hmac_sha256_setkey(&k, <const unsigned char*>PyBytes_AS_STRING(key), len(key))
-    cg_hmac_sha256(&k, <const unsigned char*>PyBytes_AS_STRING(msg), len(msg), out)
-    return PyBytes_FromStringAndSize(<const char*>out, 32)
-
-
-def _siphash24_for_tests(bytes key not None, bytes data not None):
-    cdef unsigned char out[8]
-    if len(key) != 16:
-        raise ValueError("SipHash takes a 16-byte key")
-    cg_siphash24(<const unsigned char*>PyBytes_AS_STRING(key),
-                 <const unsigned char*>PyBytes_AS_STRING(data), len(data), out)
-    return PyBytes_FromStringAndSize(<const char*>out, 8)
