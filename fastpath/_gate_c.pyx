@@ -797,12 +797,6 @@ cdef int _put_refusal(Buf* out, const Request* r, bytes status) except -1:
 
 # -- the gate
 
-
-
-
-
-
-
 cdef enum:
     SHADOW_RATE = 1
     SHADOW_DAILY = 2

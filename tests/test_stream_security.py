@@ -121,7 +121,9 @@ def test_a_gate_replaced_while_a_stream_is_open_never_serves_it_unmetered(
     stream = OpenStream(stub, ds.tokens["pharmacist"])
     try:
         assert [stream.send(_request(ds)) for _ in range(3)] == ["DECISION_COVERED"] * 3
-        rows = [PractitionerRow(f"2000000{i:04d}", "pharmacist", (PHARMACY_AMC,)) for i in range(70)]
+        rows = [
+            PractitionerRow(f"2000000{i:04d}", "pharmacist", (PHARMACY_AMC,)) for i in range(70)
+        ]
         write_practitioners_csv(tmp_path / "more.csv", rows)
         cli("import", "practitioners", str(tmp_path / "more.csv"), "--merge", data_dir=ds.data_dir)
         newcomer = create_token(ds.data_dir, rows[-1].practitioner_id)
