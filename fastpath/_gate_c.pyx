@@ -31,8 +31,10 @@ from cpython.unicode cimport (
 )
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.errno cimport EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport write
 
 import os
 
@@ -1173,6 +1175,7 @@ cdef class Gate:
     cdef readonly bint trace
     cdef uint64_t _trace_state
     cdef Buf _spans
+    cdef Py_ssize_t _span_count
     cdef public unsigned long long spans_dropped
     cdef unsigned long long _counts[N_PROFESSIONS * N_OUTCOMES]
 
@@ -1502,6 +1505,7 @@ cdef class Gate:
         empties them. Not thread-safe: call it where the gate is called."""
         data = _buf_bytes(&self._spans)
         self._spans.size = 0
+        self._span_count = 0
         if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
@@ -1543,11 +1547,37 @@ cdef class Gate:
         if count:
             chunks.append((_chunk(p + start, n - start, resource, scope), count))
         self._spans.size = 0
+        self._span_count = 0
         if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
             self._spans.capacity = 0
         return chunks
+
+    def write_spans(self, int fd):
+        """Write the recorded spans to the file `fd` (the worker's audit spool) with write(2)
+        and empty the buffer: (bytes written, spans). On an error nothing is kept and OSError
+        is raised; the caller undoes a partial write (its file's size is its own)."""
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t n = self._spans.size
+        cdef Py_ssize_t count = self._span_count
+        cdef ssize_t wrote
+        cdef int error
+        self._spans.size = 0
+        self._span_count = 0
+        while done < n:
+            wrote = write(fd, self._spans.data + done, n - done)
+            if wrote < 0:
+                error = errno
+                if error == EINTR:
+                    continue
+                raise OSError(error, strerror(error))
+            done += wrote
+        if self._spans.capacity > _KEEP_SPAN_BUFFER:
+            PyMem_Free(self._spans.data)
+            self._spans.data = NULL
+            self._spans.capacity = 0
+        return done, count
 
     @property
     def span_bytes(self):
@@ -1595,6 +1625,7 @@ cdef class Gate:
             self.spans_dropped += 1
             return
         _put_bytes(&self._spans, span)
+        self._span_count += 1
 
     cdef int _emit(self, const Buf* span) except -1:
         """`span` framed as a ScopeSpans.spans entry, onto the gate's buffer."""
@@ -1608,6 +1639,7 @@ cdef class Gate:
         _put_varint_unchecked(&self._spans, span.size)
         memcpy(self._spans.data + self._spans.size, span.data, span.size)
         self._spans.size += span.size
+        self._span_count += 1
         return 0
 
     cdef object _begin_trace(self, TraceCall* t, object context, object now,

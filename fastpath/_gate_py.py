@@ -88,6 +88,7 @@ class Gate:
             trace_seed = int.from_bytes(os.urandom(8), "little")
         self._trace_state = trace_seed & tr.MASK64
         self._spans = bytearray()
+        self._span_count = 0
         self.spans_dropped = 0
         self._counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
 
@@ -258,6 +259,7 @@ class Gate:
         """The spans recorded since the last call (framed ScopeSpans.spans entries), emptied."""
         spans = bytes(self._spans)
         self._spans.clear()
+        self._span_count = 0
         return spans
 
     def take_span_chunks(self, max_bytes: int) -> list[tuple[bytes, int]]:
@@ -322,6 +324,19 @@ class Gate:
             self.spans_dropped += 1
             return
         self._spans += span
+        self._span_count += 1
+
+    def write_spans(self, fd: int) -> tuple[int, int]:
+        """Write the recorded spans to the file `fd` (the worker's audit spool) and empty the
+        buffer: (bytes written, spans). On an error nothing is kept and OSError is raised; the
+        caller undoes a partial write."""
+        data, count = memoryview(bytes(self._spans)), self._span_count
+        self._spans.clear()
+        self._span_count = 0
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        return done, count
 
     def _traced(
         self,

@@ -506,6 +506,7 @@ PERMISSION_DENIED = code_pb2.PERMISSION_DENIED
 UNAUTHENTICATED = code_pb2.UNAUTHENTICATED
 RESOURCE_EXHAUSTED = code_pb2.RESOURCE_EXHAUSTED
 UNAVAILABLE = code_pb2.UNAVAILABLE
+DEADLINE_EXCEEDED = code_pb2.DEADLINE_EXCEEDED
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -604,6 +605,20 @@ PRACTITIONER_SUSPENDED = error_info_status(
 # means "unlimited".
 QUOTA_STATE_UNAVAILABLE = error_info_status(
     UNAVAILABLE, REASON_QUOTA_STATE, "the quota state is not available; retry shortly"
+)
+
+# The audit spool is full (service.spool, when_full = "refuse"): no answer without its record.
+AUDIT_BACKLOG = status_bytes(
+    UNAVAILABLE,
+    "the audit trail is behind; retry shortly",
+    error_details_pb2.ErrorInfo(reason=REASON_BACKLOG, domain=ERROR_DOMAIN),
+    error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=5)),
+)
+DEADLINE_PASSED = error_info_status(
+    DEADLINE_EXCEEDED, REASON_DEADLINE, "the call's deadline had passed before it was decided"
+)
+DATA_NOT_LOADED = error_info_status(
+    UNAVAILABLE, REASON_NOT_LOADED, "coverage data is not loaded yet; retry later"
 )
 
 _QUOTA_TEXT = {

@@ -96,6 +96,9 @@ N_PROFESSIONS = len(PROFESSIONS)
 # taking them must not grow a worker without bound.
 MAX_BUFFER = 64 << 20
 
+AUDIT_GAP_SPAN_NAME = "covergate.audit.gap"
+EVENT_SPANS_DROPPED = "covergate.spans_dropped"
+K_DROPPED_SPANS = "covergate.audit.dropped_spans"
 EVENT_GUARD_FIRED = "covergate.guard.fired"
 EVENT_SUSPENDED = "covergate.practitioner.suspended"
 
@@ -244,6 +247,25 @@ def refusal_span(
         start_ns,
         end_ns,
         head + who + OUTCOME_ATTRS[outcome],
+    )
+
+
+def audit_gap_span(
+    trace_id: bytes, span_id: bytes, start_ns: int, end_ns: int, dropped: int
+) -> bytes:
+    """With `when_full = "drop"`: the record that spans were not kept from `start_ns` to
+    `end_ns`, written as soon as the spool has room again (an event says how many so far)."""
+    event = encode_event(EVENT_SPANS_DROPPED, end_ns, attr_int(K_DROPPED_SPANS, dropped))
+    return encode_span(
+        trace_id,
+        span_id,
+        b"",
+        AUDIT_GAP_SPAN_NAME,
+        KIND_INTERNAL,
+        start_ns,
+        end_ns,
+        attr_int(K_DROPPED_SPANS, dropped),
+        event,
     )
 
 

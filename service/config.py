@@ -62,6 +62,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    # The audit spool (service.spool): every lookup's span is written here before its answer
+    # leaves the worker. "": DIR/spool.
+    spool_dir: str = ""
+    spool_max_bytes: int = 1 << 30
+    # When the spool is full: "refuse" new lookups (UNAVAILABLE, AUDIT_BACKLOG), or "drop" spans
+    # (an explicit opt-in, logged loudly; the gap is recorded once there is room again).
+    when_full: str = "refuse"
+    spool_segment_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     map_size: int = 32 << 30  # virtual: the file only grows as data is written
     max_readers: int = 2048
@@ -107,6 +119,7 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     profession_domains: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_PROFESSION_DOMAINS)
     )
@@ -168,7 +181,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    unknown = set(raw) - {"server", "store", "auth", "quota", "professions"}
+    unknown = set(raw) - {"server", "store", "auth", "quota", "telemetry", "professions"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     domains = dict(DEFAULT_PROFESSION_DOMAINS)
@@ -204,6 +217,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         store=_section(StoreSettings, raw.get("store", {}), "store"),
         auth=_section(AuthSettings, raw.get("auth", {}), "auth"),
         quota=_section(QuotaSettings, raw.get("quota", {}), "quota"),
+        telemetry=_section(TelemetrySettings, raw.get("telemetry", {}), "telemetry"),
         profession_domains=domains,
         profession_quotas=quotas,
     )
@@ -211,6 +225,10 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if bad_methods or not config.auth.methods:
         raise ConfigError("[auth] methods must list token and/or certificate")
     check_quota_overrides({k: getattr(config.quota, k) for k in QUOTA_FIELDS}, "[quota]")
+    if config.telemetry.when_full not in ("refuse", "drop"):
+        raise ConfigError('[telemetry] when_full must be "refuse" or "drop"')
+    if config.telemetry.spool_max_bytes < 4096 or config.telemetry.spool_segment_bytes < 4096:
+        raise ConfigError("[telemetry] spool_max_bytes and spool_segment_bytes: at least 4096")
     return config
 
 

@@ -38,6 +38,8 @@ from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
 from service.config import Config, PepperError, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
+from service.shipper import run as shipper_main
+from service.spool import SpoolFull
 from service.store import Store
 
 log = logging.getLogger("covergate.server")
@@ -47,9 +49,7 @@ ATTESTATION_SERVICE = "covergate.v1.AttestationService"
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
 
-NOT_LOADED = rules.error_info_status(
-    rules.UNAVAILABLE, "DATA_NOT_LOADED", "coverage data is not loaded yet; retry later"
-)
+NOT_LOADED = rules.DATA_NOT_LOADED
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class CovergateHandlers:
         if isinstance(caller, AuthFailure):
             raise Refusal(caller.code, caller.status, caller.practitioner)
         if self.gate is None:
-            raise Refusal(rules.UNAVAILABLE, NOT_LOADED)
+            raise Refusal(rules.UNAVAILABLE, NOT_LOADED, caller)
         if caller.slot >= self.quota.slots:
             self._grow_quota()
         return caller
@@ -216,24 +216,26 @@ class CovergateHandlers:
     async def _decide(
         self, method: str, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
-        """CheckCoverage and CheckCoverageBatch: one gate call, its refusal or its answer."""
+        """CheckCoverage and CheckCoverageBatch: one gate call, its refusal or its answer; with
+        tracing on, never an answer whose spans are not in the audit spool."""
         telemetry = self.telemetry
-        if telemetry is not None:
-            started = time.perf_counter()
+        started = time.perf_counter()
         metadata = context.invocation_metadata()
+        index = tr.METHODS.index(method)
         try:
             caller = self._caller(context, "practitioner", metadata)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise Refusal(rules.DEADLINE_EXCEEDED, rules.DEADLINE_PASSED, caller)
+            if telemetry is not None and not telemetry.has_room():
+                raise Refusal(rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
         except Refusal as r:
-            if telemetry is not None and r.practitioner is not None:
+            if telemetry is not None:
                 parent = otel.trace_context(metadata) if metadata else None
-                self._refused(
-                    tr.METHODS.index(method), r, parent or (b"", b""), started, child=False
-                )
+                self._refused(index, r, parent or (b"", b""), started, child=False)
             await _abort(context, r.code, r.status)
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        decide = self.gate.check if method == "CheckCoverage" else self.gate.check_batch
+        gate = self.gate
+        decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         today, now = self._clock.now()
         if telemetry is None:
             code, payload = decide(caller, request, today, now)
@@ -241,7 +243,11 @@ class CovergateHandlers:
             trace = otel.trace_context(metadata) if metadata else None
             code, payload = decide(caller, request, today, now, trace=trace)
             telemetry.record_rpc(method, time.perf_counter() - started)
-        if self.gate.suspensions:
+            try:
+                telemetry.record(gate)
+            except SpoolFull:
+                await _abort(context, rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
+        if gate.suspensions:
             self.persist_suspensions()
         if code:
             await _abort(context, code, payload)
@@ -278,6 +284,8 @@ class CovergateHandlers:
             async for request in requests:
                 try:
                     caller = self._caller(context, "practitioner", metadata, certificate)
+                    if telemetry is not None and not telemetry.has_room():
+                        raise Refusal(rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
                 except Refusal as r:
                     self._refused(method, r, (trace_id, stream_span), time.perf_counter())
                     messages += 1
@@ -291,6 +299,11 @@ class CovergateHandlers:
                     response = gate.check_item(
                         caller, request, today, now, trace=(trace_id, stream_span)
                     )
+                    try:
+                        telemetry.record(gate)
+                    except SpoolFull:
+                        code = rules.UNAVAILABLE
+                        await _abort(context, rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
                 messages += 1
                 suspended = bool(gate.suspensions) and self.persist_suspensions(
                     caller.practitioner_id
@@ -328,8 +341,10 @@ class CovergateHandlers:
         return self.gate.new_span_id() if self.gate is not None else os.urandom(8)
 
     def _add_span(self, span: bytes) -> None:
-        if self.gate is not None:
-            self.gate.add_span(span)
+        """A span encoded here (a stream's, a refusal's), straight into the audit spool."""
+        if self.telemetry is not None:
+            with contextlib.suppress(SpoolFull):  # the call is refused or over either way
+                self.telemetry.add_span(span)
 
     def _refused(
         self,
@@ -340,13 +355,15 @@ class CovergateHandlers:
         *,
         child: bool = True,
     ) -> None:
-        """A known practitioner refused before the gate (suspended, ...): its attempt is still
-        one traced lookup with the refusal's reason, and counted in the metrics, so a suspended
-        credential that keeps trying stays visible. `context`: (trace id, parent span); a stream
-        message's span is a child of the stream's span."""
+        """A known caller refused before any gate decided (suspended, wrong role, data not
+        loaded, deadline passed): its attempt is still one traced lookup with the refusal's
+        reason, and counted in the metrics, so a credential that keeps trying stays visible.
+        `context`: (trace id, parent span); a stream message's span is a child of the stream's.
+        A refusal for a full audit spool cannot be recorded there: it is counted instead."""
         telemetry, who = self.telemetry, refusal.practitioner
         if telemetry is None or who is None:
             return
+        outcome = tr.refusal_outcome(refusal.code, refusal.status)
         trace_id, parent = context
         if not trace_id:
             trace_id = self._new_trace_id()
@@ -361,13 +378,13 @@ class CovergateHandlers:
                 method,
                 refusal.code,
                 attributes,
-                tr.O_SUSPENDED,
+                outcome,
                 end_ns - int(elapsed * 1e9),
                 end_ns,
                 child=child,
             )
         )
-        telemetry.refused(profession, tr.O_SUSPENDED)
+        telemetry.refused(profession, outcome)
         if not child:
             telemetry.record_rpc(tr.METHODS[method], elapsed)
 
@@ -446,7 +463,8 @@ async def run_worker(
     settings = options.config.server
     # Opened here, after fork/spawn: LMDB handles don't survive it.
     store = Store(options.data_dir, options.config.store)
-    telemetry = otel.setup(index)  # after fork too: its exporter thread and channels are ours
+    # After fork too: its spool directory, metric thread and channels are this worker's.
+    telemetry = otel.setup(index, options.data_dir, options.config)
     handlers = CovergateHandlers(store, options, telemetry)
     server = grpc.aio.server(
         options=[
@@ -558,6 +576,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         sender.close()
         return proc, receiver
 
+    # The audit shipper (tracing on): exports what every worker writes to the spool.
+    shipper = _start_shipper(ctx, options)
     procs: dict[int, Any] = {}
     pipes = {}
     for i in range(workers):
@@ -572,10 +592,18 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
     restarts: list[float] = []
     while not stopping:
         sentinels = {p.sentinel: i for i, p in procs.items()}
+        if shipper is not None:
+            sentinels[shipper.sentinel] = -1
         for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
             i = sentinels[sentinel]  # type: ignore[index]
             if stopping:
                 break
+            if i == -1:
+                assert shipper is not None
+                log.error("the audit shipper exited with code %s; restarting it",
+                          shipper.exitcode)  # fmt: skip
+                shipper = _start_shipper(ctx, options)
+                continue
             log.error("worker %d exited with code %s; restarting it", i, procs[i].exitcode)
             restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
             if len(restarts) > 5 * workers:
@@ -591,8 +619,30 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         proc.join(grace)
         if proc.is_alive():
             proc.kill()
+    if shipper is not None:
+        # After the workers: their last spans are in the spool; it sends what it can in time.
+        if shipper.is_alive() and shipper.pid is not None:
+            os.kill(shipper.pid, signal.SIGTERM)
+        shipper.join(SHIPPER_DRAIN_SECONDS + 5)
+        if shipper.is_alive():
+            shipper.kill()
     reserved.close()
     return 0 if all(p.exitcode == 0 for p in procs.values()) else 1
+
+
+SHIPPER_DRAIN_SECONDS = 5.0
+
+
+def _start_shipper(ctx: Any, options: ServeOptions) -> Any:
+    """The host's audit shipper process, when tracing is on (service.shipper)."""
+    if not otel.enabled():
+        return None
+    root = otel.spool_settings(options.data_dir, options.config).root
+    proc = ctx.Process(
+        target=shipper_main, args=(str(root), SHIPPER_DRAIN_SECONDS), name="covergate-shipper"
+    )
+    proc.start()
+    return proc
 
 
 __all__ = ["ServeOptions", "TlsFiles", "covergate_pb2", "run_worker", "serve"]
