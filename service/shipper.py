@@ -39,7 +39,7 @@ log = logging.getLogger("covergate.shipper")
 CHUNK_BYTES = 3 << 20  # below the 4 MiB a collector accepts by default
 POLL_SECONDS = 0.02
 BACKOFF_FIRST = 0.2
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 5.0  # an audit trail catches up soon after the receiver is back
 
 
 class Sender:

@@ -123,18 +123,33 @@ def writer_alive(directory: Path) -> bool:
     return False
 
 
+def header_size(path: Path) -> int:
+    """The size of a segment's header (0 when it has none yet)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            parsed = read_header(head)
+            if parsed is None and head.startswith(MAGIC):
+                parsed = read_header(head + f.read(1 << 20))
+    except FileNotFoundError:
+        return 0
+    return parsed[2] if parsed is not None else 0
+
+
 def pending_bytes(directory: Path) -> int:
-    """Span bytes in `directory` not yet acknowledged (headers excluded, roughly)."""
+    """Span bytes in `directory` not yet acknowledged."""
     acked_seq, acked_offset = read_cursor(directory)
     total = 0
     for seq in segments(directory):
         if seq < acked_seq:
             continue
+        path = directory / segment_name(seq)
         try:
-            size = os.stat(directory / segment_name(seq)).st_size
+            size = os.stat(path).st_size
         except FileNotFoundError:
             continue
-        total += max(0, size - acked_offset) if seq == acked_seq else size
+        start = max(header_size(path), acked_offset if seq == acked_seq else 0)
+        total += max(0, size - start)
     return total
 
 

@@ -537,7 +537,14 @@ def setup(worker: int, data_dir: Path, config: Any) -> Telemetry | None:
     """This worker's telemetry, or None when tracing is not configured."""
     if not enabled():
         return None
-    return Telemetry(worker, spool_settings(data_dir, config))
+    settings = spool_settings(data_dir, config)
+    if settings.when_full == "drop" and worker == 0:
+        log.warning(
+            "[telemetry] when_full = drop: when the audit spool (%s, %d bytes) is full, lookups "
+            "are answered WITHOUT their record (spans DROPPED, counted); the default refuses them",
+            settings.root, settings.max_bytes,
+        )  # fmt: skip
+    return Telemetry(worker, settings)
 
 
 __all__ = [
