@@ -2029,3 +2029,34 @@ cdef class Gate:
         _put_varint_unchecked(out, <unsigned long long>token_size)
         out.size += _b64url(payload, size, out.data + out.size)
         return 0
+
+
+def complete_spans(data, Py_ssize_t max_bytes):
+    """fastpath.trace.complete_spans in C: (end, count) of the complete framed spans at the
+    start of `data` (a bytes-like object), as many as fit in `max_bytes` and at least one."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t n = view.shape[0]
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t count = 0
+    cdef Py_ssize_t next_pos
+    cdef unsigned long long size
+    if n == 0:
+        return 0, 0
+    with nogil:
+        while pos < n:
+            next_pos = pos + 1
+            if view[pos] != 0x12:
+                count = -1
+                break
+            if not _read_varint(&view[0], n, &next_pos, 10, &size):
+                break
+            if size > <unsigned long long>(n - next_pos):
+                break
+            next_pos += <Py_ssize_t>size
+            if next_pos > max_bytes and count:
+                break
+            pos = next_pos
+            count += 1
+    if count < 0:
+        raise ValueError("not a framed span")
+    return pos, count

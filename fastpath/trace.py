@@ -119,13 +119,45 @@ def field_bytes(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + varint(len(data)) + data
 
 
-def export_trace_request(resource: bytes, scope: bytes, spans: bytes) -> bytes:
+def export_trace_request(resource: bytes, scope: bytes, spans: bytes | memoryview) -> bytes:
     """ExportTraceServiceRequest{ResourceSpans{resource, ScopeSpans{scope, spans}}} for an encoded
-    Resource and InstrumentationScope: `spans` are already framed ScopeSpans.spans entries, so this
-    is concatenation (the Cython gate's take_export_requests writes the same bytes in one go)."""
-    scope_spans = field_bytes(0x0A, scope) + spans
-    resource_spans = field_bytes(0x0A, resource) + field_bytes(0x12, scope_spans)
-    return field_bytes(0x0A, resource_spans)
+    Resource and InstrumentationScope: `spans` are already framed ScopeSpans.spans entries, so the
+    request is a small head and the spans, copied once (the Cython gate's take_export_requests
+    writes the same bytes)."""
+    scope_head = field_bytes(0x0A, scope)
+    scope_spans = len(scope_head) + len(spans)
+    inner = field_bytes(0x0A, resource) + b"\x12" + varint(scope_spans)
+    head = b"\x0a" + varint(len(inner) + scope_spans) + inner + scope_head
+    return b"".join((head, spans))
+
+
+def complete_spans(data: bytes | memoryview, max_bytes: int) -> tuple[int, int]:
+    """(end, count) of the complete framed spans at the start of `data`: as many as fit in
+    `max_bytes`, and at least the first one if it is complete. Raises ValueError where the bytes
+    are not framed spans. (The shipper's cut; the Cython gate module has a C twin.)"""
+    n = len(data)
+    pos = count = 0
+    while pos < n:
+        if data[pos] != 0x12:
+            raise ValueError("not a framed span")
+        size = shift = 0
+        i = pos + 1
+        while True:
+            if i >= n:
+                return pos, count
+            byte = data[i]
+            size |= (byte & 0x7F) << shift
+            i += 1
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise ValueError("not a framed span")
+        end = i + size
+        if end > n or (end > max_bytes and count):
+            return pos, count
+        pos, count = end, count + 1
+    return pos, count
 
 
 def _key_value(key: str, any_value: bytes) -> bytes:

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from fastpath import complete_spans
 from fastpath import trace as tr
 from service import spool as sp
 
@@ -142,7 +143,7 @@ class WriterSpool:
             os.close(self._fd)
         self._fd, self._fd_seq, self._header = -1, -1, None
 
-    def next_chunk(self, stats: Stats) -> tuple[bytes, bytes, bytes, int, int] | None:
+    def next_chunk(self, stats: Stats) -> tuple[bytes, bytes, memoryview, int, int] | None:
         """(resource, scope, spans, count, end offset) of the next complete spans to send, or
         None when there is nothing to send now. Finished segments are removed on the way."""
         while True:
@@ -164,7 +165,13 @@ class WriterSpool:
             resource, scope, header_size = header
             self.offset = max(self.offset, header_size)
             data = os.pread(self._fd, CHUNK_BYTES, self.offset)
-            end, count = complete_spans(data, CHUNK_BYTES)
+            try:
+                end, count = complete_spans(data, CHUNK_BYTES)
+            except ValueError:
+                log.error("%s/%s holds something other than spans after offset %d; skipped",
+                          self.directory.name, sp.segment_name(self.seq), self.offset)  # fmt: skip
+                self._finish_segment(stats, torn=True)
+                continue
             if count == 0 and len(data) >= CHUNK_BYTES:
                 # One span larger than a chunk: read it whole.
                 size = _first_span_size(data)
@@ -172,7 +179,7 @@ class WriterSpool:
                     data = os.pread(self._fd, size, self.offset)
                     end, count = complete_spans(data, size)
             if count:
-                return resource, scope, bytes(data[:end]), count, self.offset + end
+                return resource, scope, memoryview(data)[:end], count, self.offset + end
             if present[-1] == self.seq and sp.writer_alive(self.directory):
                 return None  # the worker is still writing this segment
             self._finish_segment(stats, torn=bool(data))
@@ -203,20 +210,7 @@ class WriterSpool:
         return True
 
 
-def complete_spans(data: bytes, max_bytes: int) -> tuple[int, int]:
-    """(end, count) of the complete framed spans at the start of `data`, at most `max_bytes`
-    (fastpath's C twin when it is built)."""
-    end = count = 0
-    for _, stop in sp.iter_spans(data):
-        if stop > max_bytes and count:
-            break
-        end, count = stop, count + 1
-    return end, count
-
-
 def _first_span_size(data: bytes) -> int:
-    for _, stop in sp.iter_spans(data):
-        return stop
     size = shift = 0
     for i in range(1, min(len(data), 11)):
         byte = data[i]

@@ -29,7 +29,6 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,39 +270,10 @@ class SpoolWriter:
             self._lock_fd = -1
 
 
-def iter_spans(data: bytes | memoryview, start: int = 0) -> Iterator[tuple[int, int]]:
-    """(offset, end) of each complete framed span in `data` from `start`; stops before a
-    truncated one. Raises ValueError where the bytes are not framed spans."""
-    n = len(data)
-    pos = start
-    while pos < n:
-        if data[pos] != 0x12:
-            raise ValueError("not a framed span")
-        size = shift = 0
-        i = pos + 1
-        while True:
-            if i >= n:
-                return
-            byte = data[i]
-            size |= (byte & 0x7F) << shift
-            i += 1
-            if byte < 0x80:
-                break
-            shift += 7
-            if shift > 63:
-                raise ValueError("not a framed span")
-        end = i + size
-        if end > n:
-            return
-        yield pos, end
-        pos = end
-
-
 __all__ = [
     "SpoolFull",
     "SpoolSettings",
     "SpoolWriter",
-    "iter_spans",
     "read_cursor",
     "read_header",
     "segments",
