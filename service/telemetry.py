@@ -202,6 +202,11 @@ def console_enabled() -> bool:
     return _env_flag(CONSOLE_FLAG) and not _env_flag("OTEL_SDK_DISABLED")
 
 
+def schedule_delay() -> float:
+    """OTEL_BSP_SCHEDULE_DELAY in seconds (default 1 s, so that harvesting shows within one)."""
+    return max(_env_int("OTEL_BSP_SCHEDULE_DELAY", 1000), 1) / 1000
+
+
 def export_timeout() -> float:
     return _env_int("OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000
 
