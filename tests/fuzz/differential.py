@@ -316,13 +316,21 @@ class Checker:
         """Raise Divergence at the first difference or oracle violation."""
         accepted = official_parse(case)
         head_before = case.slot_head.ljust(SLOT_HEAD, b"\0") if case.slot_mode else bytes(SLOT_HEAD)
+        unmetered: Divergence | None = None
         for call, (c, py) in enumerate(self._steps(case)):
             where = f"call {call + 1} of {case.repeats}"
             compare(c, py, where)
             self._oracle(case, py, accepted, where)
-            self._metering(case, head_before, py, accepted, where)
+            try:
+                self._metering(case, head_before, py, accepted, where)
+            except Divergence as divergence:
+                # Raised at the end: the calls after it are still compared, and any other
+                # divergence in them is the one reported.
+                unmetered = unmetered or divergence
             start = case.slot_index * SLOT_SIZE
             head_before = py.quota[start : start + SLOT_HEAD]
+        if unmetered is not None:
+            raise unmetered
 
     def _oracle(self, case: Case, step: Step, accepted: int | None, where: str) -> None:
         """upb decides what is malformed; a gate never raises on client bytes; answers and spans
