@@ -21,9 +21,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+# fastpath, and the fuzz modules that import it, are imported inside functions: atheris must
+# instrument fastpath (load_gates, under instrument_imports) before anything imports it.
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "fuzz"
@@ -140,8 +144,6 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
     elif roll == 4 or not case.request:
         case = random_case(ch, request=random_request(ch, case))
     else:
-        from dataclasses import replace
-
         case = replace(case, request=wire.mutate(case.request, ch, batch=case.is_batch))
     return case.encode()[:max_size]
 

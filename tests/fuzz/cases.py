@@ -175,10 +175,14 @@ SLOT_FIELDS = ("flags", "guard_fired", "tat_ms", "day", "daily_count", "distinct
                "window_len", "window_bits", "suspended_at_ms")  # fmt: skip
 
 
+def head_fields(data: bytes, offset: int = 0) -> dict[str, int]:
+    """The fields (fastpath.quota.SlotState) of the slot head at `offset` in `data`."""
+    return dict(zip(SLOT_FIELDS, _HEAD.unpack_from(data, offset), strict=True))
+
+
 def slot_fields(case: Case) -> dict[str, int]:
-    """The planted slot head's fields (fastpath.quota.SlotState)."""
-    head = case.slot_head.ljust(SLOT_HEAD, b"\0")
-    return dict(zip(SLOT_FIELDS, _HEAD.unpack_from(head), strict=True))
+    """The planted slot head's fields."""
+    return head_fields(case.slot_head.ljust(SLOT_HEAD, b"\0"))
 
 
 def with_slot_fields(case: Case, **changes: int) -> Case:

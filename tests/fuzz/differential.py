@@ -29,12 +29,12 @@ from fastpath.quota import (
     QuotaFile,
 )
 from fuzz.cases import (
-    _HEAD,
     PROFILES,
     SLOT_TABLE_FULL,
     SLOT_TABLE_HALF,
     SLOTS,
     Case,
+    head_fields,
     slot_fields,
     with_slot_fields,
 )
@@ -380,20 +380,21 @@ class Checker:
         garbage = accepted is None or (case.is_batch and accepted > case.max_batch_items)
         if not self.garbage_metered or not garbage or step.outcome[0] != "returned":
             return
-        old = _HEAD.unpack_from(before)
-        if old[0] & FLAG_SUSPENDED or old[6] >= 64:
+        old = head_fields(before)
+        if old["flags"] & FLAG_SUSPENDED or old["window_len"] >= 64:
             return
         status = refusal(case, step.outcome[1])
         if status is not None and reason(status) in _CALLER_REFUSALS:
             return
-        start = case.slot_index * SLOT_SIZE
-        new = _HEAD.unpack_from(step.quota, start)
-        rate_spent = new[2] != old[2] or PROFILES[case.profile].shadow & SHADOW_RATE
-        if not rate_spent or new[6] != old[6] + 1 or not new[7] & 1:
+        new = head_fields(step.quota, case.slot_index * SLOT_SIZE)
+        rate_spent = new["tat_ms"] != old["tat_ms"] or PROFILES[case.profile].shadow & SHADOW_RATE
+        counted_bad = new["window_len"] == old["window_len"] + 1 and new["window_bits"] & 1
+        if not (rate_spent and counted_bad):
             raise Divergence(
                 "garbage-metered",
-                f"refused garbage left tat_ms {old[2]} -> {new[2]}, window_len {old[6]} -> "
-                f"{new[6]}, window_bits {old[7]:#x} -> {new[7]:#x} ({where})",
+                f"refused garbage left tat_ms {old['tat_ms']} -> {new['tat_ms']}, window_len "
+                f"{old['window_len']} -> {new['window_len']}, window_bits {old['window_bits']:#x} "
+                f"-> {new['window_bits']:#x} ({where})",
             )
 
     # -- known issues ------------------------------------------------------------------------------
