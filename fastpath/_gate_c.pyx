@@ -1807,7 +1807,8 @@ cdef class Gate:
             if not c.shadow & SHADOW_GUARD:
                 slot.flags |= CG_FLAG_SUSPENDED
                 slot.suspended_at_ms = c.now_ms
-                slot.guard_fired += 1
+                if slot.guard_fired < 0xFFFFFFFF:  # saturated, as the reference
+                    slot.guard_fired += 1
                 self.suspensions.append(practitioner.practitioner_id)
                 c.guard_fired = 1
             elif c.would_deny == WD_NONE:
