@@ -2,7 +2,21 @@
 reflection, one asyncio worker per process sharing the port, graceful drain on SIGTERM.
 
 Handlers receive and return raw bytes: the fast path parses requests and encodes responses itself,
-so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio.
+so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio's
+deserialisation. covergate itself never answers INTERNAL. grpc-core, which checks the HTTP/2 and
+gRPC framing before any handler runs, does, for exactly these client-sendable violations (grpcio
+1.85; tests/test_server_limits.py checks each, the README lists them too):
+
+- the compressed flag set with no grpc-encoding, or with grpc-encoding: identity;
+- an unknown grpc-encoding (e.g. snappy);
+- a gzip/deflate message that does not inflate, only with accept_compressed_requests = true (by
+  default every compressed request is UNIMPLEMENTED, before any decompression);
+- an unparsable te (not "trailers"), grpc-timeout, grpc-status, grpc-previous-rpc-attempts,
+  grpc-retry-pushback-ms, grpc-internal-encoding-request or lb-cost-bin header, an unknown :method
+  or :scheme, or a -bin header that is not base64;
+- an illegal header name (uppercase, a space, an unknown pseudo-header) or an empty one;
+- RST_STREAM INTERNAL_ERROR, which clients report as INTERNAL: :method other than POST, or no
+  :method, :scheme, :path, :authority or te.
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from service import telemetry as otel
 from service.attestation import AttestationVerifier
 from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
-from service.config import Config, PepperError, load_pepper
+from service.config import Config, PepperError, ServerSettings, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
 from service.store import Store
 
@@ -435,6 +449,38 @@ def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """A worker's grpc options: message sizes and the bounds on every connection (the defaults
+    and their reasons are in config.ServerSettings)."""
+    return [
+        # Joins the supervisor's hold on the address (see _hold_address): only our workers can.
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes * 4),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            _ms(settings.keepalive_min_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_seconds)),
+        # Bit per algorithm (identity, deflate, gzip). Identity alone: a compressed request is
+        # UNIMPLEMENTED before any decompression, never an INTERNAL from a corrupt one.
+        (
+            "grpc.compression_enabled_algorithms_bitset",
+            0b111 if settings.accept_compressed_requests else 0b001,
+        ),
+    ]
+
+
 async def run_worker(
     options: ServeOptions, index: int, on_ready: Callable[[int], None] | None = None
 ) -> None:
@@ -444,14 +490,7 @@ async def run_worker(
     store = Store(options.data_dir, options.config.store)
     telemetry = otel.setup(index)  # after fork too: its exporter thread and channels are ours
     handlers = CovergateHandlers(store, options, telemetry)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes * 4),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        ],
-    )
+    server = grpc.aio.server(options=grpc_server_options(settings))
     handlers.register(server)
     if options.tls is None:
         port = server.add_insecure_port(options.listen)
