@@ -137,6 +137,41 @@ def test_a_second_covergate_on_a_served_address_exits_at_once(
         assert first.proc.poll() is None
 
 
+def test_covergates_started_together_on_one_port_leave_one_serving(ds: Dataset) -> None:
+    """Started at the same moment, three covergates race for one free port: whoever wins, one
+    serves and the other two exit with the one line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, COVERGATE_DATA=str(ds.data_dir))
+    command = [COVERGATE, "serve", "--insecure", "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+    procs = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    try:
+        wait_until(
+            lambda: sum(p.poll() is not None for p in procs) >= 2, "two of the three have exited"
+        )
+        exited = [p for p in procs if p.poll() is not None]
+        (serving,) = [p for p in procs if p.poll() is None]
+        for proc in exited:
+            out, err = proc.communicate()
+            assert_refused_in_one_line(
+                subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            )
+        assert serving.stdout is not None
+        assert f"serving on 127.0.0.1:{port}" in serving.stdout.readline()
+        assert checks_answered_from(ds, f"127.0.0.1:{port}", calls=2) == 2
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=DEADLINE)
+
+
 def test_a_port_held_by_another_program_is_refused(ds: Dataset) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain:
         plain.bind(("127.0.0.1", 0))
