@@ -15,6 +15,7 @@ gRPC framing before any handler runs, does, for exactly these client-sendable vi
   grpc-retry-pushback-ms, grpc-internal-encoding-request or lb-cost-bin header, an unknown :method
   or :scheme, or a -bin header that is not base64;
 - an illegal header name (uppercase, a space, an unknown pseudo-header) or an empty one;
+- a header block that does not decode (HPACK); the connection is then closed;
 - RST_STREAM INTERNAL_ERROR, which clients report as INTERNAL: :method other than POST, or no
   :method, :scheme, :path, :authority or te.
 """

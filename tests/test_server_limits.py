@@ -193,6 +193,15 @@ class RawConnection:
         self.flush()
         return stream
 
+    def call_with_header_block(self, block: bytes) -> int:
+        """A call whose HEADERS frame carries `block`, raw bytes, as its HPACK header block."""
+        stream = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream, [(":method", "POST")], end_stream=True)
+        self.h2.data_to_send()  # h2's own encoding of that frame is never sent
+        header = struct.pack(">I", len(block))[1:] + bytes([HEADERS, 0x5])  # END_HEADERS|STREAM
+        self.sock.sendall(header + struct.pack(">I", stream) + block)
+        return stream
+
     def headers(self, stream: int) -> dict[str, str]:
         found: dict[str, str] = {}
         for event in self.events:
@@ -513,6 +522,10 @@ def test_what_grpc_core_answers_with_internal(
         stream = conn.call(CHECK, body, headers=[token, *headers], base=base)
         outcomes[name] = conn.outcome(stream)
         conn.close()
+    # A header block that does not decode: INTERNAL, then grpc-core closes the connection.
+    conn = connect(default_server.port)
+    assert conn.outcome(conn.call_with_header_block(b"\xff\xff\xff\xff")) == INTERNAL
+    conn.wait(lambda: conn.eof, "the connection is closed")
     # The same connection shape, with nothing wrong: answered by covergate.
     conn = connect(default_server.port)
     assert conn.outcome(conn.call(CHECK, grpc_frame(check_request(ds)), headers=[token])) == "0"
