@@ -420,8 +420,6 @@ def cmd_practitioner_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_practitioner_unpin(args: argparse.Namespace) -> int:
-    if not args.fingerprint and not args.all:
-        raise CliError("say which certificate: --fingerprint SHA256HEX, or --all", EXIT_USAGE)
     fingerprint = _fingerprint(args.fingerprint) if args.fingerprint else ""
     with open_existing_store(args) as store:
         rec = _practitioner(store, args.practitioner_id)
@@ -438,7 +436,7 @@ def cmd_practitioner_unpin(args: argparse.Namespace) -> int:
             args, store, rec, "unpinned", detail=", ".join(gone),
             cert_fingerprints=[f for f in rec.cert_fingerprints if f not in gone],
         )  # fmt: skip
-        print(f"unpinned {', '.join(gone)} for {rec.practitioner_id}")
+        print(f"unpinned {len(gone)} certificate(s) of {rec.practitioner_id}: {', '.join(gone)}")
         _print_practitioner(args, store, rec)
     return EXIT_OK
 
@@ -669,7 +667,7 @@ def _check_private_key(option: str, name: str) -> bytes:
         raise CliError(
             f"{option} {name}: the key is encrypted; give an unencrypted PEM key", EXIT_USAGE
         ) from None
-    except (ValueError, Exception):  # cryptography raises ValueError or UnsupportedAlgorithm
+    except Exception:  # ValueError, or cryptography's UnsupportedAlgorithm
         raise CliError(f"{option} {name}: not a PEM private key", EXIT_USAGE) from None
     return data
 
@@ -1107,9 +1105,10 @@ def build_parser() -> argparse.ArgumentParser:
          ["covergate practitioner pin 10001234567 --fingerprint AB:CD:...",
           "openssl x509 -in client.pem -noout -fingerprint -sha256   # the fingerprint"],
          cmd_practitioner_pin),
-        ("unpin", "remove a registered client certificate fingerprint, or all of them",
+        ("unpin", "remove a registered client certificate fingerprint (without one: all)",
          ["covergate practitioner unpin 10001234567 --fingerprint AB:CD:...",
-          "covergate practitioner unpin 10001234567 --all"], cmd_practitioner_unpin),
+          "covergate practitioner unpin 10001234567          # every pinned certificate"],
+         cmd_practitioner_unpin),
         ("quota", "override this practitioner's quota (profession defaults otherwise)",
          ["covergate practitioner quota 10001234567 --set daily_limit=500",
           "covergate practitioner quota 10001234567 --set shadow=guard,rate",
@@ -1137,8 +1136,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="the certificate's SHA-256 fingerprint in hex (colons allowed)",
             )  # fmt: skip
         if verb == "unpin":
-            k.add_argument("--fingerprint", metavar="SHA256HEX", help="the fingerprint to remove")
-            k.add_argument("--all", action="store_true", help="remove every pinned fingerprint")
+            k.add_argument(
+                "--fingerprint",
+                metavar="SHA256HEX",
+                help="the fingerprint to remove (default: every pinned one)",
+            )
         if verb == "quota":
             k.add_argument(
                 "--set",

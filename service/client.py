@@ -19,7 +19,9 @@ from fastpath.rules import DOMAIN_CODES
 DECISIONS = {v.number: v.name.removeprefix("DECISION_") for v in pb.Decision.DESCRIPTOR.values}
 
 
-@dataclass(frozen=True)
+# Not frozen: Python sets __traceback__ on an exception as it travels (contextlib does it with
+# setattr), which a frozen dataclass refuses.
+@dataclass(eq=False)
 class CoverageError(Exception):
     """A refused check: gRPC code name, message, ErrorInfo reason, and for INVALID_ARGUMENT the
     invalid field names (`fields`) with the rule each one breaks (`rules`, in the same order)."""

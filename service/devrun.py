@@ -1,5 +1,5 @@
-"""`make run`: make the demo data dir if it is missing, serve it in plaintext on loopback, wait until
-it is healthy, then print the export lines and ready-to-paste `covergate check` commands, once.
+"""`make run`: make the demo data dir if it is missing, serve it in plaintext on loopback, wait
+until it is healthy, then print the export lines and ready-to-paste `covergate check` commands.
 
 SIGTERM, SIGINT and SIGHUP to this wrapper stop the server (it drains and exits); the server is
 also told by the kernel to stop if this wrapper dies without a word (Linux: PR_SET_PDEATHSIG).
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -77,9 +76,7 @@ def live_examples(examples: str, data_dir: Path) -> list[str]:
             shown.append(line)
         elif line.startswith("TOKEN_"):
             name = line.partition("=")[0]
-            shown.append(
-                f"# {name} was revoked; a new one: covergate token create {tokens[dead]}"
-            )
+            shown.append(f"# {name} was revoked; a new one: covergate token create {tokens[dead]}")
     # An example whose command was dropped loses its label line too.
     return [
         line
@@ -145,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        demo = subprocess.run(
-            [
-                str(covergate), "demo", "--data", str(data_dir), "--examples", str(examples_file),
-                "--beneficiaries", str(args.beneficiaries), "--if-missing",
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,  # its summary would repeat what the banner says
-        )
+        demo_cmd = [
+            str(covergate), "demo", "--data", str(data_dir), "--examples", str(examples_file),
+            "--beneficiaries", str(args.beneficiaries), "--if-missing",
+        ]  # fmt: skip
+        # Its summary would repeat what the banner says; its progress goes to stderr.
+        demo = subprocess.run(demo_cmd, stdout=subprocess.DEVNULL)
         if demo.returncode != 0 or stop_requested:
             return demo.returncode or 1
     cmd = [str(covergate), "serve", "--insecure", "--data", str(data_dir), "--listen", args.listen]

@@ -43,6 +43,24 @@ CHUNK_BYTES = 3 << 20  # below the 4 MiB a collector accepts by default
 MAX_QUEUED_BYTES = 64 << 20
 LATENCY_BOUNDS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 CONSOLE_FLAG = "COVERGATE_TRACE_CONSOLE"
+METRIC_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+METRIC_EXPORT_TIMEOUT_SECONDS = 2.0
+SDK_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+
+
+class _ExportFailures(logging.Filter):
+    """Holds back the SDK exporter's warnings and errors (while the last metrics go out at
+    shutdown), counting them, so that one line of ours says what happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.count += 1
+            return False
+        return True
 
 
 def _env_flag(name: str) -> bool:
@@ -385,6 +403,11 @@ class Telemetry:
         exporter_kwargs: dict[str, Any] = {}
         if urlparse(self.endpoint).scheme == "http":
             exporter_kwargs["insecure"] = True
+        if not any(os.environ.get(v) for v in METRIC_TIMEOUT_VARIABLES):
+            # The SDK retries a failed export with backoff (1 s, 2 s, 4 s) until its timeout: with
+            # the receiver down, that held every SIGTERM for ~7 s. The counters are cumulative, so
+            # an export given up costs nothing that the next one does not carry.
+            exporter_kwargs["timeout"] = METRIC_EXPORT_TIMEOUT_SECONDS
         reader = PeriodicExportingMetricReader(OTLPMetricExporter(**exporter_kwargs))
         self._meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader])
         meter = self._meter_provider.get_meter(tr.SCOPE_NAME, _version())
@@ -484,9 +507,20 @@ class Telemetry:
         await asyncio.get_running_loop().run_in_executor(None, self.exporter.close, timeout)
         if self._meter_provider is not None:
             provider = self._meter_provider
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: provider.shutdown(timeout_millis=timeout * 1000)
-            )
+            failures = _ExportFailures()
+            sdk_log = logging.getLogger(SDK_EXPORTER_LOGGER)
+            sdk_log.addFilter(failures)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: provider.shutdown(timeout_millis=timeout * 1000)
+                )
+            finally:
+                sdk_log.removeFilter(failures)
+            if failures.count:
+                log.warning(
+                    "the last metrics were not exported: the OTLP receiver at %s did not answer",
+                    self.endpoint,
+                )
         if self.exporter.dropped_spans:
             log.warning(
                 "%d span(s) were dropped in this worker's life", self.exporter.dropped_spans
