@@ -17,7 +17,6 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes
 from harness import (
-    COVERGATE,
     HOSPITAL_ID,
     OTHER_AMC,
     PHARMACIST_ID,
@@ -113,7 +112,7 @@ def check_args(ds: Dataset, **over: str) -> list[str]:
     return ["check", *[x for kv in values.items() for x in kv if x != ""]]
 
 
-# -- 1. one line and a documented status for every ordinary mistake ---------------------------------
+# -- 1. one line and a documented status for every ordinary mistake -------------------------------
 
 
 def test_mistakes_on_the_command_line(ds: Dataset, tmp_path: Path) -> None:
@@ -259,9 +258,11 @@ def test_certificate_alone_from_the_python_client(
     with CoverageClient(mtls.target, None, root_certificates=ca, client_cert=(cert, key)) as client:
         assert client.check(**fields).decision == "COVERED"
     # Neither a token nor a certificate: the server says a credential is missing.
-    with CoverageClient(tls.target, root_certificates=ca) as client:
-        with pytest.raises(CoverageError) as err:
-            client.check(**fields)
+    with (
+        CoverageClient(tls.target, root_certificates=ca) as client,
+        pytest.raises(CoverageError) as err,
+    ):
+        client.check(**fields)
     assert (err.value.code, err.value.reason) == ("UNAUTHENTICATED", "CREDENTIAL_MISSING")
     assert err.value.from_server
     with pytest.raises(ValueError, match="needs TLS"):
@@ -301,10 +302,12 @@ def test_invalid_fields_are_shown_with_their_rule(ds: Dataset, plain: RunningSer
     assert line.count("birth_date") == 1
     assert bad_birth not in line and ds.covered.nir not in line
     # The same from the Python client.
-    with CoverageClient(plain.target, ds.tokens["pharmacist"], insecure=True) as client:
-        with pytest.raises(CoverageError) as err:
-            client.check(**dict(ds.covered.fields(), birth_date=bad_birth), amc_number="1",
-                         domain="PHAR")  # fmt: skip
+    bad = dict(ds.covered.fields(), birth_date=bad_birth, amc_number="1", domain="PHAR")
+    with (
+        CoverageClient(plain.target, ds.tokens["pharmacist"], insecure=True) as client,
+        pytest.raises(CoverageError) as err,
+    ):
+        client.check(**bad)
     assert err.value.fields == ("birth_date",)
     assert err.value.rules == ("YYYYMMDD from 1850 on; day and/or month may be 00",)
     assert str(err.value) == (
@@ -468,9 +471,7 @@ def test_quota_names_are_checked_and_listed(admin: Path) -> None:
         assert name in line
     assert run("practitioner", "quota", PHARMACIST_ID, "--unset", "nothere", data=admin).code == 2
     assert run("practitioner", "quota", PHARMACIST_ID, data=admin).code == 2
-    result = run(
-        "practitioner", "quota", PHARMACIST_ID, "--set", "shadow=guard,bogus", data=admin
-    )
+    result = run("practitioner", "quota", PHARMACIST_ID, "--set", "shadow=guard,bogus", data=admin)
     assert result.code == 2 and "bogus" in result.one_line()
     result = run("practitioner", "quota", PHARMACIST_ID, "--set", "daily_limit=500", data=admin)
     assert f"quota of {PHARMACIST_ID}: daily_limit=500" in result.out
@@ -505,9 +506,9 @@ def test_replace_import_reports_added_removed_changed(admin: Path, tmp_path: Pat
 
 
 def test_rights_import_reports_added_removed_changed(tmp_path: Path) -> None:
-    from harness import Right, make_identity, write_rights_csv
-
     import random
+
+    from harness import Right, make_identity, write_rights_csv
 
     rng = random.Random(5)
     people = [make_identity(rng) for _ in range(4)]
@@ -541,9 +542,11 @@ def test_every_option_has_help_and_every_command_examples_and_exit_statuses() ->
     for p in _subparsers(parser):
         names.add(p.prog)
         for action in p._actions:
-            assert action.help and action.help != argparse.SUPPRESS or isinstance(
-                action, argparse._SubParsersAction
-            ), (p.prog, action.option_strings or action.dest)
+            documented = bool(action.help) and action.help != argparse.SUPPRESS
+            assert documented or isinstance(action, argparse._SubParsersAction), (
+                p.prog,
+                action.option_strings or action.dest,
+            )
         assert p.epilog and "examples:" in p.epilog and "exit status:" in p.epilog, p.prog
         assert p.description, p.prog
     for verb in ("show", "history", "suspend", "reinstate", "pin", "unpin", "quota"):
