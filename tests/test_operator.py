@@ -604,3 +604,63 @@ def test_pinned_certificate_fingerprint_matches_what_the_server_reads(pki: Pki) 
     _, _, cert = pki.client(cn=PHARMACIST_ID)
     hexed = cert.fingerprint(hashes.SHA256()).hex()
     assert cli_module._fingerprint(":".join(hexed[i : i + 2] for i in range(0, 64, 2))) == hexed
+
+
+# -- 7. telemetry at start and stop ----------------------------------------------------------------
+
+
+def test_startup_says_whether_tracing_is_on_and_a_dead_receiver_does_not_spoil_shutdown(
+    ds: Dataset,
+) -> None:
+    with socket_port() as port:  # nothing listens: the OTLP receiver is down
+        endpoint = f"http://127.0.0.1:{port}"
+        server = RunningServer(ds.data_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+        try:
+            with CoverageClient(server.target, ds.tokens["pharmacist"], insecure=True) as client:
+                fields = dict(ds.covered.fields(), amc_number=PHARMACY_AMC, domain="PHAR")
+                assert client.check(**fields).covered
+        finally:
+            code = server.stop()
+    log = server.log()
+    assert code == 0, log
+    assert f"tracing is on: spans exported over OTLP/gRPC to {endpoint}" in log
+    assert "the first after 60s (OTEL_METRIC_EXPORT_INTERVAL)" in log
+    # One line of ours instead of the SDK's retries (which held SIGTERM ~7 s) and its ERROR.
+    assert "the last metrics were not exported: the OTLP receiver at" in log
+    for sdk_noise in ("Failed to export", "Transient error", "retrying in", " ERROR "):
+        assert sdk_noise not in log, log
+
+
+def test_startup_says_tracing_is_off(plain: RunningServer) -> None:
+    assert "tracing is off (set OTEL_EXPORTER_OTLP_ENDPOINT" in plain.log()
+
+
+# -- 8. reflection v1 beside v1alpha ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_v1_and_v1alpha(plain: RunningServer, version: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with plain.channel() as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="covergate.v1.CoverageService"
+            ),
+        ]
+        listed, described = list(call(iter(requests), timeout=30))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {
+        "covergate.v1.CoverageService",
+        "covergate.v1.AttestationService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    assert described.file_descriptor_response.file_descriptor_proto
