@@ -328,6 +328,7 @@ def test_unusable_pepper_file_fails_cleanly(tmp_path: Path, content: bytes) -> N
     no_traceback(proc)
 
 
+@pytest.mark.slow
 def test_server_uses_the_pepper_file(tmp_path: Path) -> None:
     data = tmp_path / "data"
     pepper_file = write_pepper(tmp_path / "pepper.hex", bytes(range(50, 82)))
@@ -647,6 +648,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(tmp_path_factory.mktemp("demo"))
 
 
+@pytest.mark.slow
 def test_demo_writes_tokens_and_examples_once(demo: Demo) -> None:
     # With --examples the tokens go to the file only; stdout says where they are.
     assert TOKEN_RE.search(demo.proc.stdout + demo.proc.stderr) is None
@@ -669,6 +671,7 @@ def test_demo_writes_tokens_and_examples_once(demo: Demo) -> None:
         assert store.counts()["beneficiaries"] == DEMO_BENEFICIARIES
 
 
+@pytest.mark.slow
 def test_demo_without_examples_file_prints_everything(tmp_path: Path) -> None:
     proc = cli("demo", "--data", str(tmp_path / "d"), "--beneficiaries", "50", "--no-progress")
     assert "TOKEN_PHARMACIST=" in proc.stdout
@@ -679,6 +682,7 @@ def test_demo_without_examples_file_prints_everything(tmp_path: Path) -> None:
     assert kept.stdout == "" and "keeping it" in kept.stderr
 
 
+@pytest.mark.slow
 def test_demo_example_checks_give_the_expected_decision(demo: Demo) -> None:
     # One example per decision, each with a token whose profession may check its domain.
     chosen: dict[str, tuple[str, list[str]]] = {}
@@ -703,6 +707,7 @@ def test_demo_example_checks_give_the_expected_decision(demo: Demo) -> None:
             assert proc.stdout.splitlines()[0] == f"decision      {expected}", label
 
 
+@pytest.mark.slow
 def test_demo_examples_use_tokens_allowed_for_their_domain(demo: Demo) -> None:
     """Printed examples must keep working once profession scope is enforced."""
     out_of_scope = [
@@ -716,6 +721,7 @@ def test_demo_examples_use_tokens_allowed_for_their_domain(demo: Demo) -> None:
     )
 
 
+@pytest.mark.slow
 def test_demo_data_dir_holds_no_identity(demo: Demo) -> None:
     from service import demo as demo_module
 

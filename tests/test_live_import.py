@@ -31,6 +31,8 @@ from harness import (
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 CARE_DATE = "20250310"
 OLD, NEW = "old", "new"
 UNARY_THREADS = 2

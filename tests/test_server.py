@@ -49,6 +49,8 @@ from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 from fastpath import rules
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 COVERAGE = "/covergate.v1.CoverageService/"
 PATH_CHECK = COVERAGE + "CheckCoverage"
 PATH_BATCH = COVERAGE + "CheckCoverageBatch"

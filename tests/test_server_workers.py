@@ -24,9 +24,12 @@ from harness import PHARMACY_AMC, Dataset, RunningServer, build_dataset
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads worker sockets from /proc"
-)
+pytestmark = [
+    pytest.mark.slow,  # real multi-worker servers: `make test-fast` skips them
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="reads worker sockets from /proc"
+    ),
+]
 
 GRACE_SECONDS = 8
 LONG_GRACE_SECONDS = 3600
