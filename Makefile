@@ -15,6 +15,15 @@ SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd 
 	setup.py pyproject.toml
 
 .PHONY: run test test-fast proto compile lint bench clean install
+.PHONY: fuzz fuzz-asan
+
+FUZZ_SECONDS ?= 60
+FUZZ_ENGINE ?= atheris
+STAMP_FUZZ := $(VENV)/.fuzz-stamp
+ASAN_DIR := build/asan
+ASAN_FLAGS := -fsanitize=address,undefined
+FUZZ_RUN = PYTHONPATH=tests COVERGATE_REQUIRE_EXTENSIONS=1 \
+	$(PY) -m fuzz --engine $(FUZZ_ENGINE) --seconds $(FUZZ_SECONDS)
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
@@ -64,6 +73,30 @@ lint: $(STAMP_DEPS)
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]' --no-build-isolation
 	COVERGATE_REQUIRE_EXTENSIONS=1 $(PY) -m bench $(BENCH_ARGS)
+
+## Differential fuzzing of both gates and upb for FUZZ_SECONDS (tests/fuzz/__init__.py explains
+## findings); FUZZ_ENGINE=hypothesis needs no atheris; FUZZ_ARGS go to libFuzzer (flags, inputs).
+fuzz: install $(STAMP_FUZZ)
+	$(FUZZ_RUN) $(FUZZ_ARGS)
+
+## The same with the C gate built with AddressSanitizer and UBSan, in build/asan (the in-place
+## build that `make test` uses is left alone).
+fuzz-asan: install $(STAMP_FUZZ) $(ASAN_DIR)/.stamp
+	COVERGATE_LIBFUZZER=$$($(PY) -c 'import atheris, glob, os; print(glob.glob(os.path.dirname(atheris.__file__) + "/core_with_libfuzzer*.so")[0])') \
+	LD_PRELOAD="$(ASAN_DIR)/asan_coverage.so:$$(gcc -print-file-name=libasan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 PYTHONMALLOC=malloc \
+	$(FUZZ_RUN) --gate-c $$(ls $(ASAN_DIR)/lib/fastpath/_gate_c*.so) $(FUZZ_ARGS)
+
+$(STAMP_FUZZ): $(STAMP_DEPS)
+	$(BIN)/pip install --quiet -e '.[fuzz]' --no-build-isolation
+	touch $@
+
+$(ASAN_DIR)/.stamp: $(STAMP_FUZZ) $(SOURCES) tests/fuzz/asan_coverage.c
+	CFLAGS="$(ASAN_FLAGS) -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g" \
+	LDFLAGS="$(ASAN_FLAGS)" \
+	$(PY) setup.py -q build_ext --force --build-lib $(ASAN_DIR)/lib --build-temp $(ASAN_DIR)/tmp
+	gcc -shared -fPIC -O2 -o $(ASAN_DIR)/asan_coverage.so tests/fuzz/asan_coverage.c -ldl
+	touch $@
 
 clean:
 	rm -rf build *.egg-info fastpath/*.c fastpath/*.so covergate $(DEMO)

@@ -77,7 +77,13 @@ def extensions() -> list[Extension]:
                 depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "fastpath").glob("*.h")),
                 extra_compile_args=["-O3"],
                 libraries=["pthread"],  # the quota slot mutexes (in libc since glibc 2.34)
-            )
+            ),
+            # The headers' hashes for tests only: the gate itself exposes no test hooks.
+            Extension(
+                "fastpath._hashes_for_tests",
+                ["fastpath/_hashes_for_tests.pyx"],
+                extra_compile_args=["-O2", "-Wno-unused-function"],
+            ),
         ],
         compiler_directives={
             "language_level": 3,

@@ -291,6 +291,69 @@ def import_rate(ds: bench_dataset.Dataset, covergate: str) -> dict[str, Any]:
     }
 
 
+# Requests crafted to make a gate work hard per byte (issue 9): framing that defeats the strict
+# scan, unknown fields, and far too many items. {name: (method, bytes)}
+HOSTILE = {
+    "batch 0a00x400000+7800": ("check_batch", b"\x0a\x00" * 400_000 + b"\x78\x00"),
+    "batch 0a022801x100000+7800": ("check_batch", b"\x0a\x02\x28\x01" * 100_000 + b"\x78\x00"),
+    "batch 7800+0a00x400000": ("check_batch", b"\x78\x00" + b"\x0a\x00" * 400_000),
+    "batch 500 items with an unknown field": ("check_batch", b"\x0a\x04\x28\x01\x78\x00" * 500),
+    "batch 500 items, non-ASCII": (
+        "check_batch",
+        (b"\x0a\x0f\x12\x0d" + "é".encode() * 6 + b"x") * 500,
+    ),
+    "batch group first": ("check_batch", b"\x0b" + b"\x0a\x00" * 2000 + b"\x0c"),
+    "unary 900 KB unknown field": ("check", b"\x7a\x80\xf7\x36" + b"a" * 900_000),
+    "unary 0a00x400000": ("check", b"\x0a\x00" * 400_000),
+}
+
+
+def hostile(store: Any, keys: Keys, rounds: int) -> dict[str, Any]:
+    """Microseconds per call and nanoseconds per byte for each HOSTILE input, C gate against the
+    reference, quotas and tracing on (a scratch quota file: the rate and guard in shadow mode so
+    that every call takes the same path)."""
+    from fastpath.quota import SHADOW_RULES, QuotaFile, QuotaProfile
+
+    shadow = 0
+    for bit in SHADOW_RULES.values():
+        shadow |= bit
+    profile = QuotaProfile(rate_per_minute=10**6, burst=10**6, shadow=shadow)
+    who = Practitioner(practitioner_id="10000000001", profession="pharmacist", slot=0,
+                       amc_numbers=frozenset({"123456789"}), quota=profile)  # fmt: skip
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        quota = QuotaFile(Path(tmp) / "state", 64)
+        gates = {
+            name: importlib.import_module(module).Gate(
+                store.env, store.rights_db, keys, quota=quota, trace=True, trace_seed=1
+            )
+            for name, module in IMPLEMENTATIONS.items()
+        }
+        try:
+            for label, (method, data) in HOSTILE.items():
+                row: dict[str, Any] = {"bytes": len(data)}
+                results = []
+                for name, gate in gates.items():
+                    call = getattr(gate, method)
+                    best = float("inf")
+                    for _ in range(rounds):
+                        started = time.perf_counter()
+                        result = call(who, data, 20250615, 1750000000.0)
+                        best = min(best, time.perf_counter() - started)
+                        gate.take_spans()
+                    results.append(result)
+                    row[f"{name}_us"] = best * 1e6
+                    row[f"{name}_ns_per_byte"] = best * 1e9 / len(data)
+                row["same_answer"] = results[0] == results[1]
+                row["c_over_python"] = row["cython_us"] / row["python_us"]
+                out[label] = row
+        finally:
+            for gate in gates.values():
+                gate.close()
+            quota.close()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", required=True, help="a bench dataset cache dir")
@@ -300,17 +363,26 @@ def main() -> int:
     parser.add_argument("--data", help="data dir to read (default: the dataset's own)")
     parser.add_argument("--config", help="covergate TOML config (quota limits) the servers use")
     parser.add_argument("--no-import", action="store_true")
+    parser.add_argument(
+        "--hostile-only", action="store_true", help="only the per-byte cost of crafted requests"
+    )
     args = parser.parse_args()
     ds = bench_dataset.load(Path(args.dataset))
     if ds is None:
         parser.error(f"no dataset in {args.dataset}")
     if args.data:
         ds.data_dir = Path(args.data)
+    if args.hostile_only:
+        store, keys, _, _ = _server_parts(ds, args.config)
+        json.dump({"hostile": hostile(store, keys, max(args.rounds, 5))}, sys.stdout, indent=1)
+        return 0
     result: dict[str, Any] = {
         "cpus": sorted(os.sched_getaffinity(0)),
         "decisions": decisions(ds, args.seconds, args.rounds, args.config),
         "pairs": pairs(ds, args.seconds, args.rounds, args.config),
     }
+    store, keys, _, _ = _server_parts(ds, args.config)
+    result["hostile"] = hostile(store, keys, max(args.rounds, 5))
     if not args.no_import:
         result["import"] = import_rate(ds, args.covergate)
     json.dump(result, sys.stdout)

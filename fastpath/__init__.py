@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fastpath import rules
 from fastpath.rules import Keys, Practitioner
 
-__all__ = ["IMPLEMENTATION", "Gate", "Keys", "Practitioner", "rules"]
+__all__ = ["IMPLEMENTATION", "Gate", "Keys", "Practitioner", "complete_spans", "rules"]
 
 _NO_EXTENSIONS = os.environ.get("COVERGATE_NO_EXTENSIONS", "") not in ("", "0")
 _REQUIRE_EXTENSIONS = os.environ.get("COVERGATE_REQUIRE_EXTENSIONS", "") not in ("", "0")
@@ -23,10 +23,12 @@ if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
 
 if TYPE_CHECKING or _NO_EXTENSIONS:
     from fastpath._gate_py import IMPLEMENTATION, Gate
+    from fastpath.trace import complete_spans
 else:
     try:
-        from fastpath._gate_c import IMPLEMENTATION, Gate
+        from fastpath._gate_c import IMPLEMENTATION, Gate, complete_spans
     except ImportError:
         if _REQUIRE_EXTENSIONS:
             raise
         from fastpath._gate_py import IMPLEMENTATION, Gate
+        from fastpath.trace import complete_spans

@@ -31,8 +31,10 @@ from cpython.unicode cimport (
 )
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdint cimport INT32_MAX, UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.errno cimport EINTR, errno
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport write
 
 import os
 
@@ -41,6 +43,27 @@ from google.protobuf.message import DecodeError
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import quota, rules
 from fastpath import trace as _trace
+
+from fastpath._cheaders cimport (
+    CG_FLAG_SUSPENDED,
+    CG_LOCK_ENTRY,
+    EBUSY,
+    cg_blake2b_absorb_key,
+    cg_blake2b_final,
+    cg_blake2b_init,
+    cg_blake2b_state,
+    cg_blake2b_update,
+    cg_hmac_sha256,
+    cg_hmac_sha256_key,
+    cg_hmac_sha256_setkey,
+    cg_roll_day,
+    cg_seen_or_add,
+    cg_siphash24,
+    cg_slot,
+    cg_slot_lock,
+    cg_slot_trylock,
+    cg_slot_unlock,
+)
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
@@ -351,6 +374,41 @@ cdef bint _scan_batch(const unsigned char* p, Py_ssize_t n, bint canonical,
             return False
         count[0] += 1
     return True
+
+
+cdef Py_ssize_t _count_items(const unsigned char* p, Py_ssize_t n,
+                             Py_ssize_t limit) noexcept nogil:
+    """rules.count_batch_items: the top-level `items` entries, counted from the framing alone
+    up to limit + 1; -1 where the reference answers None (the framing is not simple)."""
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t count = 0
+    cdef unsigned long long tag, value
+    cdef unsigned int wire
+    while pos < n:
+        if not _read_varint(p, n, &pos, 5, &tag) or (tag >> 3) == 0:
+            return -1
+        wire = <unsigned int>(tag & 7)
+        if wire == 0:
+            if not _read_varint(p, n, &pos, 10, &value):
+                return -1
+        elif wire == 1 or wire == 5:
+            value = 8 if wire == 1 else 4
+            if value > <unsigned long long>(n - pos):
+                return -1
+            pos += <Py_ssize_t>value
+        elif wire == 2:
+            if not _read_varint(p, n, &pos, 5, &value):
+                return -1
+            if value > <unsigned long long>(n - pos):
+                return -1
+            pos += <Py_ssize_t>value
+            if tag == TAG_ITEMS:
+                count += 1
+                if count > limit:
+                    return count
+        else:
+            return -1
+    return count
 
 
 cdef object _load_request(object request, Request* r):
@@ -741,51 +799,6 @@ cdef int _put_refusal(Buf* out, const Request* r, bytes status) except -1:
 
 # -- the gate
 
-cdef extern from "cg_blake2b.h" nogil:
-    ctypedef struct cg_blake2b_state:
-        pass
-    void cg_blake2b_init(cg_blake2b_state* s, size_t outlen, const unsigned char* key,
-                         size_t keylen, const unsigned char* salt,
-                         const unsigned char* personal)
-    void cg_blake2b_update(cg_blake2b_state* s, const unsigned char* data, size_t n)
-    void cg_blake2b_final(cg_blake2b_state* s, unsigned char* out)
-    void cg_blake2b_absorb_key(cg_blake2b_state* s)
-
-cdef extern from "cg_sha256.h" nogil:
-    ctypedef struct cg_hmac_sha256_key:
-        pass
-    void cg_hmac_sha256_setkey(cg_hmac_sha256_key* k, const unsigned char* key,
-                               size_t keylen)
-    void cg_hmac_sha256(const cg_hmac_sha256_key* k, const unsigned char* msg, size_t n,
-                        unsigned char* out)
-    int cg_sha256_use_ni(int on)
-
-cdef extern from "cg_siphash.h" nogil:
-    void cg_siphash24(const unsigned char* k, const unsigned char* data, size_t n,
-                      unsigned char* out)
-
-
-cdef extern from "cg_quota.h" nogil:
-    ctypedef struct cg_slot:
-        uint32_t flags
-        uint32_t guard_fired
-        int64_t tat_ms
-        uint32_t day
-        uint32_t daily_count
-        uint32_t distinct_count
-        uint32_t window_len
-        uint64_t window_bits
-        int64_t suspended_at_ms
-    int cg_slot_trylock(unsigned char* locks, long long slot)
-    int cg_slot_lock(unsigned char* locks, long long slot)
-    int EBUSY
-    int cg_slot_unlock(unsigned char* locks, long long slot)
-    int CG_LOCK_ENTRY
-    void cg_roll_day(cg_slot* s, uint32_t today)
-    int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
-    unsigned int CG_FLAG_SUSPENDED
-
-
 cdef enum:
     SHADOW_RATE = 1
     SHADOW_DAILY = 2
@@ -823,6 +836,7 @@ if (quota.SHADOW_RATE, quota.SHADOW_DAILY, quota.SHADOW_DISTINCT, quota.SHADOW_G
     raise ImportError("fastpath._gate_c is out of date with fastpath.quota")
 
 _PERMISSION_DENIED = rules.PERMISSION_DENIED
+_UNAVAILABLE = rules.UNAVAILABLE
 _RESOURCE_EXHAUSTED = rules.RESOURCE_EXHAUSTED
 _MAX_DISTINCT_LIMIT = quota.MAX_DISTINCT_LIMIT
 
@@ -840,7 +854,8 @@ cdef enum:
     O_RATE = 7
     O_DAILY = 8
     O_DISTINCT = 9
-    N_OUTCOMES = 10
+    O_QUOTA_STATE = 10
+    N_OUTCOMES = 16
     N_PROFESSIONS = 11
     WD_NONE = 0
     WD_RATE = 1
@@ -859,9 +874,9 @@ cdef enum:
 if (
     (_trace.O_COVERED, _trace.O_NOT_COVERED, _trace.O_NO_MATCH, _trace.O_INVALID,
      _trace.O_DOMAIN, _trace.O_AMC, _trace.O_SUSPENDED, _trace.O_RATE, _trace.O_DAILY,
-     _trace.O_DISTINCT, _trace.N_OUTCOMES, _trace.N_PROFESSIONS)
+     _trace.O_DISTINCT, _trace.O_QUOTA_STATE, _trace.N_OUTCOMES, _trace.N_PROFESSIONS)
     != (O_COVERED, O_NOT_COVERED, O_NO_MATCH, O_INVALID, O_DOMAIN, O_AMC, O_SUSPENDED,
-        O_RATE, O_DAILY, O_DISTINCT, N_OUTCOMES, N_PROFESSIONS)
+        O_RATE, O_DAILY, O_DISTINCT, O_QUOTA_STATE, N_OUTCOMES, N_PROFESSIONS)
     or (_trace.WD_RATE, _trace.WD_DAILY, _trace.WD_DISTINCT, _trace.WD_GUARD)
     != (WD_RATE, WD_DAILY, WD_DISTINCT, WD_GUARD)
     or (_trace.METHOD_UNARY, _trace.METHOD_BATCH, _trace.METHOD_STREAM)
@@ -1084,7 +1099,7 @@ cdef struct Caller:
     # One call's view of the practitioner: its quota slot (NULL: no quotas) and limits.
     cg_slot* slot
     unsigned char* locks
-    long long slot_index
+    long long slot_index        # -1: no quota state to take (quotas off)
     long long now_ms
     long long interval_ms
     long long tolerance_ms
@@ -1144,10 +1159,12 @@ cdef class Gate:
     cdef size_t _pepper_size
     # The shared quota file (fastpath.quota.QuotaFile) and its mapping.
     cdef object _quota
+    # Closed (replaced): every call refuses. A closed gate never means "no quotas".
+    cdef bint _closed
     cdef unsigned char[::1] _quota_map
     cdef unsigned char[::1] _quota_locks
     cdef long long _quota_slots
-    cdef public object max_batch_items
+    cdef readonly Py_ssize_t max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
     cdef public unsigned long long store_reads
@@ -1158,17 +1175,20 @@ cdef class Gate:
     cdef readonly bint trace
     cdef uint64_t _trace_state
     cdef Buf _spans
+    cdef Py_ssize_t _span_count
     cdef public unsigned long long spans_dropped
     cdef unsigned long long _counts[N_PROFESSIONS * N_OUTCOMES]
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
                  attestation_ttl=7 * 86400, quota=None,  # no-cython-lint
                  trace=False, trace_seed=None):  # (`quota` is the keyword callers use)
+        rules.require_upb()
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
         self._attestation_key = keys.attestation_key
-        self.max_batch_items = max_batch_items
+        self.max_batch_items = rules.batch_limit(max_batch_items)
+        self._closed = False
         self.attestation_ttl = attestation_ttl
         self.store_reads = 0
         self.suspensions = []
@@ -1202,11 +1222,17 @@ cdef class Gate:
         PyMem_Free(self._spans.data)
 
     def close(self):
-        """Let go of the quota file's mapping (so QuotaFile.close() can unmap it)."""
+        """Let go of the quota file's mapping (so QuotaFile.close() can unmap it). From now
+        on every call is refused QUOTA_STATE_UNAVAILABLE."""
         self._quota = None
         self._quota_map = None
         self._quota_locks = None
         self._quota_slots = 0
+        self._closed = True
+
+    @property
+    def closed(self):
+        return self._closed
 
     cdef void _init_state(self, cg_blake2b_state* s, size_t size, bytes person):
         cdef unsigned char personal[16]
@@ -1218,25 +1244,44 @@ cdef class Gate:
 
     # -- the practitioner's quota slot, locked for the whole call
 
-    cdef int _begin(self, object practitioner, object today, object now,
-                    Caller* c) except -1:
+    cdef bint _view(self, object practitioner, Caller* c) except -1:
+        """Fill `c` from the practitioner's packed view. True when quotas are on (or the gate
+        is closed) and the caller's state cannot be reached: the call must then be refused."""
         cdef View v
+        memset(c, 0, sizeof(Caller))
+        c.slot_index = -1
+        view = practitioner.gate_view
+        if type(view) is not bytes or PyBytes_GET_SIZE(view) != sizeof(View):
+            raise TypeError("practitioner.gate_view is not a rules.Practitioner's")
+        memcpy(&v, PyBytes_AS_STRING(view), sizeof(View))
+        c.domains = v.domains
+        if self._closed:
+            return True
+        if self._quota is None:
+            return False
+        if v.slot < 0 or not v.has_profile or v.slot >= self._quota_slots:
+            return True
+        c.interval_ms = v.interval_ms
+        c.tolerance_ms = v.tolerance_ms
+        c.daily_limit = v.daily_limit
+        c.distinct_limit = v.distinct_limit
+        c.guard_window = v.guard_window
+        c.guard_min = v.guard_min
+        c.guard_percent = v.guard_percent
+        c.shadow = v.shadow
+        c.slot_index = v.slot
+        return False
+
+    cdef int _lock(self, object today, object now, Caller* c) except -1:
+        """Take the caller's quota slot (if it has one) for the whole call, rolled to `today`."""
         cdef int rc
         cdef unsigned char* locks
         cdef uint32_t day
         cdef int overflow = 0
         cdef long long now_c
         cdef double now_d
-        memset(c, 0, sizeof(Caller))
-        view = practitioner.gate_view
-        if type(view) is not bytes or PyBytes_GET_SIZE(view) != sizeof(View):
-            raise TypeError("practitioner.gate_view is not a rules.Practitioner's")
-        memcpy(&v, PyBytes_AS_STRING(view), sizeof(View))
-        c.domains = v.domains
-        if self._quota is None or v.slot < 0 or not v.has_profile:
+        if c.slot_index < 0:
             return 0
-        if v.slot >= self._quota_slots:
-            raise IndexError("quota slot out of range")
         # int(now * 1000), in C for the clock's own types (same truncation toward zero).
         if PyFloat_CheckExact(now) and -9e15 < PyFloat_AS_DOUBLE(now) < 9e15:
             now_d = PyFloat_AS_DOUBLE(now) * 1000.0
@@ -1250,24 +1295,16 @@ cdef class Gate:
         # Converted before the mutex is taken: nothing may raise while it is held outside the
         # callers' try/finally.
         day = <uint32_t>today
-        c.interval_ms = v.interval_ms
-        c.tolerance_ms = v.tolerance_ms
-        c.daily_limit = v.daily_limit
-        c.distinct_limit = v.distinct_limit
-        c.guard_window = v.guard_window
-        c.guard_min = v.guard_min
-        c.guard_percent = v.guard_percent
-        c.shadow = v.shadow
-        c.slot_index = v.slot
         locks = &self._quota_locks[0]
-        rc = cg_slot_trylock(locks, v.slot)
+        rc = cg_slot_trylock(locks, c.slot_index)
         if rc == EBUSY:
             with nogil:  # another process (or thread) holds the slot: let this one's run
-                rc = cg_slot_lock(locks, v.slot)
+                rc = cg_slot_lock(locks, c.slot_index)
         if rc != 0:
             raise OSError(rc, "cannot lock the quota slot")
         c.locks = locks
-        c.slot = <cg_slot*>(&self._quota_map[0] + QUOTA_HEADER_SIZE + v.slot * sizeof(cg_slot))
+        c.slot = <cg_slot*>(&self._quota_map[0] + QUOTA_HEADER_SIZE
+                            + c.slot_index * sizeof(cg_slot))
         cg_roll_day(c.slot, day)
         return 0
 
@@ -1292,8 +1329,10 @@ cdef class Gate:
     cdef object _single(self, object practitioner, object request, object today, object now,
                         object trace, int method):
         """One request: check()'s (code, bytes) for METHOD_UNARY; check_item()'s response,
-        refusal included, for METHOD_STREAM."""
+        refusal included, for METHOD_STREAM. A request that does not parse is still an
+        attempt: it spends the caller's rate and counts as bad for the guard."""
         cdef Request r
+        cdef const Request* read = NULL
         cdef Buf out, scratch
         cdef Caller c
         cdef TraceCall t
@@ -1308,48 +1347,58 @@ cdef class Gate:
                 _who = self._begin_trace(&t, trace, now, practitioner)
                 self._new_span_id(span_id)
             amcs = practitioner.amc_view
-            owner = _load_request(request, &r)
-            if owner is None:
-                status = rules.malformed_message_status("CheckCoverageRequest")
+            if self._view(practitioner, &c):
+                status = self._no_state(&c)
                 if traced:
-                    memset(&c, 0, sizeof(Caller))
-                    c.outcome = O_INVALID
-                    self._lookup_span(&scratch, &t, NULL, &c, method, _INVALID_ARGUMENT,
-                                      span_id, False, t.t0)
-                if unary:
-                    return _INVALID_ARGUMENT, status
-                _put_refusal(&out, NULL, status)
-                return _buf_bytes(&out)
-            with self._env.begin(db=self._rights_db, buffers=False) as txn:
-                try:
-                    self._begin(practitioner, today, now, &c)
-                    status = self._decide(&r, txn.get, today, practitioner, now, &out, &c,
-                                          amcs)
-                    if traced:
-                        self._lookup_span(&scratch, &t, &r, &c, method, c.code, span_id,
-                                          False, t.t0)
-                finally:
-                    self._end(&c)
+                    self._lookup_span(&scratch, &t, NULL, &c, method, c.code, span_id, False,
+                                      t.t0)
+            else:
+                owner = _load_request(request, &r)
+                if owner is not None:
+                    read = &r
+                with self._env.begin(db=self._rights_db, buffers=False) as txn:
+                    try:
+                        self._lock(today, now, &c)
+                        if read == NULL:
+                            status = self._decide(
+                                NULL, None, today, practitioner, now, &out, &c, amcs,
+                                rules.malformed_message_status("CheckCoverageRequest"),
+                            )
+                        else:
+                            status = self._decide(read, txn.get, today, practitioner, now, &out,
+                                                  &c, amcs, None)
+                        if traced:
+                            self._lookup_span(&scratch, &t, read, &c, method, c.code, span_id,
+                                              False, t.t0)
+                    finally:
+                        self._end(&c)
             if unary:
                 if status is not None:
                     return c.code, status
                 return _OK, _buf_bytes(&out)
             if status is not None:
-                _put_refusal(&out, &r, status)
+                _put_refusal(&out, read, status)
             return _buf_bytes(&out)
         finally:
             PyMem_Free(out.data)
             PyMem_Free(scratch.data)
 
+    cdef object _no_state(self, Caller* c):
+        c.code = _UNAVAILABLE
+        c.outcome = O_QUOTA_STATE
+        return rules.QUOTA_STATE_UNAVAILABLE
+
     def check_batch(self, practitioner, request, today, now, *, trace=None):
         """A batch: (OK, CheckCoverageBatchResponse), or (code, google.rpc.Status)
-        for the whole batch."""
+        for the whole batch. A batch refused whole (malformed, oversize) is one attempt,
+        metered like a lookup; an oversize one is refused after counting at most
+        max_batch_items + 1 items, whatever follows."""
         cdef Request r
         cdef Buf out, item, scratch
         cdef Caller c
         cdef TraceCall t
         cdef unsigned char rpc_span[SPAN_ID_SIZE]
-        cdef Py_ssize_t count = 0
+        cdef Py_ssize_t count = -1
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t n
         cdef Py_ssize_t size = 0
@@ -1358,6 +1407,7 @@ cdef class Gate:
         cdef bint canonical = False
         cdef bint traced = self.trace
         cdef long long item_t0 = 0
+        cdef Py_ssize_t limit = self.max_batch_items
 
         out.data = item.data = scratch.data = NULL
         out.size = out.capacity = item.size = item.capacity = 0
@@ -1367,60 +1417,79 @@ cdef class Gate:
                 # Held for the call: t.who points into these bytes.
                 _who = self._begin_trace(&t, trace, now, practitioner)
                 self._new_span_id(rpc_span)
+            amcs = practitioner.amc_view
+            if self._view(practitioner, &c):
+                status = self._no_state(&c)
+                if traced:
+                    self._lookup_span(&scratch, &t, NULL, &c, METHOD_BATCH, c.code, rpc_span,
+                                      True, t.t0)
+                    self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span, c.code, 0)
+                return c.code, status
+
+            whole = None
             owner = request
-            if type(request) is not bytes or not _scan_batch(
+            if type(request) is bytes:
+                p = <const unsigned char*>PyBytes_AS_STRING(request)
+                n = PyBytes_GET_SIZE(request)
+                with nogil:
+                    count = _count_items(p, n, limit)
+            if count > limit:
+                whole = rules.batch_too_large_status(limit)
+            elif type(request) is not bytes or not _scan_batch(
                 <const unsigned char*>PyBytes_AS_STRING(request),
                 PyBytes_GET_SIZE(request), False, &count,
             ):
                 try:
                     message = _BatchRequest.FromString(request)
                 except DecodeError:
-                    if traced:
-                        self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span,
-                                       _INVALID_ARGUMENT, 0)
-                    return _INVALID_ARGUMENT, rules.malformed_message_status(
-                        "CheckCoverageBatchRequest"
-                    )
-                message.DiscardUnknownFields()
-                owner = message.SerializeToString()
-                canonical = True
-                if not _scan_batch(<const unsigned char*>PyBytes_AS_STRING(owner),
-                                   PyBytes_GET_SIZE(owner), True, &count):
-                    raise AssertionError(
-                        "upb's serialization of a batch was not understood"
-                    )
-            if count > self.max_batch_items:
-                if traced:
-                    self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span,
-                                   _INVALID_ARGUMENT, count)
-                return _INVALID_ARGUMENT, rules.batch_too_large_status(
-                    self.max_batch_items
-                )
+                    whole = rules.malformed_message_status("CheckCoverageBatchRequest")
+                    count = 0
+                else:
+                    message.DiscardUnknownFields()
+                    owner = message.SerializeToString()
+                    canonical = True
+                    if not _scan_batch(<const unsigned char*>PyBytes_AS_STRING(owner),
+                                       PyBytes_GET_SIZE(owner), True, &count):
+                        raise AssertionError(
+                            "upb's serialization of a batch was not understood"
+                        )
+            if whole is None and count > limit:
+                whole = rules.batch_too_large_status(limit)
 
-            p = <const unsigned char*>PyBytes_AS_STRING(owner)
-            n = PyBytes_GET_SIZE(owner)
-            amcs = practitioner.amc_view
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
                 try:
-                    self._begin(practitioner, today, now, &c)
-                    while pos < n:
+                    self._lock(today, now, &c)
+                    if whole is not None:
+                        status = self._decide(NULL, None, today, practitioner, now, &item,
+                                              &c, amcs, whole)
                         if traced:
-                            item_t0 = _monotonic_ns()
-                        # Both succeed: _scan_batch read these same bytes.
-                        _next_item(p, n, &pos, &item_bytes, &size)
-                        _parse_request(item_bytes, size, &r, canonical)
-                        item.size = 0
-                        status = self._decide(&r, get, today, practitioner, now, &item,
-                                              &c, amcs)
-                        if traced:
-                            self._lookup_span(&scratch, &t, &r, &c, METHOD_BATCH, c.code,
-                                              rpc_span, True, item_t0)
-                        if status is not None:
-                            _put_refusal(&item, &r, status)
-                        _put_len_field(&out, TAG_ITEMS, item.data, item.size)
+                            self._lookup_span(&scratch, &t, NULL, &c, METHOD_BATCH, c.code,
+                                              rpc_span, True, t.t0)
+                    else:
+                        p = <const unsigned char*>PyBytes_AS_STRING(owner)
+                        n = PyBytes_GET_SIZE(owner)
+                        while pos < n:
+                            if traced:
+                                item_t0 = _monotonic_ns()
+                            # Both succeed: _scan_batch read these same bytes.
+                            _next_item(p, n, &pos, &item_bytes, &size)
+                            _parse_request(item_bytes, size, &r, canonical)
+                            item.size = 0
+                            status = self._decide(&r, get, today, practitioner, now, &item,
+                                                  &c, amcs, None)
+                            if traced:
+                                self._lookup_span(&scratch, &t, &r, &c, METHOD_BATCH, c.code,
+                                                  rpc_span, True, item_t0)
+                            if status is not None:
+                                _put_refusal(&item, &r, status)
+                            _put_len_field(&out, TAG_ITEMS, item.data, item.size)
                 finally:
                     self._end(&c)
+            if whole is not None:
+                if traced:
+                    self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span, c.code, count)
+                return c.code, status
             if traced:
                 self._rpc_span(&scratch, &t, METHOD_BATCH, rpc_span, _OK, count)
             return _OK, _buf_bytes(&out)
@@ -1436,6 +1505,7 @@ cdef class Gate:
         empties them. Not thread-safe: call it where the gate is called."""
         data = _buf_bytes(&self._spans)
         self._spans.size = 0
+        self._span_count = 0
         if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
@@ -1477,11 +1547,37 @@ cdef class Gate:
         if count:
             chunks.append((_chunk(p + start, n - start, resource, scope), count))
         self._spans.size = 0
+        self._span_count = 0
         if self._spans.capacity > _KEEP_SPAN_BUFFER:
             PyMem_Free(self._spans.data)
             self._spans.data = NULL
             self._spans.capacity = 0
         return chunks
+
+    def write_spans(self, int fd):
+        """Write the recorded spans to the file `fd` (the worker's audit spool) with write(2)
+        and empty the buffer: (bytes written, spans). On an error nothing is kept and OSError
+        is raised; the caller undoes a partial write (its file's size is its own)."""
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t n = self._spans.size
+        cdef Py_ssize_t count = self._span_count
+        cdef ssize_t wrote
+        cdef int error
+        self._spans.size = 0
+        self._span_count = 0
+        while done < n:
+            wrote = write(fd, self._spans.data + done, n - done)
+            if wrote < 0:
+                error = errno
+                if error == EINTR:
+                    continue
+                raise OSError(error, strerror(error))
+            done += wrote
+        if self._spans.capacity > _KEEP_SPAN_BUFFER:
+            PyMem_Free(self._spans.data)
+            self._spans.data = NULL
+            self._spans.capacity = 0
+        return done, count
 
     @property
     def span_bytes(self):
@@ -1529,6 +1625,7 @@ cdef class Gate:
             self.spans_dropped += 1
             return
         _put_bytes(&self._spans, span)
+        self._span_count += 1
 
     cdef int _emit(self, const Buf* span) except -1:
         """`span` framed as a ScopeSpans.spans entry, onto the gate's buffer."""
@@ -1542,6 +1639,7 @@ cdef class Gate:
         _put_varint_unchecked(&self._spans, span.size)
         memcpy(self._spans.data + self._spans.size, span.data, span.size)
         self._spans.size += span.size
+        self._span_count += 1
         return 0
 
     cdef object _begin_trace(self, TraceCall* t, object context, object now,
@@ -1641,9 +1739,11 @@ cdef class Gate:
 
     cdef object _decide(self, const Request* r, object txn_get, object today,
                         object practitioner, object now, Buf* out, Caller* c,
-                        object amcs):
+                        object amcs, object whole):
         """Write the CheckCoverageResponse for `r` to `out` and return None; or write
-        nothing, set c.code and return the google.rpc.Status bytes refusing it.
+        nothing, set c.code and return the google.rpc.Status bytes refusing it. `whole`:
+        the status refusing a message that could not be read (`r` NULL), which is metered
+        like an invalid lookup.
         """
         cdef cg_slot* slot = c.slot
         cdef long long tat
@@ -1674,7 +1774,12 @@ cdef class Gate:
             else:
                 slot.tat_ms = tat + c.interval_ms
 
-        status = self._evaluate(r, txn_get, today, practitioner, now, out, c, amcs)
+        if whole is not None:
+            c.code = _INVALID_ARGUMENT
+            c.outcome = O_INVALID
+            status = whole
+        else:
+            status = self._evaluate(r, txn_get, today, practitioner, now, out, c, amcs)
         if c.code == 0:
             c.outcome = (O_NO_MATCH if c.found == MATCH_NONE else
                          O_NOT_COVERED if c.found == MATCH_CLOSED else O_COVERED)
@@ -1690,8 +1795,8 @@ cdef class Gate:
         cdef long long n, count
         cdef uint64_t window
         slot.window_bits = (slot.window_bits << 1) | (1 if bad else 0)
-        if slot.window_len < 64:
-            slot.window_len += 1
+        # min(len + 1, 64), as the reference: also mends a corrupted length.
+        slot.window_len = slot.window_len + 1 if slot.window_len < 64 else 64
         n = slot.window_len if slot.window_len < c.guard_window else c.guard_window
         if n < c.guard_min:
             return 0
@@ -1702,7 +1807,8 @@ cdef class Gate:
             if not c.shadow & SHADOW_GUARD:
                 slot.flags |= CG_FLAG_SUSPENDED
                 slot.suspended_at_ms = c.now_ms
-                slot.guard_fired += 1
+                if slot.guard_fired < 0xFFFFFFFF:  # saturated, as the reference
+                    slot.guard_fired += 1
                 self.suspensions.append(practitioner.practitioner_id)
                 c.guard_fired = 1
             elif c.would_deny == WD_NONE:
@@ -1926,44 +2032,32 @@ cdef class Gate:
         return 0
 
 
-# -- the vendored hashes, exposed for tests against hashlib/hmac (tests/test_fastpath_blake2b.py)
-
-def _blake2b_for_tests(bytes data, int digest_size, bytes key, bytes salt, bytes person):
-    cdef cg_blake2b_state s
-    cdef unsigned char out[64]
-    cdef unsigned char salt16[16]
-    cdef unsigned char person16[16]
-    memset(salt16, 0, 16)
-    memset(person16, 0, 16)
-    memcpy(salt16, PyBytes_AS_STRING(salt), min(len(salt), 16))
-    memcpy(person16, PyBytes_AS_STRING(person), min(len(person), 16))
-    cg_blake2b_init(&s, digest_size, <const unsigned char*>PyBytes_AS_STRING(key),
-                    len(key), salt16, person16)
-    if len(key) and len(data):
-        cg_blake2b_absorb_key(&s)
-    cg_blake2b_update(&s, <const unsigned char*>PyBytes_AS_STRING(data), len(data))
-    cg_blake2b_final(&s, out)
-    return PyBytes_FromStringAndSize(<const char*>out, digest_size)
-
-
-def _sha256_use_ni(bint on):
-    """Use the SHA extensions for the attestation MAC when the CPU has them (the default), or
-    the portable code; returns whether SHA-NI is now in use. For tests and benchmarks."""
-    return bool(cg_sha256_use_ni(on))
-
-
-def _hmac_sha256_for_tests(bytes key, bytes msg):
-    cdef cg_hmac_sha256_key k
-    cdef unsigned char out[32]
-    cg_hmac_sha256_setkey(&k, <const unsigned char*>PyBytes_AS_STRING(key), len(key))
-    cg_hmac_sha256(&k, <const unsigned char*>PyBytes_AS_STRING(msg), len(msg), out)
-    return PyBytes_FromStringAndSize(<const char*>out, 32)
-
-
-def _siphash24_for_tests(bytes key not None, bytes data not None):
-    cdef unsigned char out[8]
-    if len(key) != 16:
-        raise ValueError("SipHash takes a 16-byte key")
-    cg_siphash24(<const unsigned char*>PyBytes_AS_STRING(key),
-                 <const unsigned char*>PyBytes_AS_STRING(data), len(data), out)
-    return PyBytes_FromStringAndSize(<const char*>out, 8)
+def complete_spans(data, Py_ssize_t max_bytes):
+    """fastpath.trace.complete_spans in C: (end, count) of the complete framed spans at the
+    start of `data` (a bytes-like object), as many as fit in `max_bytes` and at least one."""
+    cdef const unsigned char[::1] view = data
+    cdef Py_ssize_t n = view.shape[0]
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t count = 0
+    cdef Py_ssize_t next_pos
+    cdef unsigned long long size
+    if n == 0:
+        return 0, 0
+    with nogil:
+        while pos < n:
+            next_pos = pos + 1
+            if view[pos] != 0x12:
+                count = -1
+                break
+            if not _read_varint(&view[0], n, &next_pos, 10, &size):
+                break
+            if size > <unsigned long long>(n - next_pos):
+                break
+            next_pos += <Py_ssize_t>size
+            if next_pos > max_bytes and count:
+                break
+            pos = next_pos
+            count += 1
+    if count < 0:
+        raise ValueError("not a framed span")
+    return pos, count

@@ -68,12 +68,15 @@ class Gate:
         trace: bool = False,
         trace_seed: int | None = None,
     ) -> None:
+        rules.require_upb()
         self._env = env
         self._quota = quota
+        # Closed (replaced): every call refuses. A closed gate never means "no quotas".
+        self._closed = False
         self._rights_db = rights_db
         self._keys = keys
         self._attestation_key = keys.attestation_key
-        self.max_batch_items = max_batch_items
+        self.max_batch_items = rules.batch_limit(max_batch_items)
         self.attestation_ttl = attestation_ttl
         # Store reads performed, for tests proving which refusals never touch the store.
         self.store_reads = 0
@@ -85,12 +88,32 @@ class Gate:
             trace_seed = int.from_bytes(os.urandom(8), "little")
         self._trace_state = trace_seed & tr.MASK64
         self._spans = bytearray()
+        self._span_count = 0
         self.spans_dropped = 0
         self._counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
 
     def close(self) -> None:
-        """Stop using the quota file (the C gate holds a view of its mapping)."""
+        """Stop using the quota file (the C gate holds a view of its mapping). From now on every
+        call is refused QUOTA_STATE_UNAVAILABLE: a caller still holding a replaced gate must never
+        be answered unmetered."""
         self._quota = None
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _state_missing(self, practitioner: Practitioner) -> bool:
+        """Quotas are on (or the gate is closed) but this caller's state cannot be reached."""
+        if self._closed:
+            return True
+        if self._quota is None:
+            return False
+        return (
+            practitioner.slot < 0
+            or practitioner.quota is None
+            or practitioner.slot >= self._quota.slots
+        )
 
     @contextmanager
     def _slot(self, practitioner: Practitioner, today: int) -> Iterator[SlotState | None]:
@@ -151,20 +174,50 @@ class Gate:
             return self._error_response("", payload).SerializeToString()
         return self._as_item(req, code, payload).SerializeToString()
 
+    def _parse(self, request: bytes) -> pb.CheckCoverageRequest | None:
+        try:
+            return pb.CheckCoverageRequest.FromString(request)
+        except DecodeError:
+            return None
+
     def _single(
         self, practitioner: Practitioner, request: bytes, today: int, now: float
     ) -> tuple[pb.CheckCoverageRequest | None, int, pb.CheckCoverageResponse | bytes]:
-        """One untraced request, for check and check_item: (the parsed request, or None when it
-        does not parse; the code; the response or the google.rpc.Status)."""
-        try:
-            req = pb.CheckCoverageRequest.FromString(request)
-        except DecodeError:
-            return None, INVALID_ARGUMENT, rules.malformed_message_status("CheckCoverageRequest")
+        """One request, for check and check_item: (the parsed request, or None when it does not
+        parse; the code; the response or the google.rpc.Status). A request that does not parse
+        is still an attempt: it spends the caller's rate and counts as bad for the guard."""
+        if self._state_missing(practitioner):
+            return None, rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
+        req = self._parse(request)
         with (
             self._env.begin(db=self._rights_db, buffers=False) as txn,
             self._slot(practitioner, today) as state,
         ):
+            if req is None:
+                status = rules.malformed_message_status("CheckCoverageRequest")
+                code, payload = self._decide(
+                    txn, practitioner, None, today, now, state, whole=status
+                )
+                return None, code, payload
             return req, *self._decide(txn, practitioner, req, today, now, state)
+
+    def _whole_batch(
+        self, request: bytes
+    ) -> tuple[pb.CheckCoverageBatchRequest | None, bytes | None, int]:
+        """(the parsed batch, or None; the status refusing it whole, or None; its item count as
+        far as it was counted)."""
+        if type(request) is bytes:
+            counted = rules.count_batch_items(request, self.max_batch_items)
+            if counted is not None and counted > self.max_batch_items:
+                return None, rules.batch_too_large_status(self.max_batch_items), counted
+        try:
+            batch = pb.CheckCoverageBatchRequest.FromString(request)
+        except DecodeError:
+            return None, rules.malformed_message_status("CheckCoverageBatchRequest"), 0
+        count = len(batch.items)
+        if count > self.max_batch_items:
+            return None, rules.batch_too_large_status(self.max_batch_items), count
+        return batch, None, count
 
     def check_batch(
         self,
@@ -175,22 +228,26 @@ class Gate:
         *,
         trace: tuple[bytes, bytes] | None = None,
     ) -> tuple[int, bytes]:
-        """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole."""
+        """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole.
+        A batch refused whole (malformed, oversize) is one attempt, metered like a lookup."""
         if self.trace:
             result = self._traced(tr.METHOD_BATCH, practitioner, request, today, now, trace)
             assert isinstance(result, tuple)
             return result
-        try:
-            batch = pb.CheckCoverageBatchRequest.FromString(request)
-        except DecodeError:
-            return INVALID_ARGUMENT, rules.malformed_message_status("CheckCoverageBatchRequest")
-        if len(batch.items) > self.max_batch_items:
-            return INVALID_ARGUMENT, rules.batch_too_large_status(self.max_batch_items)
+        if self._state_missing(practitioner):
+            return rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
+        batch, whole, _count = self._whole_batch(request)
         out = pb.CheckCoverageBatchResponse()
         with (
             self._env.begin(db=self._rights_db, buffers=False) as txn,
             self._slot(practitioner, today) as state,
         ):
+            if batch is None:
+                code, payload = self._decide(
+                    txn, practitioner, None, today, now, state, whole=whole
+                )
+                assert isinstance(payload, bytes)
+                return code, payload
             for req in batch.items:
                 code, payload = self._decide(txn, practitioner, req, today, now, state)
                 out.items.append(self._as_item(req, code, payload))
@@ -202,6 +259,7 @@ class Gate:
         """The spans recorded since the last call (framed ScopeSpans.spans entries), emptied."""
         spans = bytes(self._spans)
         self._spans.clear()
+        self._span_count = 0
         return spans
 
     def take_span_chunks(self, max_bytes: int) -> list[tuple[bytes, int]]:
@@ -266,6 +324,19 @@ class Gate:
             self.spans_dropped += 1
             return
         self._spans += span
+        self._span_count += 1
+
+    def write_spans(self, fd: int) -> tuple[int, int]:
+        """Write the recorded spans to the file `fd` (the worker's audit spool) and empty the
+        buffer: (bytes written, spans). On an error nothing is kept and OSError is raised; the
+        caller undoes a partial write."""
+        data, count = memoryview(bytes(self._spans)), self._span_count
+        self._spans.clear()
+        self._span_count = 0
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        return done, count
 
     def _traced(
         self,
@@ -276,7 +347,8 @@ class Gate:
         now: float,
         context: tuple[bytes, bytes] | None,
     ) -> tuple[int, bytes] | bytes:
-        """An entry point with every lookup recorded: the same decisions as untraced, plus spans."""
+        """An entry point with every lookup recorded: the same decisions as untraced, plus spans.
+        A batch refused whole records one lookup span (the refused attempt) under its RPC span."""
         t0 = time.perf_counter_ns()
         if context is None:
             trace_id, parent = self.new_trace_id(), b""
@@ -286,67 +358,81 @@ class Gate:
         who, profession = tr.practitioner_attributes(
             practitioner.practitioner_id, practitioner.profession
         )
+        span = _Span(trace_id, self.new_span_id(), parent, who, profession, start, t0)
         if method == tr.METHOD_BATCH:
-            rpc_span = self.new_span_id()
-            try:
-                batch = pb.CheckCoverageBatchRequest.FromString(request)
-            except DecodeError:
-                status = rules.malformed_message_status("CheckCoverageBatchRequest")
-                self._rpc_span(method, trace_id, rpc_span, parent, who, INVALID_ARGUMENT, 0,
-                               start, t0)  # fmt: skip
-                return INVALID_ARGUMENT, status
-            count = len(batch.items)
-            if count > self.max_batch_items:
-                self._rpc_span(method, trace_id, rpc_span, parent, who, INVALID_ARGUMENT, count,
-                               start, t0)  # fmt: skip
-                return INVALID_ARGUMENT, rules.batch_too_large_status(self.max_batch_items)
-            out = pb.CheckCoverageBatchResponse()
+            return self._traced_batch(span, practitioner, request, today, now)
+
+        name = tr.RPC_SPAN_NAMES[method] if method == tr.METHOD_UNARY else tr.LOOKUP_SPAN_NAME
+        if self._state_missing(practitioner):
+            req, code, payload = None, rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
+            self._lookup_span(name, span, code, payload, None, practitioner, None, start,
+                              method=method)  # fmt: skip
+        else:
+            req = self._parse(request)
+            lookup = _Lookup()
             with (
                 self._env.begin(db=self._rights_db, buffers=False) as txn,
                 self._slot(practitioner, today) as state,
             ):
-                for req in batch.items:
-                    t1 = time.perf_counter_ns()
-                    lookup = _Lookup()
-                    code, payload = self._decide(txn, practitioner, req, today, now, state, lookup)
-                    self._lookup_span(
-                        tr.LOOKUP_SPAN_NAME, trace_id, rpc_span, who, profession, code,
-                        payload, lookup, practitioner, state, start + t1 - t0, start, t0,
-                    )  # fmt: skip
-                    out.items.append(self._as_item(req, code, payload))
-            self._rpc_span(method, trace_id, rpc_span, parent, who, OK, count, start, t0)
-            return OK, out.SerializeToString()
-
-        span_id = self.new_span_id()
-        name = tr.RPC_SPAN_NAMES[method] if method == tr.METHOD_UNARY else tr.LOOKUP_SPAN_NAME
-        try:
-            req = pb.CheckCoverageRequest.FromString(request)
-        except DecodeError:
-            status = rules.malformed_message_status("CheckCoverageRequest")
-            self._lookup_span(
-                name, trace_id, span_id, who, profession, INVALID_ARGUMENT, status, None,
-                practitioner, None, start, start, t0, parent=parent, method=method,
-            )  # fmt: skip
-            if method == tr.METHOD_UNARY:
-                return INVALID_ARGUMENT, status
-            return self._error_response("", status).SerializeToString()
-        lookup = _Lookup()
-        with (
-            self._env.begin(db=self._rights_db, buffers=False) as txn,
-            self._slot(practitioner, today) as state,
-        ):
-            code, payload = self._decide(txn, practitioner, req, today, now, state, lookup)
-            self._lookup_span(
-                name, trace_id, span_id, who, profession, code, payload, lookup,
-                practitioner, state, start, start, t0, parent=parent, method=method,
-            )  # fmt: skip
+                whole = (
+                    None
+                    if req is not None
+                    else rules.malformed_message_status("CheckCoverageRequest")
+                )
+                code, payload = self._decide(
+                    txn, practitioner, req, today, now, state, lookup, whole=whole
+                )
+                self._lookup_span(name, span, code, payload, lookup, practitioner, state, start,
+                                  method=method)  # fmt: skip
         if method == tr.METHOD_STREAM:
+            if req is None:
+                assert isinstance(payload, bytes)
+                return self._error_response("", payload).SerializeToString()
             return self._as_item(req, code, payload).SerializeToString()
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             return OK, payload.SerializeToString()
         assert isinstance(payload, bytes)
         return code, payload
+
+    def _traced_batch(
+        self, span: _Span, practitioner: Practitioner, request: bytes, today: int, now: float
+    ) -> tuple[int, bytes]:
+        if self._state_missing(practitioner):
+            status = rules.QUOTA_STATE_UNAVAILABLE
+            self._lookup_span(tr.LOOKUP_SPAN_NAME, span, rules.UNAVAILABLE, status, None,
+                              practitioner, None, span.start, child=True)  # fmt: skip
+            self._rpc_span(tr.METHOD_BATCH, span, rules.UNAVAILABLE, 0)
+            return rules.UNAVAILABLE, status
+        batch, whole, count = self._whole_batch(request)
+        out = pb.CheckCoverageBatchResponse()
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
+            if batch is None:
+                lookup = _Lookup()
+                code, payload = self._decide(
+                    txn, practitioner, None, today, now, state, lookup, whole=whole
+                )
+                self._lookup_span(tr.LOOKUP_SPAN_NAME, span, code, payload, lookup,
+                                  practitioner, state, span.start, child=True)  # fmt: skip
+            else:
+                code = OK
+                for req in batch.items:
+                    item_start = span.start + time.perf_counter_ns() - span.t0
+                    lookup = _Lookup()
+                    item_code, item = self._decide(
+                        txn, practitioner, req, today, now, state, lookup
+                    )
+                    self._lookup_span(tr.LOOKUP_SPAN_NAME, span, item_code, item, lookup,
+                                      practitioner, state, item_start, child=True)  # fmt: skip
+                    out.items.append(self._as_item(req, item_code, item))
+        self._rpc_span(tr.METHOD_BATCH, span, code, count)
+        if batch is None:
+            assert isinstance(payload, bytes)
+            return code, payload
+        return OK, out.SerializeToString()
 
     def _as_item(
         self, req: pb.CheckCoverageRequest, code: int, payload: pb.CheckCoverageResponse | bytes
@@ -358,76 +444,56 @@ class Gate:
         request_id = req.request_id if rules.valid_request_id(req.request_id) else ""
         return self._error_response(request_id, payload)
 
-    def _rpc_span(
-        self,
-        method: int,
-        trace_id: bytes,
-        span_id: bytes,
-        parent: bytes,
-        who: bytes,
-        code: int,
-        items: int,
-        start: int,
-        t0: int,
-    ) -> None:
-        attributes = b"".join(
-            (
-                tr.RPC_ATTRS[method],
-                tr.attr_int(tr.K_STATUS_CODE, code),
-                who,
-                tr.attr_int(tr.K_BATCH_ITEMS, items),
-            )
-        )
-        end = start + time.perf_counter_ns() - t0
+    def _rpc_span(self, method: int, span: _Span, code: int, items: int) -> None:
+        end = span.start + time.perf_counter_ns() - span.t0
         self.add_span(
-            tr.encode_span(
-                trace_id,
-                span_id,
-                parent,
-                tr.RPC_SPAN_NAMES[method],
-                tr.KIND_SERVER,
-                start,
+            tr.rpc_span(
+                span.trace_id,
+                span.span_id,
+                span.parent,
+                method,
+                code,
+                span.who,
+                items,
+                span.start,
                 end,
-                attributes,
             )
         )
 
     def _lookup_span(
         self,
         name: str,
-        trace_id: bytes,
-        span_id: bytes,
-        who: bytes,
-        profession: int,
+        span: _Span,
         code: int,
         payload: pb.CheckCoverageResponse | bytes,
         lookup: _Lookup | None,
         practitioner: Practitioner,
         state: SlotState | None,
         span_start: int,
-        start: int,
-        t0: int,
         *,
-        parent: bytes | None = None,
+        child: bool = False,
         method: int = tr.METHOD_STREAM,
     ) -> None:
-        """One lookup's span. In a batch (`parent` None) it is an INTERNAL child of the RPC span
-        `span_id` and gets its own id; a unary call's is the SERVER span itself."""
+        """One lookup's span. In a batch (`child`) it is an INTERNAL child of the RPC span and
+        gets its own id; a unary call's is the SERVER span itself."""
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             outcome = tr.DECISION_OUTCOMES[payload.decision]
         else:
             assert isinstance(payload, bytes)
             outcome = tr.refusal_outcome(code, payload)
-        self._counts[profession * tr.N_OUTCOMES + outcome] += 1
+        self._counts[span.profession * tr.N_OUTCOMES + outcome] += 1
+        validated = lookup is not None and lookup.identity is not None
         parts: list[bytes] = []
-        if method == tr.METHOD_UNARY:
+        if method == tr.METHOD_UNARY and not child:
             parts += (tr.RPC_ATTRS[method], tr.attr_int(tr.K_STATUS_CODE, code))
-        parts.append(who)
-        if lookup is not None and lookup.identity is not None:
+        parts.append(span.who)
+        if validated:
+            assert lookup is not None
             parts += (tr.DOMAIN_ATTRS[lookup.domain], tr.attr_str(tr.K_AMC, lookup.amc))
         parts.append(tr.OUTCOME_ATTRS[outcome])
-        if lookup is not None and lookup.identity is not None:
+        if validated:
+            assert lookup is not None and lookup.identity is not None
             parts.append(tr.attr_str(tr.K_BENEFICIARY, self._keys.pseudonym(lookup.identity).hex()))
         if state is not None:
             profile = practitioner.quota
@@ -440,15 +506,16 @@ class Gate:
         parts.append(tr.GUARD_ATTRS[fired])
         if lookup is not None and lookup.would_deny:
             parts.append(tr.WOULD_DENY_ATTRS[lookup.would_deny])
-        end = start + time.perf_counter_ns() - t0
-        if parent is None:
-            parent, span_id = span_id, self.new_span_id()
+        end = span.start + time.perf_counter_ns() - span.t0
+        if child:
+            parent, span_id = span.span_id, self.new_span_id()
             kind = tr.KIND_INTERNAL
         else:
+            parent, span_id = span.parent, span.span_id
             kind = tr.KIND_SERVER if method == tr.METHOD_UNARY else tr.KIND_INTERNAL
         self.add_span(
             tr.encode_span(
-                trace_id,
+                span.trace_id,
                 span_id,
                 parent,
                 name,
@@ -472,12 +539,16 @@ class Gate:
         self,
         txn: Any,
         practitioner: Practitioner,
-        req: pb.CheckCoverageRequest,
+        req: pb.CheckCoverageRequest | None,
         today: int,
         now: float,
         state: SlotState | None,
         lookup: _Lookup | None = None,
+        *,
+        whole: bytes | None = None,
     ) -> tuple[int, pb.CheckCoverageResponse | bytes]:
+        """One attempt's decision. `whole`: the status refusing a message that could not be read
+        (`req` None), which is metered like an invalid lookup."""
         profile = practitioner.quota
         now_ms = int(now * 1000) if state is not None else 0
         # 0. A suspended practitioner gets nothing, and its refusals count nowhere.
@@ -499,7 +570,13 @@ class Gate:
             else:
                 state.tat_ms = tat + profile.interval_ms
 
-        code, payload = self._evaluate(txn, practitioner, req, today, now, state, profile, lookup)
+        if whole is not None:
+            code, payload = INVALID_ARGUMENT, whole
+        else:
+            assert req is not None
+            code, payload = self._evaluate(
+                txn, practitioner, req, today, now, state, profile, lookup
+            )
 
         # 7. The harvest guard watches the share of NO_MATCH and invalid answers.
         if state is not None and code in (OK, INVALID_ARGUMENT):
@@ -521,7 +598,7 @@ class Gate:
         lookup: _Lookup | None = None,
     ) -> None:
         state.window_bits = ((state.window_bits << 1) | int(bad)) & 0xFFFFFFFFFFFFFFFF
-        state.window_len = min(state.window_len + 1, 64)
+        state.window_len = min(state.window_len + 1, 64)  # also mends a corrupted length
         n = min(state.window_len, profile.guard_window)
         if n < profile.guard_min_lookups:
             return
@@ -530,7 +607,7 @@ class Gate:
             if not profile.shadow & SHADOW_GUARD:
                 state.flags |= FLAG_SUSPENDED
                 state.suspended_at_ms = now_ms
-                state.guard_fired += 1
+                state.guard_fired = min(state.guard_fired + 1, 0xFFFFFFFF)  # a u32, saturated
                 self.suspensions.append(practitioner.practitioner_id)
                 if lookup is not None:
                     lookup.guard_fired = True
@@ -680,6 +757,30 @@ class Gate:
             rights_end_date=f"{best.end:08d}",
             attestation=attestation,
         )
+
+
+class _Span:
+    """One traced call: its trace, ids, the caller's attributes and its clock."""
+
+    __slots__ = ("parent", "profession", "span_id", "start", "t0", "trace_id", "who")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        span_id: bytes,
+        parent: bytes,
+        who: bytes,
+        profession: int,
+        start: int,
+        t0: int,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent
+        self.who = who
+        self.profession = profession
+        self.start = start
+        self.t0 = t0
 
 
 class _Lookup:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import operator
 import struct
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -505,6 +506,7 @@ PERMISSION_DENIED = code_pb2.PERMISSION_DENIED
 UNAUTHENTICATED = code_pb2.UNAUTHENTICATED
 RESOURCE_EXHAUSTED = code_pb2.RESOURCE_EXHAUSTED
 UNAVAILABLE = code_pb2.UNAVAILABLE
+DEADLINE_EXCEEDED = code_pb2.DEADLINE_EXCEEDED
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -581,6 +583,13 @@ REASON_SUSPENDED = "PRACTITIONER_SUSPENDED"
 REASON_RATE = "RATE_LIMITED"
 REASON_DAILY = "DAILY_LIMIT"
 REASON_DISTINCT = "DISTINCT_LIMIT"
+# Refusals that are the service's, not the caller's (traced and counted all the same).
+REASON_QUOTA_STATE = "QUOTA_STATE_UNAVAILABLE"
+REASON_NOT_LOADED = "DATA_NOT_LOADED"
+REASON_ROLE = "ROLE_NOT_ALLOWED"
+REASON_DEADLINE = "DEADLINE_EXCEEDED"
+REASON_BACKLOG = "AUDIT_BACKLOG"
+REASON_CANCELLED = "CANCELLED"
 
 DOMAIN_OUT_OF_SCOPE = error_info_status(
     PERMISSION_DENIED, REASON_DOMAIN, "this care domain is outside the practitioner's profession"
@@ -590,6 +599,26 @@ AMC_OUT_OF_SCOPE = error_info_status(
 )
 PRACTITIONER_SUSPENDED = error_info_status(
     PERMISSION_DENIED, REASON_SUSPENDED, "the practitioner is suspended"
+)
+# A gate with quotas on that cannot reach the caller's quota state (no slot, no profile, a slot
+# beyond the mapped file, or a gate closed because it was replaced) refuses: missing state never
+# means "unlimited".
+QUOTA_STATE_UNAVAILABLE = error_info_status(
+    UNAVAILABLE, REASON_QUOTA_STATE, "the quota state is not available; retry shortly"
+)
+
+# The audit spool is full (service.spool, when_full = "refuse"): no answer without its record.
+AUDIT_BACKLOG = status_bytes(
+    UNAVAILABLE,
+    "the audit trail is behind; retry shortly",
+    error_details_pb2.ErrorInfo(reason=REASON_BACKLOG, domain=ERROR_DOMAIN),
+    error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=5)),
+)
+DEADLINE_PASSED = error_info_status(
+    DEADLINE_EXCEEDED, REASON_DEADLINE, "the call's deadline had passed before it was decided"
+)
+DATA_NOT_LOADED = error_info_status(
+    UNAVAILABLE, REASON_NOT_LOADED, "coverage data is not loaded yet; retry later"
 )
 
 _QUOTA_TEXT = {
@@ -627,3 +656,71 @@ def day_retry_seconds(today: int, now: float) -> int:
     midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), PARIS)
     seconds = max(1, int(midnight.timestamp() - now))
     return -(-seconds // 3600) * 3600
+
+
+def require_upb() -> None:
+    """The gates rely on protobuf's upb backend: its DecodeError for every malformed message
+    (the pure-Python backend raises UnicodeDecodeError for bad UTF-8) and, in the Cython gate, its
+    canonical re-serialisation. Any other backend is refused at start, loudly."""
+    from google.protobuf.internal import api_implementation
+
+    if api_implementation.Type() != "upb":
+        raise RuntimeError(
+            "covergate needs protobuf's upb backend, not "
+            f"{api_implementation.Type()!r} (unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION)"
+        )
+
+
+def batch_limit(value: object) -> int:
+    """A gate's max_batch_items: an int from 0 to 1,000,000."""
+    limit = operator.index(value)  # type: ignore[arg-type]
+    if not 0 <= limit <= 1_000_000:
+        raise ValueError("max_batch_items must be from 0 to 1000000")
+    return limit
+
+
+def count_batch_items(data: bytes, limit: int) -> int | None:
+    """The `items` entries (field 1, length-delimited) at the top level of a serialized
+    CheckCoverageBatchRequest, counted from its framing alone and only up to `limit` + 1: an
+    oversize batch is refused without reading what follows. Unknown fields of the varint, fixed
+    and length-delimited wire types are stepped over; None when the framing is anything else
+    (a group, a bad wire type, a truncation): then the protobuf parser decides."""
+    n = len(data)
+    pos = count = 0
+    while pos < n:
+        tag, pos = _wire_varint(data, pos, 5)
+        if tag < 0 or tag >> 3 == 0:
+            return None
+        wire = tag & 7
+        if wire == 0:
+            _, pos = _wire_varint(data, pos, 10)
+            if pos < 0:
+                return None
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            if pos > n:
+                return None
+        elif wire == 2:
+            size, pos = _wire_varint(data, pos, 5)
+            if size < 0 or size > n - pos:
+                return None
+            pos += size
+            if tag == 0x0A:
+                count += 1
+                if count > limit:
+                    return count
+        else:
+            return None
+    return count
+
+
+def _wire_varint(data: bytes, pos: int, max_bytes: int) -> tuple[int, int]:
+    """(value, next position), or (-1, -1) when truncated or longer than max_bytes."""
+    value = shift = 0
+    for i in range(pos, min(len(data), pos + max_bytes)):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, -1

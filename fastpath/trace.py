@@ -39,6 +39,12 @@ OUTCOMES = (
     rules.REASON_RATE,
     rules.REASON_DAILY,
     rules.REASON_DISTINCT,
+    rules.REASON_QUOTA_STATE,
+    rules.REASON_NOT_LOADED,
+    rules.REASON_ROLE,
+    rules.REASON_DEADLINE,
+    rules.REASON_BACKLOG,
+    rules.REASON_CANCELLED,
 )
 (
     O_COVERED,
@@ -51,6 +57,12 @@ OUTCOMES = (
     O_RATE,
     O_DAILY,
     O_DISTINCT,
+    O_QUOTA_STATE,
+    O_NOT_LOADED,
+    O_ROLE,
+    O_DEADLINE,
+    O_BACKLOG,
+    O_CANCELLED,
 ) = range(len(OUTCOMES))
 N_OUTCOMES = len(OUTCOMES)
 DECISION_OUTCOMES = {
@@ -84,6 +96,9 @@ N_PROFESSIONS = len(PROFESSIONS)
 # taking them must not grow a worker without bound.
 MAX_BUFFER = 64 << 20
 
+AUDIT_GAP_SPAN_NAME = "covergate.audit.gap"
+EVENT_SPANS_DROPPED = "covergate.spans_dropped"
+K_DROPPED_SPANS = "covergate.audit.dropped_spans"
 EVENT_GUARD_FIRED = "covergate.guard.fired"
 EVENT_SUSPENDED = "covergate.practitioner.suspended"
 
@@ -104,13 +119,45 @@ def field_bytes(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + varint(len(data)) + data
 
 
-def export_trace_request(resource: bytes, scope: bytes, spans: bytes) -> bytes:
+def export_trace_request(resource: bytes, scope: bytes, spans: bytes | memoryview) -> bytes:
     """ExportTraceServiceRequest{ResourceSpans{resource, ScopeSpans{scope, spans}}} for an encoded
-    Resource and InstrumentationScope: `spans` are already framed ScopeSpans.spans entries, so this
-    is concatenation (the Cython gate's take_export_requests writes the same bytes in one go)."""
-    scope_spans = field_bytes(0x0A, scope) + spans
-    resource_spans = field_bytes(0x0A, resource) + field_bytes(0x12, scope_spans)
-    return field_bytes(0x0A, resource_spans)
+    Resource and InstrumentationScope: `spans` are already framed ScopeSpans.spans entries, so the
+    request is a small head and the spans, copied once (the Cython gate's take_export_requests
+    writes the same bytes)."""
+    scope_head = field_bytes(0x0A, scope)
+    scope_spans = len(scope_head) + len(spans)
+    inner = field_bytes(0x0A, resource) + b"\x12" + varint(scope_spans)
+    head = b"\x0a" + varint(len(inner) + scope_spans) + inner + scope_head
+    return b"".join((head, spans))
+
+
+def complete_spans(data: bytes | memoryview, max_bytes: int) -> tuple[int, int]:
+    """(end, count) of the complete framed spans at the start of `data`: as many as fit in
+    `max_bytes`, and at least the first one if it is complete. Raises ValueError where the bytes
+    are not framed spans. (The shipper's cut; the Cython gate module has a C twin.)"""
+    n = len(data)
+    pos = count = 0
+    while pos < n:
+        if data[pos] != 0x12:
+            raise ValueError("not a framed span")
+        size = shift = 0
+        i = pos + 1
+        while True:
+            if i >= n:
+                return pos, count
+            byte = data[i]
+            size |= (byte & 0x7F) << shift
+            i += 1
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise ValueError("not a framed span")
+        end = i + size
+        if end > n or (end > max_bytes and count):
+            return pos, count
+        pos, count = end, count + 1
+    return pos, count
 
 
 def _key_value(key: str, any_value: bytes) -> bytes:
@@ -171,6 +218,87 @@ def encode_span(
         )
     )
     return field_bytes(0x12, span)
+
+
+def rpc_span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent_span_id: bytes,
+    method: int,
+    code: int,
+    who: bytes,
+    count: int,
+    start_ns: int,
+    end_ns: int,
+) -> bytes:
+    """The SERVER span of a batch (`count` items) or a stream (`count` messages), parent of the
+    lookup spans of its items or messages."""
+    key = K_BATCH_ITEMS if method == METHOD_BATCH else K_STREAM_MESSAGES
+    attributes = b"".join(
+        (RPC_ATTRS[method], attr_int(K_STATUS_CODE, code), who, attr_int(key, count))
+    )
+    return encode_span(
+        trace_id,
+        span_id,
+        parent_span_id,
+        RPC_SPAN_NAMES[method],
+        KIND_SERVER,
+        start_ns,
+        end_ns,
+        attributes,
+    )
+
+
+def refusal_span(
+    trace_id: bytes,
+    span_id: bytes,
+    parent_span_id: bytes,
+    method: int,
+    code: int,
+    who: bytes,
+    outcome: int,
+    start_ns: int,
+    end_ns: int,
+    *,
+    child: bool = False,
+) -> bytes:
+    """An attempt refused before a gate decided it (a suspended or wrong-role credential, data
+    not loaded, an expired deadline, a full audit spool): a unary or batch call's SERVER span, or
+    (`child`) a stream message's covergate.lookup span under the stream's span."""
+    if child:
+        name, kind, head = LOOKUP_SPAN_NAME, KIND_INTERNAL, b""
+    else:
+        name, kind = RPC_SPAN_NAMES[method], KIND_SERVER
+        head = RPC_ATTRS[method] + attr_int(K_STATUS_CODE, code)
+    return encode_span(
+        trace_id,
+        span_id,
+        parent_span_id,
+        name,
+        kind,
+        start_ns,
+        end_ns,
+        head + who + OUTCOME_ATTRS[outcome],
+    )
+
+
+def audit_gap_span(
+    trace_id: bytes, span_id: bytes, start_ns: int, end_ns: int, dropped: int
+) -> bytes:
+    """With `when_full = "drop"`: the record that spans were not kept from `start_ns` to
+    `end_ns`, written as soon as the spool has room again (an event says how many so far)."""
+    event = encode_event(EVENT_SPANS_DROPPED, end_ns, attr_int(K_DROPPED_SPANS, dropped))
+    return encode_span(
+        trace_id,
+        span_id,
+        b"",
+        AUDIT_GAP_SPAN_NAME,
+        KIND_INTERNAL,
+        start_ns,
+        end_ns,
+        attr_int(K_DROPPED_SPANS, dropped),
+        event,
+    )
 
 
 # -- the constant attributes, encoded once -------------------------------------------------------

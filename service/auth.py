@@ -35,8 +35,8 @@ _CACHE_SIZE = 10_000
 @dataclass(frozen=True)
 class AuthFailure:
     """A refusal ready to send: gRPC code and google.rpc.Status bytes; and, when the credential
-    was good but its practitioner may not look anything up (suspended), who it was, so that the
-    attempt is still traced."""
+    was good but its holder may not look anything up (suspended, wrong role), who it was, so that
+    the attempt is still traced."""
 
     code: int
     status: bytes
@@ -220,7 +220,8 @@ class Authenticator:
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         if caller.role != role:
-            return wrong_role(role)
+            # Known, but not for this method: still an attempt to trace, as the caller's.
+            return replace(wrong_role(role), practitioner=caller)
         if caller.status == "suspended":
             return replace(SUSPENDED, practitioner=caller)
         return caller

@@ -2,13 +2,30 @@
 reflection, one asyncio worker per process sharing the port, graceful drain on SIGTERM.
 
 Handlers receive and return raw bytes: the fast path parses requests and encodes responses itself,
-so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio.
+so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio's
+deserialisation. covergate itself never answers INTERNAL. grpc-core, which checks the HTTP/2 and
+gRPC framing before any handler runs, does, for exactly these client-sendable violations (grpcio
+1.85; tests/test_server_limits.py checks each, the README lists them too):
+
+- the compressed flag set with no grpc-encoding, or with grpc-encoding: identity;
+- an unknown grpc-encoding (e.g. snappy);
+- a gzip/deflate message that does not inflate, only with accept_compressed_requests = true (by
+  default every compressed request is UNIMPLEMENTED, before any decompression);
+- an unparsable te (not "trailers"), grpc-timeout, grpc-status, grpc-previous-rpc-attempts,
+  grpc-retry-pushback-ms, grpc-internal-encoding-request or lb-cost-bin header, an unknown :method
+  or :scheme, or a -bin header that is not base64;
+- an illegal header name (uppercase, a space, an unknown pseudo-header) or an empty one;
+- a header block that does not decode (HPACK); the connection is then closed;
+- RST_STREAM INTERNAL_ERROR, which clients report as INTERNAL: :method other than POST, or no
+  :method, :scheme, :path, :authority or te.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -17,7 +34,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +52,11 @@ from service import telemetry as otel
 from service.attestation import AttestationVerifier
 from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
-from service.config import Config, PepperError, load_pepper
+from service.config import Config, PepperError, ServerSettings, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
 from service.reflection import enable_reflection
+from service.shipper import run as shipper_main
+from service.spool import SpoolFull
 from service.store import Store
 
 log = logging.getLogger("covergate.server")
@@ -47,9 +66,7 @@ ATTESTATION_SERVICE = "covergate.v1.AttestationService"
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
 
-NOT_LOADED = rules.error_info_status(
-    rules.UNAVAILABLE, "DATA_NOT_LOADED", "coverage data is not loaded yet; retry later"
-)
+NOT_LOADED = rules.DATA_NOT_LOADED
 
 
 @dataclass(frozen=True)
@@ -185,16 +202,20 @@ class CovergateHandlers:
         context: grpc.aio.ServicerContext,
         role: str,
         metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        certificate: bytes | None = None,
     ) -> Practitioner:
+        """Who is calling, with everything a fresh call checks: the credential, its role, the
+        data being loaded, and a quota slot mapped for it (the gate replaced if one is not)."""
         self.last_call_started = time.monotonic()
-        certificate = peer_certificate(context.auth_context()) if self._mtls else None
+        if certificate is None and self._mtls:
+            certificate = peer_certificate(context.auth_context())
         if metadata is None:
             metadata = context.invocation_metadata()
         caller = self._auth.authenticate(metadata, role, certificate)
         if isinstance(caller, AuthFailure):
             raise Refusal(caller.code, caller.status, caller.practitioner)
         if self.gate is None:
-            raise Refusal(rules.UNAVAILABLE, NOT_LOADED)
+            raise Refusal(rules.UNAVAILABLE, NOT_LOADED, caller)
         if caller.slot >= self.quota.slots:
             self._grow_quota()
         return caller
@@ -212,21 +233,26 @@ class CovergateHandlers:
     async def _decide(
         self, method: str, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
-        """CheckCoverage and CheckCoverageBatch: one gate call, its refusal or its answer."""
+        """CheckCoverage and CheckCoverageBatch: one gate call, its refusal or its answer; with
+        tracing on, never an answer whose spans are not in the audit spool."""
         telemetry = self.telemetry
-        if telemetry is not None:
-            started = time.perf_counter()
+        started = time.perf_counter()
         metadata = context.invocation_metadata()
+        index = tr.METHODS.index(method)
         try:
             caller = self._caller(context, "practitioner", metadata)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise Refusal(rules.DEADLINE_EXCEEDED, rules.DEADLINE_PASSED, caller)
+            if telemetry is not None and not telemetry.has_room():
+                raise Refusal(rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
         except Refusal as r:
-            if telemetry is not None and r.practitioner is not None:
-                self._refused_span(method, r, metadata, time.perf_counter() - started)
+            if telemetry is not None:
+                parent = otel.trace_context(metadata) if metadata else None
+                self._refused(index, r, parent or (b"", b""), started, child=False)
             await _abort(context, r.code, r.status)
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        decide = self.gate.check if method == "CheckCoverage" else self.gate.check_batch
+        gate = self.gate
+        decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         today, now = self._clock.now()
         if telemetry is None:
             code, payload = decide(caller, request, today, now)
@@ -234,7 +260,11 @@ class CovergateHandlers:
             trace = otel.trace_context(metadata) if metadata else None
             code, payload = decide(caller, request, today, now, trace=trace)
             telemetry.record_rpc(method, time.perf_counter() - started)
-        if self.gate.suspensions:
+            try:
+                telemetry.record(gate)
+            except SpoolFull:
+                await _abort(context, rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
+        if gate.suspensions:
             self.persist_suspensions()
         if code:
             await _abort(context, code, payload)
@@ -243,54 +273,54 @@ class CovergateHandlers:
     async def check_coverage_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
+        """Every message is authorised and metered as if it were its own unary call: the
+        credential is checked again (a suspension, a revocation, a scope or quota change made
+        while the stream is open applies from its next message, which is then refused with the
+        code a new call would get), and the worker's current gate decides it (a gate replaced
+        since the stream opened is never used again)."""
+        method = tr.METHOD_STREAM
+        started, started_ns = time.perf_counter(), time.time_ns()
         metadata = context.invocation_metadata()
-        try:
-            caller = self._caller(context, "practitioner", metadata)
-        except Refusal as r:
-            if self.telemetry is not None and r.practitioner is not None:
-                self._refused_span(
-                    "CheckCoverageStream", r, metadata, time.perf_counter() - started
-                )
-            await _abort(context, r.code, r.status)
-        if self.telemetry is not None:
-            async for response in self._traced_stream(caller, requests, context):
-                yield response
-            return
-        gate = self.gate
-        clock = self._clock
-        async for request in requests:
-            today, now = clock.now()
-            response = gate.check_item(caller, request, today, now)
-            suspended = bool(gate.suspensions) and self.persist_suspensions(caller.practitioner_id)
-            yield response
-            if suspended:
-                # The guard fired on this item: it is answered, then the stream ends.
-                await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
-
-    async def _traced_stream(
-        self,
-        caller: Practitioner,
-        requests: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[bytes]:
-        """The stream, with one lookup span per message under one SERVER span for the stream
-        (the caller's traceparent honoured), written when the stream ends."""
-        gate = self.gate
-        clock = self._clock
+        # A connection's client certificate cannot change while it is open: read it once.
+        certificate = peer_certificate(context.auth_context()) if self._mtls else None
         telemetry = self.telemetry
-        assert telemetry is not None
-        parent = otel.trace_context(context.invocation_metadata())
-        trace_id, caller_span = parent if parent is not None else (gate.new_trace_id(), b"")
-        stream_span = gate.new_span_id()
-        items_context = (trace_id, stream_span)
-        started_ns, started = time.time_ns(), time.perf_counter()
+        trace_id = stream_span = caller_span = b""
+        if telemetry is not None:
+            parent = otel.trace_context(metadata) if metadata else None
+            trace_id, caller_span = parent if parent is not None else (self._new_trace_id(), b"")
+            stream_span = self._new_span_id()
+        try:
+            caller = self._caller(context, "practitioner", metadata, certificate)
+        except Refusal as r:
+            self._refused(method, r, (trace_id, caller_span), started, child=False)
+            await _abort(context, r.code, r.status)
+        clock = self._clock
         messages = 0
         code = rules.OK
         try:
             async for request in requests:
+                try:
+                    caller = self._caller(context, "practitioner", metadata, certificate)
+                    if telemetry is not None and not telemetry.has_room():
+                        raise Refusal(rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
+                except Refusal as r:
+                    self._refused(method, r, (trace_id, stream_span), time.perf_counter())
+                    messages += 1
+                    code = r.code
+                    await _abort(context, r.code, r.status)
+                gate = self.gate
                 today, now = clock.now()
-                response = gate.check_item(caller, request, today, now, trace=items_context)
+                if telemetry is None:
+                    response = gate.check_item(caller, request, today, now)
+                else:
+                    response = gate.check_item(
+                        caller, request, today, now, trace=(trace_id, stream_span)
+                    )
+                    try:
+                        telemetry.record(gate)
+                    except SpoolFull:
+                        code = rules.UNAVAILABLE
+                        await _abort(context, rules.UNAVAILABLE, rules.AUDIT_BACKLOG)
                 messages += 1
                 suspended = bool(gate.suspensions) and self.persist_suspensions(
                     caller.practitioner_id
@@ -301,69 +331,79 @@ class CovergateHandlers:
                     code = rules.PERMISSION_DENIED
                     await _abort(context, rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED)
         finally:
-            elapsed = time.perf_counter() - started
-            who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
-            attributes = b"".join(
-                (
-                    tr.RPC_ATTRS[tr.METHOD_STREAM],
-                    tr.attr_int(tr.K_STATUS_CODE, code),
-                    who,
-                    tr.attr_int(tr.K_STREAM_MESSAGES, messages),
+            if telemetry is not None:
+                elapsed = time.perf_counter() - started
+                who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
+                self._add_span(
+                    tr.rpc_span(
+                        trace_id,
+                        stream_span,
+                        caller_span,
+                        method,
+                        code,
+                        who,
+                        messages,
+                        started_ns,
+                        started_ns + int(elapsed * 1e9),
+                    )
                 )
-            )
-            gate.add_span(
-                tr.encode_span(
-                    trace_id,
-                    stream_span,
-                    caller_span,
-                    tr.RPC_SPAN_NAMES[tr.METHOD_STREAM],
-                    tr.KIND_SERVER,
-                    started_ns,
-                    started_ns + int(elapsed * 1e9),
-                    attributes,
-                )
-            )
-            telemetry.record_rpc("CheckCoverageStream", elapsed)
+                telemetry.record_rpc("CheckCoverageStream", elapsed)
 
-    def _refused_span(
+    # -- refusals before any gate, still traced ----------------------------------------------------
+
+    def _new_trace_id(self) -> bytes:
+        return self.gate.new_trace_id() if self.gate is not None else os.urandom(16)
+
+    def _new_span_id(self) -> bytes:
+        return self.gate.new_span_id() if self.gate is not None else os.urandom(8)
+
+    def _add_span(self, span: bytes) -> None:
+        """A span encoded here (a stream's, a refusal's), straight into the audit spool."""
+        if self.telemetry is not None:
+            with contextlib.suppress(SpoolFull):  # the call is refused or over either way
+                self.telemetry.add_span(span)
+
+    def _refused(
         self,
-        method: str,
+        method: int,
         refusal: Refusal,
-        metadata: Sequence[tuple[str, str | bytes]] | None,
-        elapsed: float,
+        context: tuple[bytes, bytes],
+        started: float,
+        *,
+        child: bool = True,
     ) -> None:
-        """A known practitioner refused before the gate (suspended): its attempt is still one
-        traced lookup, a SERVER span with the refusal's reason, and counted in the metrics, so a
-        suspended credential that keeps trying stays visible."""
-        telemetry, gate, who = self.telemetry, self.gate, refusal.practitioner
-        if telemetry is None or gate is None or who is None:
+        """A known caller refused before any gate decided (suspended, wrong role, data not
+        loaded, deadline passed): its attempt is still one traced lookup with the refusal's
+        reason, and counted in the metrics, so a credential that keeps trying stays visible.
+        `context`: (trace id, parent span); a stream message's span is a child of the stream's.
+        A refusal for a full audit spool cannot be recorded there: it is counted instead."""
+        telemetry, who = self.telemetry, refusal.practitioner
+        if telemetry is None or who is None:
             return
-        index = tr.METHODS.index(method)
-        parent = otel.trace_context(metadata) if metadata else None
-        trace_id, parent_span = parent if parent is not None else (gate.new_trace_id(), b"")
+        outcome = tr.refusal_outcome(refusal.code, refusal.status)
+        trace_id, parent = context
+        if not trace_id:
+            trace_id = self._new_trace_id()
         attributes, profession = tr.practitioner_attributes(who.practitioner_id, who.profession)
+        elapsed = time.perf_counter() - started
         end_ns = time.time_ns()
-        gate.add_span(
-            tr.encode_span(
+        self._add_span(
+            tr.refusal_span(
                 trace_id,
-                gate.new_span_id(),
-                parent_span,
-                tr.RPC_SPAN_NAMES[index],
-                tr.KIND_SERVER,
+                self._new_span_id(),
+                parent,
+                method,
+                refusal.code,
+                attributes,
+                outcome,
                 end_ns - int(elapsed * 1e9),
                 end_ns,
-                b"".join(
-                    (
-                        tr.RPC_ATTRS[index],
-                        tr.attr_int(tr.K_STATUS_CODE, refusal.code),
-                        attributes,
-                        tr.OUTCOME_ATTRS[tr.O_SUSPENDED],
-                    )
-                ),
+                child=child,
             )
         )
-        telemetry.refused(profession, tr.O_SUSPENDED)
-        telemetry.record_rpc(method, elapsed)
+        telemetry.refused(profession, outcome)
+        if not child:
+            telemetry.record_rpc(tr.METHODS[method], elapsed)
 
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
@@ -432,6 +472,38 @@ def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """A worker's grpc options: message sizes and the bounds on every connection (the defaults
+    and their reasons are in config.ServerSettings)."""
+    return [
+        # Joins the supervisor's hold on the address (see _hold_address): only our workers can.
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes * 4),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            _ms(settings.keepalive_min_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_seconds)),
+        # Bit per algorithm (identity, deflate, gzip). Identity alone: a compressed request is
+        # UNIMPLEMENTED before any decompression, never an INTERNAL from a corrupt one.
+        (
+            "grpc.compression_enabled_algorithms_bitset",
+            0b111 if settings.accept_compressed_requests else 0b001,
+        ),
+    ]
+
+
 async def run_worker(
     options: ServeOptions, index: int, on_ready: Callable[[int], None] | None = None
 ) -> None:
@@ -439,16 +511,10 @@ async def run_worker(
     settings = options.config.server
     # Opened here, after fork/spawn: LMDB handles don't survive it.
     store = Store(options.data_dir, options.config.store)
-    telemetry = otel.setup(index)  # after fork too: its exporter thread and channels are ours
+    # After fork too: its spool directory, metric thread and channels are this worker's.
+    telemetry = otel.setup(index, options.data_dir, options.config)
     handlers = CovergateHandlers(store, options, telemetry)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes * 4),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        ],
-    )
+    server = grpc.aio.server(options=grpc_server_options(settings))
     handlers.register(server)
     if options.tls is None:
         port = server.add_insecure_port(options.listen)
@@ -488,8 +554,25 @@ async def run_worker(
     log.info("worker %d stopped", index)
 
 
-def _worker_process(options: ServeOptions, index: int, ready: Any) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel send this worker SIGTERM (drain, then exit) when its supervisor dies,
+    however it dies, SIGKILL included: a worker never goes on serving the port on its own."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # A supervisor that died before the prctl above signals nobody: we were re-parented.
+    if os.getppid() != supervisor_pid:
+        log.error("the supervisor (pid %d) is gone; worker not starting", supervisor_pid)
+        raise SystemExit(1)
+
+
+def _worker_process(options: ServeOptions, index: int, ready: Any, supervisor_pid: int) -> None:
     configure_logging()
+    _die_with_supervisor(supervisor_pid)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(options, index, on_ready=lambda port: ready.send(port)))
 
@@ -507,28 +590,138 @@ def configure_logging() -> None:
 
 def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError("--listen must be HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Hold the port (bound, not listening) so every worker binds the same one with SO_REUSEPORT;
-    connections are spread over the listening workers only."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+class ListenError(Exception):
+    """The listen address cannot be served; the message is one line for the operator."""
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _listen_sockaddrs(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """The addresses grpc will listen on for HOST: each address a name resolves to; for a
+    wildcard, every address of both families (grpc opens one dual-stack socket for 0.0.0.0 and
+    :: alike), so the first of these that this host supports."""
+    if host in _WILDCARDS:
+        return [(socket.AF_INET6, ("::", port, 0, 0)), (socket.AF_INET, ("0.0.0.0", port))]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    seen: list[tuple[socket.AddressFamily, tuple[Any, ...]]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    return seen
+
+
+@contextlib.contextmanager
+def _bind_lock(port: int) -> Iterator[None]:
+    """Serialise the bind-and-share step of covergates starting on the same port at the same
+    moment (an abstract Unix socket: per network namespace like the port, freed on exit)."""
+    if port == 0 or not sys.platform.startswith("linux"):
+        yield
+        return
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                lock.bind(f"\0covergate-bind-{port}")
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise ListenError(f"cannot take the bind lock of port {port}: {exc}") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        lock.close()
+
+
+def _hold_one(
+    family: socket.AddressFamily, sockaddr: tuple[Any, ...], wildcard: bool
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        if family == socket.AF_INET6:
+            # A wildcard covers IPv4 too, like grpc's dual-stack socket: an IPv4 server on the
+            # port is then found as well.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
+        if sockaddr[1] != 0:
+            # Connections of a previous run lingering in TIME_WAIT must not block a restart;
+            # SO_REUSEADDR still fails against a socket that is listening.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        # Bound: from now on nobody may bind beside us (no SO_REUSEADDR) except sockets with
+        # SO_REUSEPORT of the same user: our workers. Linux reads both flags at every bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _hold_address(host: str, port: int) -> list[socket.socket]:
+    """Bind the listen address (not listening: connections go to the workers only) so that the
+    workers can share it and nothing else can. Fails if anything already holds the address —
+    another covergate, or any other program — instead of joining its SO_REUSEPORT group.
+
+    Port 0 picks a free port (the same one for every address of HOST)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    wildcard = host in _WILDCARDS
+    sockaddrs = _listen_sockaddrs(host, port)
+    for _ in range(10):
+        held: list[socket.socket] = []
+        chosen = port
+        failure: OSError | None = None
+        try:
+            with _bind_lock(port):
+                for family, sockaddr in sockaddrs:
+                    try:
+                        held.append(
+                            _hold_one(family, (sockaddr[0], chosen, *sockaddr[2:]), wildcard)
+                        )
+                    except OSError as exc:
+                        if exc.errno == errno.EADDRINUSE:
+                            raise
+                        failure = exc  # e.g. an address this host does not have: grpc skips it
+                        continue
+                    if wildcard:
+                        break  # the dual-stack socket covers both families
+                    chosen = held[-1].getsockname()[1]
+        except OSError as exc:
+            for sock in held:
+                sock.close()
+            if exc.errno == errno.EADDRINUSE and port == 0:
+                continue  # the port picked for the first address is taken on another: again
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(
+                    f"cannot serve on {shown}: the address is already in use "
+                    "(another covergate or another program is listening there)"
+                ) from None
+            raise ListenError(f"cannot serve on {shown}: {exc.strerror or exc}") from None
+        if held:
+            return held
+        reason = failure.strerror if failure is not None else "no address"
+        raise ListenError(f"cannot serve on {shown}: {reason}")
+    raise ListenError(f"cannot serve on {shown}: no free port for every address of {host!r}")
 
 
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
     """Run `options.workers` worker processes (0: one per core) until SIGTERM or SIGINT."""
     workers = options.workers or os.cpu_count() or 1
-    host, port = split_listen(options.listen)
-    reserved = _reserve_port(host, port)
-    port = reserved.getsockname()[1]
+    try:
+        host, port = split_listen(options.listen)
+        held = _hold_address(host, port)
+    except (ValueError, ListenError) as exc:
+        print(f"covergate: {exc}", file=sys.stderr, flush=True)
+        return 1
+    port = held[0].getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     listen = f"{shown_host}:{port}"
     options = ServeOptions(
@@ -546,11 +739,17 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
 
     def start(index: int) -> tuple[Any, Any]:
         receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker_process, args=(options, index, sender), daemon=False)
+        # Started from this (the main) thread: a worker's PR_SET_PDEATHSIG fires when the
+        # thread that started it ends, and this one lives as long as the supervisor.
+        proc = ctx.Process(
+            target=_worker_process, args=(options, index, sender, os.getpid()), daemon=False
+        )
         proc.start()
         sender.close()
         return proc, receiver
 
+    # The audit shipper (tracing on): exports what every worker writes to the spool.
+    shipper = _start_shipper(ctx, options)
     procs: dict[int, Any] = {}
     pipes = {}
     for i in range(workers):
@@ -565,10 +764,18 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
     restarts: list[float] = []
     while not stopping:
         sentinels = {p.sentinel: i for i, p in procs.items()}
+        if shipper is not None:
+            sentinels[shipper.sentinel] = -1
         for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
             i = sentinels[sentinel]  # type: ignore[index]
             if stopping:
                 break
+            if i == -1:
+                assert shipper is not None
+                log.error("the audit shipper exited with code %s; restarting it",
+                          shipper.exitcode)  # fmt: skip
+                shipper = _start_shipper(ctx, options)
+                continue
             log.error("worker %d exited with code %s; restarting it", i, procs[i].exitcode)
             restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
             if len(restarts) > 5 * workers:
@@ -584,8 +791,38 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         proc.join(grace)
         if proc.is_alive():
             proc.kill()
-    reserved.close()
+    if shipper is not None:
+        # After the workers: their last spans are in the spool; it sends what it can in time.
+        if shipper.is_alive() and shipper.pid is not None:
+            os.kill(shipper.pid, signal.SIGTERM)
+        shipper.join(SHIPPER_DRAIN_SECONDS + 5)
+        if shipper.is_alive():
+            shipper.kill()
+    for sock in held:
+        sock.close()
     return 0 if all(p.exitcode == 0 for p in procs.values()) else 1
+
+
+SHIPPER_DRAIN_SECONDS = 5.0
+
+
+def _start_shipper(ctx: Any, options: ServeOptions) -> Any:
+    """The host's audit shipper process, when tracing is on (service.shipper)."""
+    if not otel.enabled():
+        return None
+    root = otel.spool_settings(options.data_dir, options.config).root
+    proc = ctx.Process(
+        target=_shipper_process,
+        args=(str(root), SHIPPER_DRAIN_SECONDS, os.getpid()),
+        name="covergate-shipper",
+    )
+    proc.start()
+    return proc
+
+
+def _shipper_process(root: str, drain_seconds: float, supervisor_pid: int) -> None:
+    _die_with_supervisor(supervisor_pid)
+    shipper_main(root, drain_seconds)
 
 
 __all__ = ["ServeOptions", "TlsFiles", "covergate_pb2", "run_worker", "serve"]

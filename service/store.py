@@ -244,6 +244,7 @@ class Store:
                     for k, v in txn.cursor(self.practitioners_db)
                 }
                 txn.drop(self.practitioners_db, delete=False)
+            kept: set[str] = set()
             for rec in records:
                 old = previous.get(rec.practitioner_id) or self.practitioner(
                     rec.practitioner_id, txn
@@ -259,6 +260,15 @@ class Store:
                     rec.slot = self._next_slot(txn)
                 rec.updated_at = now
                 txn.put(rec.practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
+                kept.add(rec.practitioner_id)
+            if replace:
+                # A practitioner dropped from the file loses its credentials (its pins went with
+                # its record): imported again later, it starts with none, not with old tokens.
+                dropped = set(previous) - kept
+                for key, raw in list(txn.cursor(self.credentials_db)):
+                    credential = CredentialRecord.from_bytes(raw)
+                    if credential.role == "practitioner" and credential.practitioner_id in dropped:
+                        txn.delete(key, db=self.credentials_db)
             self._bump_generation(txn)
 
     def quota_slots_used(self) -> int:

@@ -1,15 +1,14 @@
-"""OpenTelemetry for one worker: the gate's spans exported over OTLP/gRPC, lookup and suspension
-counters and an RPC latency histogram, configured by the standard OTEL_* variables.
+"""OpenTelemetry for one worker: every lookup's span into the audit spool before its answer leaves,
+lookup and suspension counters and an RPC latency histogram, configured by the standard OTEL_*
+variables.
 
 Why not the SDK's tracer: an SDK span costs 30-40 us here, more than a whole batch item. The gates
-encode each lookup's OTLP span themselves (fastpath.trace); this module takes their buffer on the
-worker's loop (the gate is not thread-safe) every OTEL_BSP_SCHEDULE_DELAY ms, or sooner when it
-fills, already wrapped into ExportTraceServiceRequests (the gate writes the envelope around its
-spans in one copy), and a background thread sends them with a raw gRPC call. A receiver that is
-down costs dropped spans, counted and warned about, never a blocked request. Likewise the SDK's
-per-record metric calls cost 10-15 us: lookup counts live in the gate (C counters, read by an SDK
-ObservableCounter callback), and latencies go to a local fixed-bucket histogram exported as OTLP by
-the same thread.
+encode each lookup's OTLP span themselves (fastpath.trace), and after every call the worker writes
+the gate's buffer to its spool directory with one write(2) (service.spool); the host's shipper
+process (service.shipper) exports the spool. A receiver that is slow or down costs disk, never a
+record and never a worker's time. Likewise the SDK's per-record metric calls cost 10-15 us: lookup
+counts live in the gate (C counters, read by an SDK ObservableCounter callback), and latencies go to
+a local fixed-bucket histogram exported as OTLP by a small background thread.
 """
 
 from __future__ import annotations
@@ -28,19 +27,20 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import grpc
 
 from fastpath import trace as tr
+from service.spool import SpoolFull, SpoolSettings, SpoolWriter
 
 log = logging.getLogger("covergate.telemetry")
 
 TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 METRICS_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 CHUNK_BYTES = 3 << 20  # below the 4 MiB a collector accepts by default
-MAX_QUEUED_BYTES = 64 << 20
 LATENCY_BOUNDS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 CONSOLE_FLAG = "COVERGATE_TRACE_CONSOLE"
 METRIC_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
@@ -216,7 +216,20 @@ def export_metrics_request(resource: bytes, scope: bytes, metric: bytes) -> byte
 # -- the exporter ----------------------------------------------------------------------------------
 
 
-def _headers() -> tuple[tuple[str, str], ...]:
+def console_enabled() -> bool:
+    return _env_flag(CONSOLE_FLAG) and not _env_flag("OTEL_SDK_DISABLED")
+
+
+def schedule_delay() -> float:
+    """OTEL_BSP_SCHEDULE_DELAY in seconds (default 1 s, so that harvesting shows within one)."""
+    return max(_env_int("OTEL_BSP_SCHEDULE_DELAY", 1000), 1) / 1000
+
+
+def export_timeout() -> float:
+    return _env_int("OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000
+
+
+def otlp_headers() -> tuple[tuple[str, str], ...]:
     raw = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or os.environ.get(
         "OTEL_EXPORTER_OTLP_HEADERS", ""
     )
@@ -228,7 +241,7 @@ def _headers() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _channel(endpoint: str) -> grpc.Channel:
+def otlp_channel(endpoint: str) -> grpc.Channel:
     """OTLP/gRPC channel: http:// or OTEL_EXPORTER_OTLP_INSECURE=true is plaintext; otherwise TLS,
     with OTEL_EXPORTER_OTLP_CERTIFICATE as the trusted roots when given."""
     parsed = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
@@ -247,96 +260,99 @@ def _channel(endpoint: str) -> grpc.Channel:
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
 
 
-class SpanExporter(threading.Thread):
-    """Sends export requests (and the latency metric) from a bounded queue; drops when it can't."""
+class MetricSender(threading.Thread):
+    """Sends the latency metric (raw OTLP) off the event loop; one pending at most."""
 
-    def __init__(self, resource: bytes, scope: bytes, endpoint: str, console: bool) -> None:
-        super().__init__(name="covergate-otlp", daemon=True)
+    def __init__(self, resource: bytes, scope: bytes, endpoint: str) -> None:
+        super().__init__(name="covergate-otlp-metrics", daemon=True)
         self._resource = resource
         self._scope = scope
-        self._console = console
-        self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue()
-        self._queued_bytes = 0
-        self._lock = threading.Lock()
-        self._timeout = _env_int("OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000
-        self._headers = _headers()
-        self.exported_spans = 0
-        self.dropped_spans = 0
-        self._last_warning = 0.0
-        self._channel = _channel(endpoint) if endpoint else None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._timeout = export_timeout()
+        self._headers = otlp_headers()
+        self._channel = otlp_channel(endpoint) if endpoint else None
         if self._channel is not None:
-            self._export_traces = self._channel.unary_unary(TRACE_EXPORT)
             self._export_metrics = self._channel.unary_unary(METRICS_EXPORT)
-
-    def submit_spans(self, request: bytes, count: int) -> None:
-        """An ExportTraceServiceRequest holding `count` spans."""
-        with self._lock:
-            if self._queued_bytes + len(request) > MAX_QUEUED_BYTES:
-                self._dropped(count, "the export queue is full")
-                return
-            self._queued_bytes += len(request)
-        self._queue.put(("spans", request, count))
 
     def submit_metric(self, metric: bytes) -> None:
         if self._channel is not None:
-            self._queue.put(("metric", metric, 0))
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(metric)
 
     def close(self, timeout: float) -> None:
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
         self.join(timeout)
         if self._channel is not None:
             self._channel.close()
 
-    def _dropped(self, count: int, why: str) -> None:
-        self.dropped_spans += count
-        now = time.monotonic()
-        if now - self._last_warning >= 10:
-            self._last_warning = now
-            log.warning("dropped %d span(s) so far: %s", self.dropped_spans, why)
-
     def run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            data = self._queue.get()
+            if data is None:
                 return
-            kind, data, count = item
-            if kind == "spans":
-                with self._lock:
-                    self._queued_bytes -= len(data)
-                if self._console:
-                    self._print(data)
-                if self._channel is None:
-                    continue
-                try:
-                    self._export_traces(data, timeout=self._timeout, metadata=self._headers)
-                    self.exported_spans += count
-                except grpc.RpcError as exc:
-                    self._dropped(count, f"the OTLP receiver answered {exc.code().name}")
-            else:
-                request = export_metrics_request(self._resource, self._scope, data)
-                try:
-                    self._export_metrics(request, timeout=self._timeout, metadata=self._headers)
-                except grpc.RpcError as exc:
-                    log.warning("latency metrics not exported: %s", exc.code().name)
+            request = export_metrics_request(self._resource, self._scope, data)
+            try:
+                self._export_metrics(request, timeout=self._timeout, metadata=self._headers)
+            except grpc.RpcError as exc:
+                log.warning("latency metrics not exported: %s", exc.code().name)
 
-    @staticmethod
-    def _print(request: bytes) -> None:
-        from google.protobuf.json_format import MessageToDict
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-        message = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
-        spans = [
-            span
-            for resource_spans in message.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for span in scope_spans.spans
-        ]
-        for span in spans:
-            d = MessageToDict(span)
-            for key in ("traceId", "spanId", "parentSpanId"):
-                if key in d:
-                    d[key] = getattr(span, _SNAKE[key]).hex()
-            print(json.dumps(d, separators=(",", ":")), file=sys.stderr)
+def print_spans(request: bytes) -> None:
+    """The development console exporter: one JSON line per span on stderr."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    message = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+    for resource_spans in message.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                d = MessageToDict(span)
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in d:
+                        d[key] = getattr(span, _SNAKE[key]).hex()
+                print(json.dumps(d, separators=(",", ":")), file=sys.stderr, flush=True)
+
+
+def shutdown_meter_provider(provider: Any, timeout: float) -> None:
+    """Export the last metrics and stop; with the receiver down, one warning of ours instead of
+    the SDK's retry warnings and its ERROR line."""
+    failures = _ExportFailures()
+    sdk_log = logging.getLogger(SDK_EXPORTER_LOGGER)
+    sdk_log.addFilter(failures)
+    try:
+        with contextlib.suppress(Exception):
+            provider.shutdown(timeout_millis=timeout * 1000)
+    finally:
+        sdk_log.removeFilter(failures)
+    if failures.count:
+        log.warning(
+            "the last metrics were not exported: the OTLP receiver at %s did not answer",
+            traces_endpoint(),
+        )
+
+
+def meter_provider(extra: Mapping[str, Any]) -> tuple[Any, Any]:
+    """An SDK MeterProvider exporting over OTLP/gRPC (OTEL_* settings), and its meter."""
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+    kwargs: dict[str, Any] = {}
+    if urlparse(traces_endpoint()).scheme == "http":
+        kwargs["insecure"] = True
+    if not any(os.environ.get(v) for v in METRIC_TIMEOUT_VARIABLES):
+        # The SDK retries a failed export with backoff (1 s, 2 s, 4 s) until its timeout: with
+        # the receiver down, that held every SIGTERM for ~7 s. The counters are cumulative, so
+        # an export given up costs nothing that the next one does not carry.
+        kwargs["timeout"] = METRIC_EXPORT_TIMEOUT_SECONDS
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(**kwargs))
+    resource = Resource.create(
+        {"service.name": "covergate", "service.version": _version(), **extra}
+    ).merge(OTELResourceDetector().detect())
+    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    return provider, provider.get_meter(tr.SCOPE_NAME, _version())
 
 
 _SNAKE = {"traceId": "trace_id", "spanId": "span_id", "parentSpanId": "parent_span_id"}
@@ -355,7 +371,7 @@ def _version() -> str:
 class Telemetry:
     """Set up in a worker process (after fork/spawn), started on its event loop."""
 
-    def __init__(self, worker: int) -> None:
+    def __init__(self, worker: int, spool: SpoolSettings) -> None:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
         version = _version()
@@ -372,13 +388,17 @@ class Telemetry:
         self.resource_bytes = encode_resource(dict(self.resource.attributes))
         self.scope_bytes = encode_scope(tr.SCOPE_NAME, version)
         self.endpoint = traces_endpoint()
-        self.delay = max(_env_int("OTEL_BSP_SCHEDULE_DELAY", 1000), 1) / 1000
         self.metric_interval = max(_env_int("OTEL_METRIC_EXPORT_INTERVAL", 60000), 1) / 1000
-        self.exporter = SpanExporter(
-            self.resource_bytes, self.scope_bytes, self.endpoint, _env_flag(CONSOLE_FLAG)
-        )
+        self.spool = SpoolWriter(spool, self.resource_bytes, self.scope_bytes)
+        self.when_full = spool.when_full
+        self.metrics = MetricSender(self.resource_bytes, self.scope_bytes, self.endpoint)
         self.latency = LatencyHistogram()
         self.suspensions = 0
+        # Refused AUDIT_BACKLOG ("refuse"), or spans not kept ("drop"), since start.
+        self.refused_for_backlog = 0
+        self.dropped_spans = 0
+        self._dropping_since = 0
+        self._devnull = os.open(os.devnull, os.O_WRONLY)
         self._gates: list[Any] = []
         self._retired_counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
         self._meter_provider: Any = None
@@ -387,32 +407,19 @@ class Telemetry:
     # -- wiring ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start exporting (call on the worker's event loop)."""
-        self.exporter.start()
+        """Start the metrics (call on the worker's event loop)."""
+        self.metrics.start()
         self._start_metrics()
-        self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._task = asyncio.get_running_loop().create_task(self._metric_loop())
 
     def _start_metrics(self) -> None:
         if not self.endpoint:
             return
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.metrics import Observation
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.metrics import CallbackOptions, Observation
 
-        exporter_kwargs: dict[str, Any] = {}
-        if urlparse(self.endpoint).scheme == "http":
-            exporter_kwargs["insecure"] = True
-        if not any(os.environ.get(v) for v in METRIC_TIMEOUT_VARIABLES):
-            # The SDK retries a failed export with backoff (1 s, 2 s, 4 s) until its timeout: with
-            # the receiver down, that held every SIGTERM for ~7 s. The counters are cumulative, so
-            # an export given up costs nothing that the next one does not carry.
-            exporter_kwargs["timeout"] = METRIC_EXPORT_TIMEOUT_SECONDS
-        reader = PeriodicExportingMetricReader(OTLPMetricExporter(**exporter_kwargs))
-        self._meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader])
-        meter = self._meter_provider.get_meter(tr.SCOPE_NAME, _version())
+        self._meter_provider, meter = meter_provider(dict(self.resource.attributes))
 
-        def lookups(_options: Any) -> Iterable[Observation]:
+        def lookups(_options: CallbackOptions) -> Iterable[Observation]:
             counts = self.lookup_counts()
             for p, profession in enumerate(tr.PROFESSIONS):
                 for o, outcome in enumerate(tr.OUTCOMES):
@@ -423,26 +430,42 @@ class Telemetry:
                             n, {"covergate.practitioner.profession": profession, kind: outcome}
                         )
 
-        def suspensions(_options: Any) -> Iterable[Observation]:
-            yield Observation(self.suspensions)
+        def single(value: Any) -> Any:
+            return lambda _options: [Observation(value())]
 
         meter.create_observable_counter(
             "covergate.lookups", [lookups], unit="{lookup}",
             description="Lookups by profession, and decision or refusal reason",
         )  # fmt: skip
         meter.create_observable_counter(
-            "covergate.suspensions", [suspensions], unit="{suspension}",
+            "covergate.suspensions", [single(lambda: self.suspensions)], unit="{suspension}",
             description="Practitioners suspended by the harvest guard",
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "covergate.spool.spans_written", [single(lambda: self.spool.spans_written)],
+            unit="{span}", description="Spans written to the audit spool",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "covergate.spool.pending_bytes", [single(lambda: self.spool.pending_bytes)],
+            unit="By", description="Span bytes in the audit spool not yet acknowledged",
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "covergate.spool.refused", [single(lambda: self.refused_for_backlog)],
+            unit="{call}", description="Calls refused AUDIT_BACKLOG: the audit spool was full",
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "covergate.spool.dropped", [single(lambda: self.dropped_spans)], unit="{span}",
+            description='Spans not kept because the audit spool was full (when_full = "drop")',
         )  # fmt: skip
 
     def watch(self, gate: Any) -> None:
-        """A gate whose spans and counts this worker exports."""
+        """A gate whose spans and counts this worker records."""
         self._gates.append(gate)
 
     def retire(self, gate: Any) -> None:
-        """A gate being replaced: keep its counts, send its last spans."""
+        """A gate being replaced: record what it holds, keep its counts."""
         if gate in self._gates:
-            self._take(gate)
+            self.record(gate)
             counts = gate.lookup_counts()
             self._retired_counts = [
                 a + b for a, b in zip(self._retired_counts, counts, strict=True)
@@ -450,7 +473,7 @@ class Telemetry:
             self._gates.remove(gate)
 
     def refused(self, profession: int, outcome: int) -> None:
-        """A lookup refused before any gate saw it (a suspended practitioner's attempt)."""
+        """A lookup refused before any gate saw it (a suspended practitioner's attempt...)."""
         self._retired_counts[profession * tr.N_OUTCOMES + outcome] += 1
 
     def lookup_counts(self) -> list[int]:
@@ -465,73 +488,114 @@ class Telemetry:
     def suspended(self, count: int) -> None:
         self.suspensions += count
 
-    # -- the loop side ---------------------------------------------------------------------------
+    # -- the audit spool -------------------------------------------------------------------------
 
-    def _take(self, gate: Any) -> None:
-        for request, count in gate.take_export_requests(
-            self.resource_bytes, self.scope_bytes, CHUNK_BYTES
-        ):
-            self.exporter.submit_spans(request, count)
+    def has_room(self) -> bool:
+        """Whether a new call may be decided: False when the spool is full and `when_full` is
+        "refuse" (the caller then refuses AUDIT_BACKLOG)."""
+        if self.when_full == "drop" or self.spool.has_room():
+            return True
+        self.refused_for_backlog += 1
+        return False
 
-    def flush(self) -> None:
-        for gate in self._gates:
-            self._take(gate)
+    def record(self, gate: Any) -> None:
+        """The spans `gate` recorded for the call about to be answered, into the spool. Raises
+        SpoolFull when they cannot be kept (then the call must not be answered)."""
+        if self.when_full == "drop" and not self._keep():
+            _, count = gate.write_spans(self._devnull)
+            self.dropped_spans += count
+            return
+        self.spool.write_gate(gate)
 
-    async def _flush_loop(self) -> None:
-        """Every OTEL_BSP_SCHEDULE_DELAY, or as soon as a chunk's worth is waiting."""
-        last = time.monotonic()
-        last_metric = last
-        tick = min(self.delay, 0.05)
+    def add_span(self, span: bytes) -> None:
+        """One framed span encoded outside a gate (a refusal before any gate, a stream's span)."""
+        if self.when_full == "drop" and not self._keep():
+            self.dropped_spans += 1
+            return
+        self.spool.write(span, 1)
+
+    def _keep(self) -> bool:
+        """when_full = "drop": whether there is room; once there is again, the gap is recorded
+        (a span with the number of spans that were not kept)."""
+        if not self.spool.has_room():
+            if not self._dropping_since:
+                self._dropping_since = time.time_ns()
+                log.error("the audit spool is full: spans are being DROPPED (when_full = drop)")
+            return False
+        if self._dropping_since:
+            gap = tr.audit_gap_span(
+                os.urandom(16), os.urandom(8), self._dropping_since, time.time_ns(),
+                self.dropped_spans,
+            )  # fmt: skip
+            self._dropping_since = 0
+            self.spool.write(gap, 1)
+            log.warning("the audit spool has room again; %d span(s) dropped so far",
+                        self.dropped_spans)  # fmt: skip
+        return True
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    async def _metric_loop(self) -> None:
         while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            if now - last >= self.delay or any(g.span_bytes >= CHUNK_BYTES for g in self._gates):
-                last = now
-                self.flush()
-            if now - last_metric >= self.metric_interval:
-                last_metric = now
-                self._send_latency()
+            await asyncio.sleep(self.metric_interval)
+            self._send_latency()
 
     def _send_latency(self) -> None:
         if self.latency.counts:
-            self.exporter.submit_metric(self.latency.encode_metric())
+            self.metrics.submit_metric(self.latency.encode_metric())
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        """Graceful stop: the last spans, the last metrics, then the exporters."""
+    async def shutdown(self, timeout: float = 2.0) -> None:
+        """Graceful stop: the last metrics; spans are already in the spool."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.flush()
+        for gate in self._gates:
+            with contextlib.suppress(SpoolFull):
+                self.record(gate)
         self._send_latency()
-        await asyncio.get_running_loop().run_in_executor(None, self.exporter.close, timeout)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.metrics.close, timeout)
         if self._meter_provider is not None:
             provider = self._meter_provider
-            failures = _ExportFailures()
-            sdk_log = logging.getLogger(SDK_EXPORTER_LOGGER)
-            sdk_log.addFilter(failures)
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: provider.shutdown(timeout_millis=timeout * 1000)
-                )
-            finally:
-                sdk_log.removeFilter(failures)
-            if failures.count:
-                log.warning(
-                    "the last metrics were not exported: the OTLP receiver at %s did not answer",
-                    self.endpoint,
-                )
-        if self.exporter.dropped_spans:
-            log.warning(
-                "%d span(s) were dropped in this worker's life", self.exporter.dropped_spans
-            )
+            await loop.run_in_executor(None, shutdown_meter_provider, provider, timeout)
+        self.spool.close()
+        os.close(self._devnull)
+        if self.dropped_spans:
+            log.warning("%d span(s) were dropped in this worker's life", self.dropped_spans)
 
 
-def setup(worker: int) -> Telemetry | None:
+def spool_settings(data_dir: Path, config: Any) -> SpoolSettings:
+    settings = config.telemetry
+    root = Path(settings.spool_dir) if settings.spool_dir else Path(data_dir) / "spool"
+    return SpoolSettings(
+        root=root,
+        max_bytes=settings.spool_max_bytes,
+        when_full=settings.when_full,
+        segment_bytes=settings.spool_segment_bytes,
+    )
+
+
+def setup(worker: int, data_dir: Path, config: Any) -> Telemetry | None:
     """This worker's telemetry, or None when tracing is not configured."""
     if not enabled():
         return None
-    return Telemetry(worker)
+    settings = spool_settings(data_dir, config)
+    if settings.when_full == "drop" and worker == 0:
+        log.warning(
+            "[telemetry] when_full = drop: when the audit spool (%s, %d bytes) is full, lookups "
+            "are answered WITHOUT their record (spans DROPPED, counted); the default refuses them",
+            settings.root, settings.max_bytes,
+        )  # fmt: skip
+    return Telemetry(worker, settings)
 
 
-__all__ = ["Telemetry", "enabled", "parse_traceparent", "setup", "trace_context"]
+__all__ = [
+    "SpoolFull",
+    "Telemetry",
+    "enabled",
+    "parse_traceparent",
+    "setup",
+    "spool_settings",
+    "trace_context",
+]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fastpath import rules
 
-gate_c = pytest.importorskip("fastpath._gate_c")
+hashes = pytest.importorskip("fastpath._hashes_for_tests")
 
 
 @settings(max_examples=400, deadline=None)
@@ -31,7 +31,7 @@ def test_blake2b_matches_hashlib(
     expected = hashlib.blake2b(
         data, digest_size=digest_size, key=key, salt=salt, person=person
     ).digest()
-    assert gate_c._blake2b_for_tests(data, digest_size, key, salt, person) == expected
+    assert hashes.blake2b(data, digest_size, key, salt, person) == expected
 
 
 def _cpu_has_sha_ni() -> bool:
@@ -47,16 +47,16 @@ def sha256_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """The MAC's SHA-256 compression both ways: with the CPU's SHA extensions and without."""
     if request.param == "sha-ni" and not _cpu_has_sha_ni():
         pytest.skip("this CPU has no SHA extensions")
-    assert gate_c._sha256_use_ni(request.param == "sha-ni") == (request.param == "sha-ni")
+    assert hashes.sha256_use_ni(request.param == "sha-ni") == (request.param == "sha-ni")
     yield request.param
-    gate_c._sha256_use_ni(True)  # the default: SHA-NI where the CPU has it
+    hashes.sha256_use_ni(True)  # the default: SHA-NI where the CPU has it
 
 
 @pytest.mark.parametrize("n", [0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 129, 300])
 def test_hmac_sha256_at_block_boundaries(n: int, sha256_path: str) -> None:
     msg = bytes((i * 7) % 256 for i in range(n))
     for key in (b"", b"k" * 32, b"k" * 64, b"k" * 65, b"k" * 200):
-        assert gate_c._hmac_sha256_for_tests(key, msg) == hmac.digest(key, msg, "sha256")
+        assert hashes.hmac_sha256(key, msg) == hmac.digest(key, msg, "sha256")
 
 
 @settings(
@@ -64,11 +64,11 @@ def test_hmac_sha256_at_block_boundaries(n: int, sha256_path: str) -> None:
 )
 @given(key=st.binary(max_size=100), msg=st.binary(max_size=400))
 def test_hmac_sha256_matches_hmac(key: bytes, msg: bytes, sha256_path: str) -> None:
-    assert gate_c._hmac_sha256_for_tests(key, msg) == hmac.digest(key, msg, "sha256")
+    assert hashes.hmac_sha256(key, msg) == hmac.digest(key, msg, "sha256")
 
 
 def test_the_default_uses_sha_ni_where_the_cpu_has_it() -> None:
-    assert gate_c._sha256_use_ni(True) == _cpu_has_sha_ni()
+    assert hashes.sha256_use_ni(True) == _cpu_has_sha_ni()
 
 
 # SipHash-2-4 reference implementation's vectors.h: key 00..0f, message 00..(n-1), for n = 0..15.
@@ -87,10 +87,28 @@ SIPHASH_VECTORS = {
 def test_siphash_reference_vectors(n: int, expected: str) -> None:
     key, msg = bytes(range(16)), bytes(range(n))
     assert rules.siphash24(key, msg).hex() == expected
-    assert gate_c._siphash24_for_tests(key, msg).hex() == expected
+    assert hashes.siphash24(key, msg).hex() == expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.binary(min_size=16, max_size=16), data=st.binary(max_size=70))
 def test_siphash_c_matches_python(key: bytes, data: bytes) -> None:
-    assert gate_c._siphash24_for_tests(key, data) == rules.siphash24(key, data)
+    assert hashes.siphash24(key, data) == rules.siphash24(key, data)
+
+
+@pytest.mark.parametrize(
+    ("digest_size", "key", "salt", "person"),
+    [(65, b"", b"", b""), (0, b"", b"", b""), (32, b"k" * 65, b"", b""), (32, b"", b"s" * 17, b""),
+     (32, b"", b"", b"p" * 17), (32, b"k" * 200, b"", b"")],
+)  # fmt: skip
+def test_the_test_hooks_are_bounds_checked(
+    digest_size: int, key: bytes, salt: bytes, person: bytes
+) -> None:
+    with pytest.raises(ValueError):
+        hashes.blake2b(b"data", digest_size, key, salt, person)
+
+
+def test_the_shipped_gate_has_no_test_hooks() -> None:
+    gate_c = pytest.importorskip("fastpath._gate_c")
+    hooks = [name for name in dir(gate_c) if "for_tests" in name or "use_ni" in name]
+    assert hooks == []

@@ -61,3 +61,27 @@ def test_both_flags_at_once_is_an_error():
     with pytest.raises(subprocess.CalledProcessError) as raised:
         _implementation_in_subprocess(COVERGATE_NO_EXTENSIONS="1", COVERGATE_REQUIRE_EXTENSIONS="1")
     assert "both set" in raised.value.stderr
+
+
+@pytest.mark.parametrize("implementation", ["_gate_c", "_gate_py"])
+def test_the_gates_refuse_a_protobuf_backend_they_do_not_handle(implementation: str) -> None:
+    """The pure-Python protobuf backend raises UnicodeDecodeError (not DecodeError) on bad UTF-8,
+    and the Cython gate relies on upb's re-serialisation: a gate refuses to start on it."""
+    if implementation == "_gate_c":
+        pytest.importorskip("fastpath._gate_c")
+    script = (
+        "import lmdb, tempfile\n"
+        f"from fastpath import {implementation} as m\n"
+        "from fastpath.rules import Keys\n"
+        "env = lmdb.open(tempfile.mkdtemp(), max_dbs=1)\n"
+        "try:\n"
+        "    m.Gate(env, env.open_db(b'r'), Keys(b'p' * 32))\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+        check=True, timeout=60,
+    )  # fmt: skip
+    assert "needs protobuf's upb backend" in result.stdout

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from conftest import KNOWN_IDENTITIES, NOW, TODAY, UNKNOWN_IDENTITY, RightsStore
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spans import attributes, decode_spans
 
 from covergate.v1 import covergate_pb2 as pb
@@ -272,3 +274,30 @@ def test_span_chunks_cut_at_span_boundaries(tgate):
         assert len(chunk) <= 1000 or n == 1
         everything.append(chunk)
     assert any(len(c) > 3000 for c in everything) and one < 3000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spans=st.lists(st.binary(max_size=300), max_size=12),
+    cut=st.integers(0, 40),
+    tail=st.binary(max_size=6),
+    max_bytes=st.integers(0, 4000),
+)
+def test_the_shippers_cut_is_the_same_in_c_and_python(
+    spans: list[bytes], cut: int, tail: bytes, max_bytes: int
+) -> None:
+    """fastpath.complete_spans (C) and fastpath.trace.complete_spans: the same end and count for
+    framed spans, a torn last one, and bytes that are not spans at all."""
+    c = pytest.importorskip("fastpath._gate_c")
+    framed = b"".join(b"\x12" + tr.varint(len(s)) + s for s in spans)
+    for data in (framed, framed[: max(0, len(framed) - cut)], framed + tail, tail + framed):
+        results = []
+        for implementation in (c.complete_spans, tr.complete_spans):
+            try:
+                results.append(implementation(data, max_bytes))
+            except ValueError:
+                results.append("not spans")
+        assert results[0] == results[1]
+        if data == framed and spans:
+            end, count = results[0]  # type: ignore[misc]
+            assert count >= 1 and end <= max(max_bytes, len(framed[:end]))

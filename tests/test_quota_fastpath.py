@@ -187,6 +187,15 @@ REQUESTS = (
     + [KNOWN_IDENTITIES[0].request(domain=5).SerializeToString()]  # out of scope below
     + [KNOWN_IDENTITIES[0].request(amc_number="555").SerializeToString()]  # no agreement
 )
+# Whole messages the gates cannot read, sent as they are (a batch limit of 3 in these tests).
+RAW_MESSAGES = (
+    b"\xff\xff",  # not protobuf
+    b"\x0a\x05\x0a\x01",  # truncated
+    b"\x0a\x00" * 5,  # five empty items: an oversize batch
+    b"\x78\x00" + b"\x0a\x00" * 5,  # an unknown field, then too many items
+    b"\x0a\x00" * 4 + b"\x7b",  # too many items, then garbage that upb would refuse
+    b"\x0b\x0c" + b"\x0a\x00" * 2,  # a group: the framing counter gives up, upb decides
+)
 
 profiles = st.builds(
     QuotaProfile,
@@ -202,7 +211,10 @@ profiles = st.builds(
 steps = st.lists(
     st.tuples(
         st.sampled_from(["check", "check_item", "check_batch"]),
-        st.lists(st.sampled_from(REQUESTS), min_size=1, max_size=4),
+        st.one_of(
+            st.lists(st.sampled_from(REQUESTS), min_size=1, max_size=4),
+            st.sampled_from(RAW_MESSAGES),
+        ),
         st.sampled_from([0.0, 0.0, 0.3, 2.5, 20.0, 86400.0]),  # clock advance
     ),
     min_size=1,
@@ -222,7 +234,7 @@ def test_quota_sequences_identical_in_c_and_python(
     rights_env: RightsStore,
     tmp_path_factory: pytest.TempPathFactory,
     profile: QuotaProfile,
-    calls: list[tuple[str, list[bytes], float]],
+    calls: list[tuple[str, list[bytes] | bytes, float]],
     traced: bool,
     with_parent: bool,
 ) -> None:
@@ -232,7 +244,13 @@ def test_quota_sequences_identical_in_c_and_python(
     try:
         gates += [
             m.Gate(
-                rights_env.env, rights_env.db, rights_env.keys, quota=f, trace=traced, trace_seed=99
+                rights_env.env,
+                rights_env.db,
+                rights_env.keys,
+                quota=f,
+                trace=traced,
+                trace_seed=99,
+                max_batch_items=3,
             )
             for m, f in zip((cython_gate_module, python_gate_module), files, strict=True)
         ]
@@ -241,8 +259,10 @@ def test_quota_sequences_identical_in_c_and_python(
         for method, requests, advance in calls:
             now += advance
             today = TODAY + int((now - NOW) // 86400)
-            if method == "check_batch":
-                args: bytes = pb.CheckCoverageBatchRequest(
+            if isinstance(requests, bytes):
+                args = requests
+            elif method == "check_batch":
+                args = pb.CheckCoverageBatchRequest(
                     items=[pb.CheckCoverageRequest.FromString(r) for r in requests]
                 ).SerializeToString()
             else:
@@ -299,3 +319,122 @@ def test_insurer_scope_identical_in_c_and_python(
     if amc not in agreements:
         assert answers[0][0] == rules.PERMISSION_DENIED
         assert reason_of(answers[0][1]) == rules.REASON_AMC
+
+
+# -- refusals of whole messages and missing state, on both gates -----------------------------------
+
+
+def test_undecodable_requests_spend_the_rate(qgate: Any) -> None:
+    """Garbage is an attempt like any other: it spends the rate, so a flood of it is throttled."""
+    p = practitioner(dataclasses.replace(PROFILE, guard_min_lookups=50, guard_window=64))
+    codes = [qgate.check(p, b"\xff\xff", TODAY, NOW)[0] for _ in range(PROFILE.burst)]
+    assert codes == [rules.INVALID_ARGUMENT] * PROFILE.burst
+    code, payload = qgate.check(p, b"\xff\xff", TODAY, NOW)
+    assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_RATE
+    # A batch refused whole is one attempt too, and so is an unreadable stream message.
+    code, payload = qgate.check_batch(p, b"\x0a\x00" * 600, TODAY, NOW)
+    assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_RATE
+    item = pb.CheckCoverageResponse.FromString(qgate.check_item(p, b"\xff", TODAY, NOW))
+    assert reason_of(item.error.SerializeToString()) == rules.REASON_RATE
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"\xff\xff", b"\x0a\x00" * 501, b"\x0a\x03\x0a\x01"],
+    ids=["garbage", "oversize", "truncated"],
+)
+@pytest.mark.parametrize("method", ["check", "check_item", "check_batch"])
+def test_the_guard_suspends_a_caller_that_sends_garbage(
+    qgate: Any, message: bytes, method: str
+) -> None:
+    p = practitioner(dataclasses.replace(PROFILE, rate_per_minute=6000, burst=100))
+    for _ in range(PROFILE.guard_min_lookups):
+        getattr(qgate, method)(p, message, TODAY, NOW)
+    assert qgate.suspensions == [p.practitioner_id]
+    code, payload = qgate.check(p, covered_request(), TODAY, NOW)
+    assert code == rules.PERMISSION_DENIED and reason_of(payload) == rules.REASON_SUSPENDED
+
+
+def test_an_oversize_batch_is_refused_from_its_first_items(
+    gate_module: ModuleType, rights_env: RightsStore
+) -> None:
+    """Refused after counting max_batch_items + 1 items, whatever follows them: garbage that the
+    protobuf parser would refuse after them is never read."""
+    gate = gate_module.Gate(
+        rights_env.env, rights_env.db, rights_env.keys, max_batch_items=3, trace=True
+    )
+    oversize = rules.batch_too_large_status(3)
+    item = pb.CheckCoverageRequest(nir="1").SerializeToString()
+    framed = b"\x0a" + bytes((len(item),)) + item
+    garbage = b"\xff" * 1000
+    p = practitioner(None, slot=-1)  # type: ignore[arg-type]
+    assert gate.check_batch(p, framed * 4 + garbage, TODAY, NOW) == (
+        rules.INVALID_ARGUMENT,
+        oversize,
+    )
+    # Unknown fields before the items are stepped over, not a way around the count.
+    unknown = b"\x78\x01" + b"\x79" + b"\x00" * 8 + b"\x7a\x02ab" + b"\x7d" + b"\x00" * 4
+    assert gate.check_batch(p, unknown + framed * 4 + garbage, TODAY, NOW)[1] == oversize
+    # Three items and then garbage: malformed, as the protobuf parser says.
+    assert gate.check_batch(p, framed * 3 + garbage, TODAY, NOW)[1] == (
+        rules.malformed_message_status("CheckCoverageBatchRequest")
+    )
+    assert gate.store_reads == 0
+    assert rules.count_batch_items(framed * 4 + garbage, 3) == 4
+    assert rules.count_batch_items(unknown + framed * 2, 3) == 2
+    assert rules.count_batch_items(b"\x0b" + framed, 3) is None  # a group: upb decides
+
+
+def test_a_closed_gate_refuses_and_never_serves_unmetered(
+    gate_module: ModuleType, rights_env: RightsStore, quota_file: QuotaFile
+) -> None:
+    """A caller still holding a replaced gate must not get answers without quotas."""
+    gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=quota_file)
+    p = practitioner()
+    assert gate.check(p, covered_request(), TODAY, NOW)[0] == rules.OK
+    before = quota_file.map[:]
+    gate.close()
+    assert gate.closed
+    refused = (rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE)
+    assert gate.check(p, covered_request(), TODAY, NOW) == refused
+    assert gate.check_batch(p, b"\x0a\x00", TODAY, NOW) == refused
+    item = pb.CheckCoverageResponse.FromString(gate.check_item(p, covered_request(), TODAY, NOW))
+    assert item.error.SerializeToString() == rules.QUOTA_STATE_UNAVAILABLE
+    assert gate.store_reads == 1
+    assert quota_file.map[:] == before
+
+
+@pytest.mark.parametrize("slot", [-1, 8, 1000], ids=["no-slot", "past-the-file", "far-past"])
+def test_missing_quota_state_refuses(qgate: Any, slot: int) -> None:
+    p = practitioner(slot=slot)
+    assert qgate.check(p, covered_request(), TODAY, NOW) == (
+        rules.UNAVAILABLE,
+        rules.QUOTA_STATE_UNAVAILABLE,
+    )
+    assert qgate.check(practitioner(None), covered_request(), TODAY, NOW)[0] == rules.UNAVAILABLE  # type: ignore[arg-type]
+    assert qgate.store_reads == 0
+
+
+def test_a_corrupted_guard_window_length_is_mended_alike(
+    cython_gate_module: ModuleType,
+    python_gate_module: ModuleType,
+    rights_env: RightsStore,
+    tmp_path: Path,
+) -> None:
+    """A slot whose window_len is past 64 (only corruption gives one): both gates write the same
+    bytes back (the length clamped to 64)."""
+    files = [QuotaFile(tmp_path / name, 8) for name in ("c", "py")]
+    p = practitioner()
+    try:
+        for module, f in zip((cython_gate_module, python_gate_module), files, strict=True):
+            state = f.read(p.slot)
+            state.window_len, state.window_bits, state.day = 100, 0x0F0F, TODAY
+            f.write(p.slot, state)
+            gate = module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=f)
+            gate.check(p, covered_request(), TODAY, NOW)
+            gate.close()
+        assert files[0].map[:] == files[1].map[:]
+        assert files[0].read(p.slot).window_len == 64
+    finally:
+        for f in files:
+            f.close()

@@ -343,3 +343,38 @@ def test_practitioners_without_a_quota_slot_get_one_on_open(tmp_path: Path) -> N
         slots = sorted(p.slot for p in store.practitioners())
         assert slots == [0, 1]
         assert store.quota_slots_used() == 2
+
+
+def test_a_dropped_practitioner_loses_its_credentials_for_good(tmp_path: Path) -> None:
+    """A replace import that drops a practitioner deletes its tokens and pins: imported again
+    later, it does not get its old credentials back."""
+    from service.auth import INVALID, Authenticator
+
+    data = tmp_path / "data"
+    listed = write_practitioners_csv(
+        tmp_path / "both.csv",
+        [
+            PractitionerRow(PHARMACIST_ID, "pharmacist", (PHARMACY_AMC,)),
+            PractitionerRow("10007654321", "hospital", (PHARMACY_AMC,)),
+        ],
+    )
+    alone = write_practitioners_csv(
+        tmp_path / "alone.csv", [PractitionerRow("10007654321", "hospital", (PHARMACY_AMC,))]
+    )
+    cli("import", "practitioners", str(listed), data_dir=data)
+    token = create_token(data, PHARMACIST_ID)
+    kept = create_token(data, "10007654321")
+    claims = create_token(data, PHARMACIST_ID, "claims")  # a claims system of the same id stays
+    with Store(data) as store:
+        store.update_practitioner(PHARMACIST_ID, cert_fingerprints=["ab" * 32])
+    cli("import", "practitioners", str(alone), data_dir=data)
+    cli("import", "practitioners", str(listed), data_dir=data)
+    with Store(data) as store:
+        auth = Authenticator(store)
+        assert auth.authenticate([("authorization", f"Bearer {token}")], "practitioner") is INVALID
+        assert auth.authenticate([("authorization", f"Bearer {kept}")], "practitioner") is not (
+            INVALID
+        )
+        assert auth.authenticate([("authorization", f"Bearer {claims}")], "claims") is not INVALID
+        record = store.practitioner(PHARMACIST_ID)
+        assert record is not None and record.cert_fingerprints == []
