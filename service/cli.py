@@ -673,10 +673,12 @@ def _check_private_key(option: str, name: str) -> bytes:
 
 
 def _check_listen(listen: str) -> str:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    _, sep, port = listen.rpartition(":")  # an empty host (":PORT") serves every address
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise CliError(
-            f"--listen {listen}: write HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051", EXIT_USAGE
+            f"--listen must be HOST:PORT with a port from 0 to 65535 (not {listen!r}), e.g. "
+            "127.0.0.1:50051 or [::]:50051",
+            EXIT_USAGE,
         )
     return listen
 
@@ -742,7 +744,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"production.\n{banner}",
             file=sys.stderr,
         )
-    _say(_tracing_line())
     options = ServeOptions(
         data_dir=data_dir(args),
         config=config,
@@ -751,8 +752,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=tls,
         pepper_file=args.pepper_file,
     )
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+        _say(_tracing_line())  # once serving: a server that cannot start says one line only
+
     try:
-        return serve(options, announce=lambda s: print(s, flush=True))
+        return serve(options, announce=announce)
     except OSError as exc:
         raise CliError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 

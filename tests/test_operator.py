@@ -133,7 +133,7 @@ def test_mistakes_on_the_command_line(ds: Dataset, tmp_path: Path) -> None:
         (["serve", "--tls-cert", cert, "--tls-key", key, "--client-ca", missing], 2, "no such"),
         (["serve", "--tls-cert", cert], 2, "--tls-cert needs --tls-key"),
         (["serve", "--insecure", "--tls-cert", cert, "--tls-key", key], 2, "exclude each other"),
-        (["serve", "--insecure", "--listen", "localhost"], 2, "HOST:PORT"),
+        (["serve", "--insecure", "--listen", "localhost"], 2, "--listen must be HOST:PORT"),
         (["serve", "--insecure", "--workers", "many"], 2, "not a whole number"),
         # check: credentials and files
         ([*check_args(ds), "--insecure"], 2, "--token"),

@@ -230,12 +230,13 @@ def time_wait_ports() -> set[int]:
 
 
 def test_an_unusable_listen_address_is_one_line_too(ds: Dataset) -> None:
-    for listen, message in (
-        ("127.0.0.1:99999", "covergate: --listen must be HOST:PORT"),
-        ("no-such-host.invalid:50051", "covergate: cannot resolve 'no-such-host.invalid'"),
+    for listen, message, status in (
+        # A malformed option is a usage mistake (2); an address that cannot be served, 1.
+        ("127.0.0.1:99999", "covergate: --listen must be HOST:PORT", 2),
+        ("no-such-host.invalid:50051", "covergate: cannot resolve 'no-such-host.invalid'", 1),
     ):
         proc = serve_once(ds.data_dir, listen)
-        assert proc.returncode == 1
+        assert proc.returncode == status
         assert "Traceback" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if not line.startswith("!!")]
         assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
