@@ -25,9 +25,12 @@ from harness import COVERGATE, PHARMACY_AMC, Dataset, RunningServer, build_datas
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, SO_REUSEPORT and /proc"
-)
+pytestmark = [
+    pytest.mark.slow,  # real servers: `make test-fast` skips them
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, SO_REUSEPORT and /proc"
+    ),
+]
 
 DEADLINE = 60.0  # seconds; generous: only a bound on waiting, never what a test measures
 REFUSED = re.compile(
