@@ -11,9 +11,10 @@ WORKERS ?=
 
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
-SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd) setup.py pyproject.toml
+SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd fastpath/*.h) \
+	setup.py pyproject.toml
 
-.PHONY: run test proto compile lint bench clean install
+.PHONY: run test test-fast proto compile lint bench clean install
 .PHONY: fuzz fuzz-asan
 
 FUZZ_SECONDS ?= 60
@@ -29,12 +30,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP_DEPS): $(PY) pyproject.toml
+	@echo "make: installing covergate's dependencies into $(VENV) (the first time: 1-3 minutes) ..."
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "setuptools>=77" wheel "Cython==3.3.1" "grpcio-tools>=1.66" "googleapis-common-protos>=1.63"
 	$(BIN)/pip install --quiet -e '.[test,dev]' --no-build-isolation
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)
+	@echo "make: compiling the Cython fast path (about 30 s) ..."
 	$(PY) setup.py -q build_ext --inplace
 	$(MAKE) --no-print-directory proto
 	touch $@
@@ -51,12 +54,15 @@ compile: $(STAMP_DEPS)
 
 ## Build, make demo data (once), serve on $(LISTEN), and print a ready-to-paste check command.
 run: install
-	@$(BIN)/covergate demo --data $(DEMO)/data --examples $(DEMO)/try.txt --if-missing
 	@$(PY) -m service.devrun --data $(DEMO)/data --examples $(DEMO)/try.txt --listen $(LISTEN) $(if $(WORKERS),--workers $(WORKERS))
 
 ## The whole suite: unit, property, integration (real server, LMDB, Redis, OTLP receiver).
 test: install
 	COVERGATE_REQUIRE_EXTENSIONS=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+## The fast subset (tests not marked slow), for the edit-test loop: under a minute.
+test-fast: install
+	COVERGATE_REQUIRE_EXTENSIONS=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP_DEPS)
 	$(BIN)/ruff check service fastpath tests bench

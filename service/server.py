@@ -43,7 +43,6 @@ import grpc
 from google.rpc import status_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import fastpath
 from covergate.v1 import covergate_pb2
@@ -55,6 +54,7 @@ from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
 from service.config import Config, PepperError, ServerSettings, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
+from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
 from service.store import Store
@@ -450,12 +450,11 @@ class CovergateHandlers:
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             server.add_registered_method_handlers(name, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        enable_reflection(  # v1 and v1alpha
             (
                 COVERAGE_SERVICE,
                 ATTESTATION_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
             server,
         )

@@ -34,6 +34,7 @@ import grpc
 from fastpath import complete_spans
 from fastpath import trace as tr
 from service import spool as sp
+from service import telemetry
 
 log = logging.getLogger("covergate.shipper")
 
@@ -353,8 +354,7 @@ def run(root: str, drain_seconds: float = 5.0) -> None:
         if left:
             log.warning("%d byte(s) of spans stay in the spool for the next start", left)
         if meters is not None:
-            with contextlib.suppress(Exception):
-                meters.shutdown(timeout_millis=1000)
+            telemetry.shutdown_meter_provider(meters, 1.0)
         sender.close()
         os.close(lock)
 

@@ -31,6 +31,8 @@ from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 from service.config import ConfigError, ServerSettings, load_config
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 DEADLINE = 60.0  # seconds; generous: only a bound on waiting, never what a test measures
 CHECK = "/covergate.v1.CoverageService/CheckCoverage"
 HEALTH = "/grpc.health.v1.Health/Check"

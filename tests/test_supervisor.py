@@ -25,9 +25,12 @@ from harness import COVERGATE, PHARMACY_AMC, Dataset, RunningServer, build_datas
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, SO_REUSEPORT and /proc"
-)
+pytestmark = [
+    pytest.mark.slow,  # real servers: `make test-fast` skips them
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, SO_REUSEPORT and /proc"
+    ),
+]
 
 DEADLINE = 60.0  # seconds; generous: only a bound on waiting, never what a test measures
 REFUSED = re.compile(
@@ -230,12 +233,13 @@ def time_wait_ports() -> set[int]:
 
 
 def test_an_unusable_listen_address_is_one_line_too(ds: Dataset) -> None:
-    for listen, message in (
-        ("127.0.0.1:99999", "covergate: --listen must be HOST:PORT"),
-        ("no-such-host.invalid:50051", "covergate: cannot resolve 'no-such-host.invalid'"),
+    for listen, message, status in (
+        # A malformed option is a usage mistake (2); an address that cannot be served, 1.
+        ("127.0.0.1:99999", "covergate: --listen must be HOST:PORT", 2),
+        ("no-such-host.invalid:50051", "covergate: cannot resolve 'no-such-host.invalid'", 1),
     ):
         proc = serve_once(ds.data_dir, listen)
-        assert proc.returncode == 1
+        assert proc.returncode == status
         assert "Traceback" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if not line.startswith("!!")]
         assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
