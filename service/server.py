@@ -755,7 +755,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
     for i in range(workers):
         procs[i], pipes[i] = start(i)
     for i, pipe in pipes.items():
-        if not pipe.poll(60) or not isinstance(pipe.recv(), int):
+        try:
+            started = pipe.poll(60) and isinstance(pipe.recv(), int)
+        except (EOFError, OSError):  # the worker died before it was ready
+            started = False
+        if not started:
             log.error("worker %d did not start", i)
             stopping = True
     if not stopping:
