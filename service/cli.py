@@ -70,6 +70,33 @@ def _say(message: str) -> None:
     print(f"covergate: {message}", file=sys.stderr, flush=True)
 
 
+def _share(args: argparse.Namespace, kind: str, practitioner_id: str, **what: Any) -> None:
+    """With [cluster]: send an admin change made in this host's store to every host (the admin
+    stream in Redis). `kind`: practitioner (what: changes, event, suspended), token (record) or
+    revoke (event)."""
+    config = load_config(args.config)
+    if not config.cluster.enabled:
+        return
+    from service import cluster
+
+    host = config.cluster.host()
+    if kind == "practitioner":
+        entry = cluster.practitioner_change(practitioner_id, what["changes"], what["event"], host)
+    elif kind == "token":
+        entry = cluster.token_change(what["record"], host)
+    else:
+        entry = cluster.revoke_change(practitioner_id, what["event"], host)
+    try:
+        cluster.publish(config.cluster, entry, what.get("suspended"))
+    except cluster.BackendUnavailable as exc:
+        where = cluster.redacted(config.cluster.redis)
+        raise CliError(
+            f"changed on this host only: the cluster's Redis ({where}) did not answer ({exc}); "
+            "run the same command again once it does"
+        ) from None
+    print(f"shared with every host through {cluster.redacted(config.cluster.redis)}")
+
+
 def _who(args: argparse.Namespace) -> str:
     """Who makes an admin change, for the history: --by, else the OS user."""
     if getattr(args, "by", None):
@@ -216,6 +243,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
                 f"no practitioner {args.practitioner_id}; import practitioners first "
                 "(covergate import practitioners FILE)"
             ) from None
+        record = store.credential(token.split(".")[1])
+        assert record is not None
+    _share(args, "token", args.practitioner_id, record=record)
     print(f"new {args.role} token for {args.practitioner_id} (shown once, store it now):")
     print(token)
     return EXIT_OK
@@ -225,11 +255,11 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     with open_existing_store(args) as store:
         known = store.practitioner(args.practitioner_id) is not None
         n = store.revoke_credentials(args.practitioner_id)
+        event = {"by": _who(args), "action": "tokens revoked", "detail": f"{n} token(s)"}
         if n:
-            store.add_history(
-                args.practitioner_id,
-                {"by": _who(args), "action": "tokens revoked", "detail": f"{n} token(s)"},
-            )
+            store.add_history(args.practitioner_id, event)
+    # Shared even when this host had none: another host may have some.
+    _share(args, "revoke", args.practitioner_id, event=event)
     if n:
         print(f"revoked {n} token(s) of {args.practitioner_id}")
         return EXIT_OK
@@ -343,7 +373,11 @@ def _change(
         event["reason"] = reason
     if detail:
         event["detail"] = detail
-    return store.update_practitioner(rec.practitioner_id, event=event, **changes)
+    changed = store.update_practitioner(rec.practitioner_id, event=event, **changes)
+    suspended = {"suspended": True, "active": False}.get(changes.get("status", ""))
+    _share(args, "practitioner", rec.practitioner_id, changes=changes, event=event,
+           suspended=suspended)  # fmt: skip
+    return changed
 
 
 def cmd_practitioner_suspend(args: argparse.Namespace) -> int:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
@@ -488,3 +489,176 @@ __all__ = [
     "GuardReply",
     "connect",
 ]
+
+
+# -- administrative changes, for every host ------------------------------------------------------
+#
+# An admin command run on any host changes that host's store, then appends the change to the admin
+# stream (and sets the suspension flag the credit script returns with every reply). Each host's sync
+# process (run_sync, started by `covergate serve` with [cluster]) applies the stream to its own
+# store within a second; the workers see it on their next call or stream message, as they see a
+# local change. A host without Redis keeps enforcing what its store says.
+
+PRACTITIONER_FIELDS = ("status", "suspension_reason", "cert_fingerprints", "quota")
+
+
+def practitioner_change(
+    practitioner_id: str, changes: dict[str, Any], event: dict[str, Any], origin: str
+) -> dict[str, str]:
+    unknown = set(changes) - set(PRACTITIONER_FIELDS)
+    if unknown:
+        raise ValueError(f"not a shared practitioner field: {', '.join(sorted(unknown))}")
+    return {"op": "practitioner", "practitioner": practitioner_id, "origin": origin,
+            "changes": json.dumps(changes), "event": json.dumps(event)}  # fmt: skip
+
+
+def token_change(record: Any, origin: str) -> dict[str, str]:
+    return {"op": "token", "practitioner": record.practitioner_id, "origin": origin,
+            "credential": record.to_bytes().decode()}  # fmt: skip
+
+
+def revoke_change(practitioner_id: str, event: dict[str, Any], origin: str) -> dict[str, str]:
+    return {"op": "revoke", "practitioner": practitioner_id, "origin": origin,
+            "event": json.dumps(event)}  # fmt: skip
+
+
+def publish(settings: ClusterSettings, entry: dict[str, str], suspended: bool | None) -> str:
+    """From the CLI (synchronous): record `entry` for every host; `suspended` sets or clears the
+    practitioner's flag in the credit replies. Raises BackendUnavailable."""
+    import redis
+
+    client = connect_sync(settings.redis, max(settings.timeout_ms / 1000, 1.0))
+    pid = entry["practitioner"]
+    try:
+        pipe = client.pipeline(transaction=False)
+        if suspended is not None:
+            reason = json.loads(entry.get("changes", "{}")).get("suspension_reason", "")
+            pipe.hset(admin_key(pid), mapping={"suspended": int(suspended), "reason": reason})
+            if not suspended:
+                pipe.delete(guard_key(pid))
+        pipe.xadd(ADMIN_STREAM, entry, maxlen=ADMIN_STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        pipe.publish(ADMIN_CHANNEL, pid)
+        result = pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailable(f"Redis: {type(exc).__name__}") from exc
+    finally:
+        client.close()
+    entry_id = result[-2]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+def connect_sync(url: str, timeout: float) -> Any:
+    """A synchronous client for the CLI, for the same URLs as connect()."""
+    import redis
+
+    common = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    parsed = urlparse(url)
+    if "+sentinel" in parsed.scheme:
+        from redis.sentinel import Sentinel
+
+        netloc = parsed.netloc.rpartition("@")[2]
+        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2] or 26379))
+                 for h in netloc.split(",")]  # fmt: skip
+        parts = [p for p in parsed.path.split("/") if p]
+        return Sentinel(hosts, **common).master_for(parts[0])
+    if "+cluster" in parsed.scheme:
+        from redis.cluster import RedisCluster
+
+        scheme = "rediss" if parsed.scheme.startswith("rediss") else "redis"
+        return RedisCluster.from_url(f"{scheme}://{parsed.netloc}{parsed.path}", **common)
+    return redis.Redis.from_url(url, **common)
+
+
+def apply_change(store: Any, entry: dict[str, str], host: str) -> bool:
+    """Apply one admin stream entry to this host's store; False when it was this host's own
+    (already applied) or names a practitioner this host does not know."""
+    from service.store import CredentialRecord, StoreError
+
+    if entry.get("origin") == host:
+        return False
+    op, pid = entry.get("op"), entry.get("practitioner", "")
+    try:
+        if op == "practitioner":
+            changes = json.loads(entry["changes"])
+            event = {**json.loads(entry.get("event", "{}")), "via": f"cluster ({entry['origin']})"}
+            store.update_practitioner(pid, event=event, **{
+                k: v for k, v in changes.items() if k in PRACTITIONER_FIELDS})  # fmt: skip
+        elif op == "token":
+            with contextlib.suppress(StoreError):  # already there
+                store.add_credential(CredentialRecord.from_bytes(entry["credential"].encode()))
+        elif op == "revoke":
+            store.revoke_credentials(pid)
+            event = {**json.loads(entry.get("event", "{}")), "via": f"cluster ({entry['origin']})"}
+            with contextlib.suppress(KeyError):
+                store.add_history(pid, event)
+        elif op == "suspend":  # by the harvest guard, on another host
+            record = store.practitioner(pid)
+            if record is not None and record.status != "suspended":
+                store.update_practitioner(
+                    pid, status="suspended", suspension_reason=entry.get("reason", GUARD_REASON),
+                    event={"by": entry.get("by", "harvest guard"), "action": "suspended",
+                           "reason": entry.get("reason", ""), "via": "cluster"},
+                )  # fmt: skip
+        else:
+            log.warning("unknown admin change %r ignored", op)
+            return False
+    except KeyError:
+        return False
+    return True
+
+
+async def follow_admin(backend: Backend, store: Any, cursor_path: Any, stop: asyncio.Event) -> None:
+    """Apply the admin stream to `store` from the saved cursor until `stop`."""
+    try:
+        after = cursor_path.read_text().strip() or "0"
+    except OSError:
+        after = "0"
+    while not stop.is_set():
+        try:
+            entries = await backend.read_admin(after, block_ms=500)
+        except BackendUnavailable:
+            await asyncio.sleep(0.5)
+            continue
+        for entry_id, entry in entries:
+            apply_change(store, entry, backend.host)
+            after = entry_id
+        if entries:
+            tmp = cursor_path.with_suffix(".tmp")
+            tmp.write_text(after)
+            os.replace(tmp, cursor_path)
+
+
+def run_sync(data_dir: str, settings: ClusterSettings, store_settings: Any) -> None:
+    """The cluster sync process of a host (started by `covergate serve` with [cluster]): applies
+    every host's admin changes to this host's store."""
+    import signal
+    from pathlib import Path
+
+    from service.server import configure_logging
+    from service.store import Store
+
+    configure_logging()
+    directory = Path(data_dir) / "cluster"
+    directory.mkdir(mode=0o700, exist_ok=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        backend = Backend(replace(settings, timeout_ms=max(settings.timeout_ms, 200)))
+        with Store(Path(data_dir), store_settings) as store:
+            log.info("cluster sync: applying every host's admin changes from %s as host %s",
+                     redacted(settings.redis), backend.host)  # fmt: skip
+            await follow_admin(backend, store, directory / "admin.cursor", stop)
+        await backend.close()
+
+    asyncio.run(main())
+
+
+def redacted(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return url
+    return url.replace(parsed.netloc, "***@" + parsed.netloc.rpartition("@")[2], 1)

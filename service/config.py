@@ -15,6 +15,7 @@ from typing import Any
 
 from fastpath.quota import QuotaProfile
 from fastpath.rules import DOMAIN_CODES
+from service.cluster import ClusterSettings
 
 # Profession -> care domains it may check (CSV codes). Overridable under [professions.NAME].
 DEFAULT_PROFESSION_DOMAINS: dict[str, tuple[str, ...]] = {
@@ -151,6 +152,7 @@ class Config:
     auth: AuthSettings = field(default_factory=AuthSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     profession_domains: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_PROFESSION_DOMAINS)
     )
@@ -233,6 +235,25 @@ def check_quota_overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
+def check_cluster(cluster: ClusterSettings) -> None:
+    if cluster.redis and cluster.redis.split("://", 1)[0] not in (
+        "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+        "rediss+cluster",
+    ):  # fmt: skip
+        raise ConfigError(
+            "[cluster] redis must be a redis://, rediss://, unix://, redis+sentinel:// or "
+            "redis+cluster:// URL"
+        )
+    if not 0 < cluster.rate_lease_seconds <= 1.0:
+        raise ConfigError("[cluster] rate_lease_seconds must be above 0 and at most 1")
+    if not 1.0 <= cluster.credit_lease_seconds <= 300:
+        raise ConfigError("[cluster] credit_lease_seconds must be from 1 to 300")
+    if not 1 <= cluster.block_max <= 1024 or not 1 <= cluster.timeout_ms <= 5000:
+        raise ConfigError("[cluster] block_max from 1 to 1024, timeout_ms from 1 to 5000")
+    if not 0.01 <= cluster.report_interval_seconds <= 5:
+        raise ConfigError("[cluster] report_interval_seconds from 0.01 to 5")
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
@@ -241,7 +262,9 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    unknown = set(raw) - {"server", "store", "auth", "quota", "telemetry", "professions"}
+    unknown = set(raw) - {
+        "server", "store", "auth", "quota", "telemetry", "cluster", "professions",
+    }  # fmt: skip
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     domains = dict(DEFAULT_PROFESSION_DOMAINS)
@@ -278,6 +301,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         auth=_section(AuthSettings, raw.get("auth", {}), "auth"),
         quota=_section(QuotaSettings, raw.get("quota", {}), "quota"),
         telemetry=_section(TelemetrySettings, raw.get("telemetry", {}), "telemetry"),
+        cluster=_section(ClusterSettings, raw.get("cluster", {}), "cluster"),
         profession_domains=domains,
         profession_quotas=quotas,
     )
@@ -285,6 +309,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if bad_methods or not config.auth.methods:
         raise ConfigError("[auth] methods must list token and/or certificate")
     check_quota_overrides({k: getattr(config.quota, k) for k in QUOTA_FIELDS}, "[quota]")
+    check_cluster(config.cluster)
     if config.telemetry.when_full not in ("refuse", "drop"):
         raise ConfigError('[telemetry] when_full must be "refuse" or "drop"')
     if config.telemetry.spool_max_bytes < 4096 or config.telemetry.spool_segment_bytes < 4096:

@@ -750,6 +750,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
 
     # The audit shipper (tracing on): exports what every worker writes to the spool.
     shipper = _start_shipper(ctx, options)
+    # With [cluster]: applies every host's admin changes to this host's store.
+    sync = _start_cluster_sync(ctx, options)
     procs: dict[int, Any] = {}
     pipes = {}
     for i in range(workers):
@@ -770,6 +772,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         sentinels = {p.sentinel: i for i, p in procs.items()}
         if shipper is not None:
             sentinels[shipper.sentinel] = -1
+        if sync is not None:
+            sentinels[sync.sentinel] = -2
         for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
             i = sentinels[sentinel]  # type: ignore[index]
             if stopping:
@@ -779,6 +783,12 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
                 log.error("the audit shipper exited with code %s; restarting it",
                           shipper.exitcode)  # fmt: skip
                 shipper = _start_shipper(ctx, options)
+                continue
+            if i == -2:
+                assert sync is not None
+                log.error("the cluster sync exited with code %s; restarting it", sync.exitcode)
+                time.sleep(0.5)
+                sync = _start_cluster_sync(ctx, options)
                 continue
             log.error("worker %d exited with code %s; restarting it", i, procs[i].exitcode)
             restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
@@ -795,6 +805,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         proc.join(grace)
         if proc.is_alive():
             proc.kill()
+    if sync is not None and sync.is_alive() and sync.pid is not None:
+        os.kill(sync.pid, signal.SIGTERM)
+        sync.join(5)
+        if sync.is_alive():
+            sync.kill()
     if shipper is not None:
         # After the workers: their last spans are in the spool; it sends what it can in time.
         if shipper.is_alive() and shipper.pid is not None:
@@ -822,6 +837,28 @@ def _start_shipper(ctx: Any, options: ServeOptions) -> Any:
     )
     proc.start()
     return proc
+
+
+def _start_cluster_sync(ctx: Any, options: ServeOptions) -> Any:
+    """The host's cluster sync process, with [cluster] (service.cluster.run_sync)."""
+    if not options.config.cluster.enabled:
+        return None
+    proc = ctx.Process(
+        target=_cluster_sync_process,
+        args=(str(options.data_dir), options.config.cluster, options.config.store, os.getpid()),
+        name="covergate-cluster-sync",
+    )
+    proc.start()
+    return proc
+
+
+def _cluster_sync_process(
+    data_dir: str, settings: Any, store_settings: Any, supervisor_pid: int
+) -> None:
+    from service.cluster import run_sync
+
+    _die_with_supervisor(supervisor_pid)
+    run_sync(data_dir, settings, store_settings)
 
 
 def _shipper_process(root: str, drain_seconds: float, supervisor_pid: int) -> None:

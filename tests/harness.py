@@ -221,6 +221,7 @@ class RunningServer:
         wait_serving: bool = True,
         log_path: Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.credentials = credentials
         full_env = dict(os.environ, COVERGATE_DATA=str(data_dir), **(env or {}))
@@ -229,7 +230,7 @@ class RunningServer:
         )
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
-            [COVERGATE, "serve", "--listen", "127.0.0.1:0", "--workers", str(workers), *args]
+            [COVERGATE, "serve", "--listen", f"{listen_host}:0", "--workers", str(workers), *args]
             + ([] if any(a.startswith("--tls") for a in args) else ["--insecure"]),
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -238,12 +239,12 @@ class RunningServer:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        match = re.search(rf"serving on {re.escape(listen_host)}:(\d+)", line)
         if not match:
             self.stop()
             raise AssertionError(f"server did not start: {line!r}\n{self.log()}")
         self.port = int(match.group(1))
-        self.target = f"127.0.0.1:{self.port}"
+        self.target = f"{listen_host}:{self.port}"
         if wait_serving:
             self.wait_health(health_pb2.HealthCheckResponse.SERVING)
 
