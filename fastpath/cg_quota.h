@@ -93,4 +93,36 @@ static int cg_seen_or_add(cg_slot *s, uint64_t fp, int may_add, int *added) {
     return 0;
 }
 
+/* This host's credit per slot, with [cluster] (fastpath.quota.CreditFile): spent by the gate
+ * under the slot's mutex. */
+#define CG_CREDIT_RING 120
+
+typedef struct {
+    uint32_t day;
+    uint32_t daily;
+    uint32_t distinct;
+    uint32_t rate_tokens;
+    int64_t rate_expiry_ms;
+    int64_t lease_expiry_ms;
+    uint32_t used;
+    uint32_t outcomes_len;
+    uint64_t outcomes_bits;
+    uint32_t ring_len;
+    uint32_t reserved;
+    uint64_t epoch;
+    uint64_t ring[CG_CREDIT_RING];
+} cg_credit;
+
+_Static_assert(sizeof(cg_credit) == 64 + 8 * CG_CREDIT_RING, "credit entry layout");
+
+/* Credit of another day is void; the epoch stays (fastpath.quota.CreditFile.roll_day). */
+static void cg_credit_roll_day(cg_credit *c, uint32_t today) {
+    if (c->day != today) {
+        uint64_t epoch = c->epoch;
+        memset(c, 0, 64);
+        c->day = today;
+        c->epoch = epoch;
+    }
+}
+
 #endif

@@ -434,3 +434,118 @@ class QuotaFile:
             self.map[start : start + SLOT_SIZE] = bytes(SLOT_SIZE)
         finally:
             self.unlock(slot)
+
+
+# -- several hosts: this host's credit, per slot ---------------------------------------------------
+#
+# With [cluster] (service.cluster), limits are global: Redis grants this host blocks of credit per
+# practitioner, and the gates spend them here, under the same slot mutex, at no extra cost per
+# lookup. A separate file beside the state (DIR/quota/credit) keeps the state file's layout as it
+# is. Entry layout (little-endian), CREDIT_ENTRY bytes per slot:
+#   0  u32 day              the Paris day the credit belongs to (credit of another day is void)
+#   4  u32 daily            lookups this host may still admit today
+#   8  u32 distinct         new beneficiaries it may still admit today
+#   12 u32 rate_tokens      rate tokens (Redis's GCRA) it holds
+#   16 i64 rate_expiry_ms   tokens are void from then (unix ms, the gate's clock)
+#   24 i64 lease_expiry_ms  daily and distinct credit are void from then
+#   32 u32 used             lookups admitted and not yet reported to Redis
+#   36 u32 outcomes_len     guard outcomes not yet reported (<= 64)
+#   40 u64 outcomes_bits    newest in bit 0; 1 = NO_MATCH or invalid
+#   48 u32 ring_len         new beneficiaries (fingerprints) not yet reported
+#   52 u32 reserved
+#   56 u64 epoch            the Redis state this credit came from (a change: it was lost)
+#   64 u64[CREDIT_RING] ring
+
+CREDIT_MAGIC = b"CGCREDT1"
+CREDIT_RING = 120
+CREDIT_ENTRY = 64 + 8 * CREDIT_RING
+_CREDIT_HEAD = struct.Struct("<IIIIqqIIQIIQ")
+
+
+@dataclass
+class CreditState:
+    day: int = 0
+    daily: int = 0
+    distinct: int = 0
+    rate_tokens: int = 0
+    rate_expiry_ms: int = 0
+    lease_expiry_ms: int = 0
+    used: int = 0
+    outcomes_len: int = 0
+    outcomes_bits: int = 0
+    ring_len: int = 0
+    reserved: int = 0
+    epoch: int = 0
+
+
+class CreditFile:
+    """This host's credit per slot (DIR/quota/credit), locked with the QuotaFile's slot mutexes:
+    always open it with, and use it under, the same QuotaFile."""
+
+    def __init__(self, path: Path, slots: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            QuotaFile._lock_range(fd, 0, HEADER_SIZE)
+            try:
+                have = 0
+                if os.fstat(fd).st_size:
+                    magic, entry, have = _FILE_HEAD.unpack(os.pread(fd, _FILE_HEAD.size, 0))
+                    if magic != CREDIT_MAGIC or entry != CREDIT_ENTRY:
+                        raise ValueError(f"{self.path} is not a covergate credit file")
+                self.slots = max(slots, have)
+                if self.slots > have:
+                    os.ftruncate(fd, HEADER_SIZE + self.slots * CREDIT_ENTRY)
+                    os.pwrite(fd, _FILE_HEAD.pack(CREDIT_MAGIC, CREDIT_ENTRY, self.slots), 0)
+            finally:
+                QuotaFile._unlock_range(fd, 0, HEADER_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.map = mmap.mmap(fd, HEADER_SIZE + self.slots * CREDIT_ENTRY, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            return  # a gate still maps it
+        os.close(self.fd)
+
+    def offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise IndexError("credit slot out of range")
+        return HEADER_SIZE + slot * CREDIT_ENTRY
+
+    def read(self, slot: int) -> CreditState:
+        return CreditState(*_CREDIT_HEAD.unpack_from(self.map, self.offset(slot)))
+
+    def write(self, slot: int, state: CreditState) -> None:
+        _CREDIT_HEAD.pack_into(
+            self.map, self.offset(slot), state.day, state.daily, state.distinct,
+            state.rate_tokens, state.rate_expiry_ms, state.lease_expiry_ms, state.used,
+            state.outcomes_len, state.outcomes_bits, state.ring_len, state.reserved, state.epoch,
+        )  # fmt: skip
+
+    def roll_day(self, state: CreditState, today: int) -> None:
+        """Credit of another day is void (Redis keys credit by day too); the epoch stays."""
+        if state.day != today:
+            epoch = state.epoch
+            for name in CreditState.__dataclass_fields__:
+                setattr(state, name, 0)
+            state.day, state.epoch = today, epoch
+
+    def ring(self, slot: int, state: CreditState) -> list[int]:
+        start = self.offset(slot) + 64
+        return [
+            int.from_bytes(self.map[start + 8 * i : start + 8 * i + 8], "little")
+            for i in range(min(state.ring_len, CREDIT_RING))
+        ]
+
+    def push(self, slot: int, state: CreditState, fp: int) -> None:
+        """A new beneficiary to report (the gate never admits more than the ring holds)."""
+        start = self.offset(slot) + 64 + 8 * state.ring_len
+        self.map[start : start + 8] = fp.to_bytes(8, "little")
+        state.ring_len += 1
