@@ -73,10 +73,14 @@ def decisions(
 ) -> dict[str, Any]:
     store, keys, quota, served_as = _server_parts(ds, config_path)
     gates = {}
+    # A gate with quotas on refuses a caller without a slot (QUOTA_STATE_UNAVAILABLE): "no quota"
+    # is a gate without the quota file, as a server with quotas disabled builds it.
+    unmetered_gates = {}
     for name, module_name in IMPLEMENTATIONS.items():
         module = importlib.import_module(module_name)
         extra = {"quota": quota} if quota is not None else {}
         gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500, **extra)
+        unmetered_gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500)
     # Decision-only: no quota slot, every domain and insurer in scope.
     bare = Practitioner(
         practitioner_id=ds.practitioner_id,
@@ -94,36 +98,38 @@ def decisions(
     mix_specs = frames.mixed(ds.pools, dict(COUNTER_MIX), 100 * 40)
     mixed_batches = [frames.batch_bytes(mix_specs[i : i + 100]) for i in range(0, 4000, 100)]
 
-    # measure -> (gate method, inputs, items per call, practitioner)
-    measures: dict[str, tuple[str, list[bytes], int, Practitioner]] = {
-        "single": ("check", singles, 1, practitioner),
-        "stream_item": ("check_item", singles, 1, practitioner),
-        "batch_100": ("check_batch", batches, 100, practitioner),
-        "batch_100_mix": ("check_batch", mixed_batches, 100, practitioner),
+    # measure -> (gate method, inputs, items per call, practitioner, gates)
+    measures: dict[str, tuple[str, list[bytes], int, Practitioner, dict[str, Any]]] = {
+        "single": ("check", singles, 1, practitioner, gates),
+        "stream_item": ("check_item", singles, 1, practitioner, gates),
+        "batch_100": ("check_batch", batches, 100, practitioner, gates),
+        "batch_100_mix": ("check_batch", mixed_batches, 100, practitioner, gates),
     }
     if served_as is not None:
-        measures["batch_100_no_quota"] = ("check_batch", batches, 100, bare)
-    # Both gates must give the right answers before their speed means anything.
-    for name, gate in gates.items():
-        code, payload = gate.check(practitioner, singles[0], today, now)
-        problem = frames.check_unary(covered[0], code, payload, decisions=True)
-        if problem:
-            raise RuntimeError(f"{name} gate: {problem}")
+        measures["batch_100_no_quota"] = ("check_batch", batches, 100, bare, unmetered_gates)
+    # Every gate must give the right answers before its speed means anything.
+    for name in gates:
+        for gate, who in ((gates[name], practitioner), (unmetered_gates[name], bare)):
+            code, payload = gate.check(who, singles[0], today, now)
+            problem = frames.check_unary(covered[0], code, payload, decisions=True)
+            code, payload = gate.check_batch(who, batches[0], today, now)
+            problems = frames.check_batch(covered[:100], code, payload, decisions=True)
+            if problem or problems:
+                raise RuntimeError(f"{name} gate: {problem or problems[0]}")
     out: dict[str, Any] = {name: {} for name in gates}
     for r in range(rounds):
         order = list(gates) if r % 2 == 0 else list(reversed(gates))
-        for measure, (method, inputs, per_call, who) in measures.items():
+        for measure, (method, inputs, per_call, who, measured) in measures.items():
             for name in order:
-                bound = getattr(gates[name], method)
+                bound = getattr(measured[name], method)
 
                 def call(request: bytes, bound: Any = bound, who: Practitioner = who) -> object:
                     return bound(who, request, today, now)
 
                 rate = _rate(call, inputs, per_call, seconds)
                 out[name].setdefault(measure, []).append(rate)
-    for gate in gates.values():
-        if hasattr(gate, "close"):
-            gate.close()
+    for gate in (*gates.values(), *unmetered_gates.values()):
+        gate.close()
     if quota is not None:
         quota.close()
     store.close()
@@ -191,6 +197,8 @@ def pairs(
         frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
     ]
     plain = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
+    # Quotas off: a gate without the quota file (one with it refuses a caller without a slot).
+    free = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500)
     traced = _gate_c.Gate(
         store.env, store.rights_db, keys, max_batch_items=500, quota=quota, trace=True
     )
@@ -231,7 +239,7 @@ def pairs(
 
     out: dict[str, Any] = {"quotas": {}, "tracing": {}}
     shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
-    sides = ((plain, served_as), (plain, unmetered), (traced, served_as))
+    sides = ((plain, served_as), (free, unmetered), (traced, served_as))
     for gate, who in sides:
         answers_right(gate, who)
     for _ in range(rounds):
@@ -239,7 +247,7 @@ def pairs(
             quotas = _blocks(
                 {
                     "on": caller(plain, method, inputs, served_as),
-                    "off": caller(plain, method, inputs, unmetered),
+                    "off": caller(free, method, inputs, unmetered),
                 },
                 seconds,
             )
@@ -256,7 +264,7 @@ def pairs(
                 out[name].setdefault(shape, []).append(result)
     for gate, who in sides:  # still answering right after all the rounds
         answers_right(gate, who)
-    for gate in (plain, traced):
+    for gate in (plain, free, traced):
         gate.close()
     quota.close()
     store.close()
