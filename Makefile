@@ -11,7 +11,7 @@ WORKERS ?=
 
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
-SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd) setup.py pyproject.toml
+SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd fastpath/_c/*.pxi fastpath/*.h) setup.py pyproject.toml
 
 .PHONY: run test proto compile lint bench clean install
 
@@ -53,7 +53,7 @@ lint: $(STAMP_DEPS)
 	$(BIN)/ruff check service fastpath tests bench
 	$(BIN)/ruff format --check service fastpath tests bench
 	$(BIN)/mypy
-	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 fastpath/*.pyx
+	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 fastpath/*.pyx fastpath/*.pxd fastpath/_c/*.pxi
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]' --no-build-isolation
