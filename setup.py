@@ -73,6 +73,8 @@ def extensions() -> list[Extension]:
             Extension(
                 "fastpath._gate_c",
                 ["fastpath/_gate_c.pyx"],
+                # The C headers it includes: a change to one rebuilds the extension.
+                depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "fastpath").glob("*.h")),
                 extra_compile_args=["-O3"],
                 libraries=["pthread"],  # the quota slot mutexes (in libc since glibc 2.34)
             ),

@@ -11,9 +11,17 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from bench import plan, run
-from bench.scenarios import SCENARIOS
-from bench.variants import VARIANTS
+try:
+    from bench import plan, run
+    from bench.scenarios import SCENARIOS
+    from bench.variants import VARIANTS
+except ModuleNotFoundError as missing:  # a Python without covergate's dependencies
+    print(
+        f"python -m bench: {missing.name} is not installed for {sys.executable}; run it with "
+        ".venv/bin/python -m bench (after make install), or make bench BENCH_ARGS=...",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _names(value: str, known: Mapping[str, object], what: str) -> list[str]:

@@ -17,20 +17,42 @@ from bench.plan import COMPARISONS, GOALS, Goal
 # -- formatting ------------------------------------------------------------------------------------
 
 
+ABSENT = "n/a"  # a cell or measure this run did not produce
+# An open-loop cell that achieved less than this share of its offered rate measured a saturated
+# server, not latency at the intended load: it is flagged and left out of verdicts.
+OFFERED_SHARE_REQUIRED = 0.9
+
+
 def number(value: float | None, digits: int = 0) -> str:
     if value is None:
-        return "-"
+        return ABSENT
     if digits == 0:
         return f"{value:,.0f}"
     return f"{value:,.{digits}f}"
 
 
 def times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+    return ABSENT if value is None else f"{value:.2f}x"
 
 
 def share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    return ABSENT if value is None else f"{value:.2f}"
+
+
+def missed_offered_rate(cell: dict[str, Any]) -> bool:
+    """Whether an open-loop cell fell short of the rate it was offered (see above)."""
+    m = cell.get("median", {})
+    offered, achieved = m.get("offered_per_s"), m.get("achieved_per_s")
+    if not offered:
+        return False
+    return achieved is None or achieved < OFFERED_SHARE_REQUIRED * offered
+
+
+def _open_cell(results: dict[str, Any], variant: str, scenario: str) -> dict[str, Any] | None:
+    for cell in results.get("open_loop", ()):
+        if cell["variant"] == variant and cell["scenario"] == scenario:
+            return cell  # type: ignore[no-any-return]
+    return None
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
@@ -91,10 +113,10 @@ def goal_value(goal: Goal, results: dict[str, Any]) -> float | None:
         return pairs.get(pair, {}).get(shape, {}).get("ratio")  # type: ignore[no-any-return]
     if kind == "latency":
         variant, scenario, percentile = key
-        for cell in results.get("open_loop", ()):
-            if cell["variant"] == variant and cell["scenario"] == scenario:
-                return cell["median"].get(f"{percentile}_ms")  # type: ignore[no-any-return]
-        return None
+        cell = _open_cell(results, variant, scenario)
+        if cell is None or missed_offered_rate(cell):
+            return None  # no verdict from a cell that did not carry its load
+        return cell["median"].get(f"{percentile}_ms")  # type: ignore[no-any-return]
     raise ValueError(f"unknown goal source {goal.source}")
 
 
@@ -102,6 +124,15 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for goal in GOALS:
         value = goal_value(goal, results)
+        excluded = ""
+        if goal.source[0] == "latency":
+            cell = _open_cell(results, goal.source[1], goal.source[2])
+            if cell is not None and missed_offered_rate(cell):
+                m = cell["median"]
+                excluded = (
+                    f"excluded: achieved {number(m.get('achieved_per_s'))} of "
+                    f"{number(m.get('offered_per_s'))} calls/s offered"
+                )
         out.append(
             {
                 "name": goal.name,
@@ -111,6 +142,7 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "unit": goal.unit,
                 "value": value,
                 "met": stats.goal_met(value, goal.threshold, goal.higher_is_better),
+                "excluded": excluded,
             }
         )
     return out
@@ -289,12 +321,14 @@ def render(results: dict[str, Any]) -> str:
             "",
         ]
         rows = []
+        missed = 0
         for c in open_loop:
             m = c["median"]
+            missed += missed_offered_rate(c)
             rows.append(
                 [
                     c["scenario"],
-                    c["variant"],
+                    c["variant"] + (" (missed rate)" if missed_offered_rate(c) else ""),
                     number(m.get("offered_per_s")),
                     number(m.get("achieved_per_s")),
                     number(m.get("p50_ms"), 2),
@@ -321,6 +355,13 @@ def render(results: dict[str, Any]) -> str:
                 "llrrrrrrr",
             )
         )
+        if missed:
+            lines += [
+                "",
+                f"(missed rate): the cell achieved less than {OFFERED_SHARE_REQUIRED:.0%} of the "
+                "rate it was offered, so it measured a saturated server, not latency at that "
+                "load; it counts in no goal.",
+            ]
 
     micro = results.get("micro", {})
     decisions = micro.get("decisions", {})
@@ -368,6 +409,8 @@ def render(results: dict[str, Any]) -> str:
         rows = []
         for g in goals:
             status = {True: "met", False: "**MISSED**", None: "not measured"}[g["met"]]
+            if g.get("excluded"):
+                status = g["excluded"]
             rows.append([g["text"], _goal_target(g), _goal_measured(g), status])
         lines.append(table(["goal", "target", "measured", ""], rows, "lrrl"))
 
@@ -394,6 +437,31 @@ def render(results: dict[str, Any]) -> str:
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+def latency_series(
+    open_loop: list[dict[str, Any]], keys: Sequence[str]
+) -> list[tuple[str, list[float], list[float], list[str], list[float]]]:
+    """Per percentile key: bar positions and values, hatches (cells that missed their offered
+    rate), and the positions of absent values (drawn as "n/a", not as a zero bar)."""
+    width = 0.8 / len(keys)
+    series = []
+    for i, k in enumerate(keys):
+        xs: list[float] = []
+        ys: list[float] = []
+        hatches: list[str] = []
+        absent: list[float] = []
+        for j, c in enumerate(open_loop):
+            x = j + (i - (len(keys) - 1) / 2) * width
+            value = c["median"].get(k)
+            if not value:
+                absent.append(x)
+                continue
+            xs.append(x)
+            ys.append(value)
+            hatches.append("//" if missed_offered_rate(c) else "")
+        series.append((k, xs, ys, hatches, absent))
+    return series
 
 
 def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
@@ -442,25 +510,32 @@ def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
 
     open_loop = results.get("open_loop", [])
     if open_loop:
-        labels = [f"{c['variant']}\n{c['scenario']}" for c in open_loop]
+        labels = [
+            f"{c['variant']}\n{c['scenario']}"
+            + ("\n(missed rate)" if missed_offered_rate(c) else "")
+            for c in open_loop
+        ]
         keys = [stats.percentile_key(p) for p in stats.LATENCY_PERCENTILES]
         fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4.5))
         width = 0.8 / len(keys)
-        for i, k in enumerate(keys):
-            ys = [c["median"].get(k) or 0 for c in open_loop]
-            ax.bar(
-                [j + (i - (len(keys) - 1) / 2) * width for j in range(len(labels))],
-                ys,
-                width,
-                label=k.replace("_ms", ""),
-            )
+        for k, xs, ys, hatches, absent in latency_series(open_loop, keys):
+            for x in absent:
+                ax.text(x, 0.02, ABSENT, transform=ax.get_xaxis_transform(), ha="center",
+                        fontsize="x-small", rotation=90)  # fmt: skip
+            bars = ax.bar(xs, ys, width, label=k.replace("_ms", ""))
+            for bar, hatch in zip(bars, hatches, strict=True):
+                bar.set_hatch(hatch)
         ax.axhline(5.0, color="red", linestyle="--", linewidth=1, label="5 ms goal (p99)")
         ax.set_xticks(range(len(labels)), labels)
-        ax.set_ylabel("milliseconds")
+        # Log scale: unary (a few ms) stays readable beside batches (tens of ms).
+        ax.set_yscale("log")
+        ax.set_ylabel("milliseconds, log scale")
         frac = results["options"]["open_fraction"]
-        ax.set_title(f"Open-loop latency at {frac:.0%} of each cell's maximum")
+        ax.set_title(
+            f"Open-loop latency at {frac:.0%} of each cell's maximum (hatched: missed its rate)"
+        )
         ax.legend(fontsize="small")
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(axis="y", which="both", alpha=0.3)
         fig.tight_layout()
         path = prefix.with_name(prefix.name + "-latency.png")
         fig.savefig(path, dpi=110)

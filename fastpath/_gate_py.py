@@ -567,7 +567,7 @@ class Gate:
             if not profile.shadow & SHADOW_GUARD:
                 state.flags |= FLAG_SUSPENDED
                 state.suspended_at_ms = now_ms
-                state.guard_fired += 1
+                state.guard_fired = min(state.guard_fired + 1, 0xFFFFFFFF)  # a u32, saturated
                 self.suspensions.append(practitioner.practitioner_id)
                 if lookup is not None:
                     lookup.guard_fired = True

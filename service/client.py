@@ -1,5 +1,5 @@
-"""A small client for practitioner software: check coverage over gRPC with a bearer token and get
-back plain Python values, or a CoverageError carrying the gRPC code and google.rpc details.
+"""A small client for practitioner software: check coverage over gRPC with a bearer token and/or
+a client certificate, and get back plain Python values, or a CoverageError with google.rpc details.
 """
 
 from __future__ import annotations
@@ -19,20 +19,41 @@ from fastpath.rules import DOMAIN_CODES
 DECISIONS = {v.number: v.name.removeprefix("DECISION_") for v in pb.Decision.DESCRIPTOR.values}
 
 
-@dataclass(frozen=True)
+# Not frozen: Python sets __traceback__ on an exception as it travels (contextlib does it with
+# setattr), which a frozen dataclass refuses.
+@dataclass(eq=False)
 class CoverageError(Exception):
-    """A refused check: gRPC code name, message, ErrorInfo reason and the invalid field names."""
+    """A refused check: gRPC code name, message, ErrorInfo reason, and for INVALID_ARGUMENT the
+    invalid field names (`fields`) with the rule each one breaks (`rules`, in the same order)."""
 
     code: str
     message: str
     reason: str = ""
     fields: tuple[str, ...] = ()
     retry_after_seconds: float | None = None
+    rules: tuple[str, ...] = ()
+
+    @property
+    def from_server(self) -> bool:
+        """True when the server answered with this error; False when the call never reached it
+        (connection refused, TLS handshake, deadline): then `message` is gRPC's own."""
+        return bool(self.reason or self.fields) or self.code not in (
+            "UNAVAILABLE",
+            "DEADLINE_EXCEEDED",
+            "UNKNOWN",
+            "CANCELLED",
+        )
 
     def __str__(self) -> str:
         extra = f" [{self.reason}]" if self.reason else ""
-        fields = f" fields: {', '.join(self.fields)}" if self.fields else ""
-        return f"{self.code}{extra}: {self.message}{fields}"
+        if self.fields:
+            rules = self.rules or ("",) * len(self.fields)
+            listed = ", ".join(
+                f"{name} ({rule})" if rule else name
+                for name, rule in zip(self.fields, rules, strict=True)
+            )
+            return f"{self.code}{extra}: invalid field(s): {listed}"
+        return f"{self.code}{extra}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,7 @@ class CoverageResult:
 
 
 def _error_from_status(status: status_pb2.Status) -> CoverageError:
-    reason, fields, retry = "", [], None
+    reason, fields, rules, retry = "", [], [], None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -61,12 +82,13 @@ def _error_from_status(status: status_pb2.Status) -> CoverageError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             fields = [v.field for v in bad.field_violations]
+            rules = [v.description for v in bad.field_violations]
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info_r = error_details_pb2.RetryInfo()
             detail.Unpack(info_r)
             retry = info_r.retry_delay.ToTimedelta().total_seconds()
     code = grpc.StatusCode(next(c.value for c in grpc.StatusCode if c.value[0] == status.code))
-    return CoverageError(code.name, status.message, reason, tuple(fields), retry)
+    return CoverageError(code.name, status.message, reason, tuple(fields), retry, tuple(rules))
 
 
 def error_from_rpc(exc: grpc.RpcError) -> CoverageError:
@@ -88,6 +110,19 @@ def _result(resp: pb.CheckCoverageResponse) -> CoverageResult:
     )
 
 
+def domain_number(domain: str) -> int:
+    """A care domain's CareDomain number from its CSV code or enum name, in any case."""
+    name = domain.strip().upper()
+    if name in DOMAIN_CODES:
+        return DOMAIN_CODES[name]
+    try:
+        return pb.CareDomain.Value(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown care domain {domain!r}: one of {', '.join(DOMAIN_CODES)}"
+        ) from None
+
+
 def request(
     *,
     nir: str,
@@ -100,8 +135,9 @@ def request(
     care_date: str = "",
     request_id: str = "",
 ) -> pb.CheckCoverageRequest:
-    """Build a request; `domain` is a CSV code (PHAR, MEDE, ...) or a CareDomain number."""
-    domain_value = DOMAIN_CODES[domain] if isinstance(domain, str) else domain
+    """Build a request; `domain` is a CSV code (PHAR, MEDE, ..., any case), a CareDomain name
+    (CARE_DOMAIN_PHARMACY) or a CareDomain number."""
+    domain_value = domain_number(domain) if isinstance(domain, str) else domain
     return pb.CheckCoverageRequest(
         request_id=request_id,
         nir=nir,
@@ -116,12 +152,17 @@ def request(
 
 
 class CoverageClient:
-    """Blocking client. `target` is HOST:PORT; TLS unless `insecure` (development only)."""
+    """Blocking client. `target` is HOST:PORT; TLS unless `insecure` (development only).
+
+    The caller is identified by `token` (sent as `authorization: Bearer`), by `client_cert`
+    (certificate chain PEM, private key PEM: mTLS), or both; with `token=None` no authorization
+    header is sent, so a client certificate alone identifies the caller.
+    """
 
     def __init__(
         self,
         target: str,
-        token: str,
+        token: str | None = None,
         *,
         insecure: bool = False,
         root_certificates: bytes | None = None,
@@ -129,6 +170,8 @@ class CoverageClient:
         timeout: float = 5.0,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if insecure and client_cert:
+            raise ValueError("a client certificate needs TLS: do not pass insecure=True with it")
         if insecure:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -138,7 +181,9 @@ class CoverageClient:
                 certificate_chain=client_cert[0] if client_cert else None,
             )
             self._channel = grpc.secure_channel(target, creds, options=options)
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self._timeout = timeout
         self._coverage = pb_grpc.CoverageServiceStub(self._channel)
         self._attestation = pb_grpc.AttestationServiceStub(self._channel)

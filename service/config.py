@@ -55,10 +55,41 @@ class ServerSettings:
     workers: int = 0  # 0: one per core
     max_batch_items: int = 500
     max_message_bytes: int = 1 << 20
-    max_concurrent_streams: int = 256
     shutdown_grace_seconds: float = 10.0
     attestation_ttl_seconds: int = 7 * 86400
     readiness_poll_seconds: float = 1.0
+    # -- how long a connection may live (grpc channel args; see README, "How the server bounds
+    # connections"). Practitioner software keeps one connection open all day, often through a
+    # load balancer or NAT that silently drops idle flows after 5-10 minutes (350 s on some
+    # cloud balancers): closing an idle connection ourselves, with a GOAWAY, at 5 minutes makes
+    # the client reconnect cleanly instead of finding a dead socket on its next check.
+    max_connection_idle_seconds: float = 300.0
+    # Every connection is retired after 15 minutes (grpc adds +-10% jitter), calls in flight
+    # getting a 30 s grace. Workers share the port with SO_REUSEPORT, which spreads
+    # connections, not calls: without an age a long-lived connection stays pinned to one worker
+    # (or one host behind a balancer) forever. The grace is also the bound on a call that never
+    # completes, such as a unary request whose message is never fully sent: it ends at
+    # age + grace at the latest.
+    max_connection_age_seconds: float = 900.0
+    max_connection_age_grace_seconds: float = 30.0
+    # Keepalive enforcement: a client may ping at most every 30 s when no data flows (common
+    # client keepalive settings are 30-60 s, enough to keep a balancer's or NAT's flow alive;
+    # grpc's own default minimum, 5 min, would punish them). Pings are allowed without calls,
+    # since the idle limit above closes such a connection anyway. A client pinging more often
+    # gets 2 strikes, then GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+    keepalive_min_ping_interval_seconds: float = 30.0
+    keepalive_max_ping_strikes: int = 2
+    keepalive_permit_without_calls: bool = True
+    # Concurrent calls on one connection: far above what practitioner software needs (a few at
+    # a time), low enough that one connection cannot queue thousands of calls on a worker.
+    max_concurrent_streams: int = 256
+    # A connection must finish its HTTP/2 (and TLS) handshake within this time.
+    handshake_timeout_seconds: float = 20.0
+    # Compressed requests (gzip, deflate). Off: they are refused with UNIMPLEMENTED (and the
+    # server says `grpc-accept-encoding: identity`), so no work is spent inflating a request
+    # before its credential and quota are checked, and a corrupt compressed message cannot
+    # draw an INTERNAL from grpc. A check is ~60 bytes (per batch item): compression buys nothing.
+    accept_compressed_requests: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +189,35 @@ def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
     return replace(cls(), **values)
 
 
+# grpc takes durations as int milliseconds: a setting must fit in 2**31 - 1 ms (24.8 days).
+_MAX_SECONDS = (2**31 - 1) / 1000
+_DURATIONS = (
+    "shutdown_grace_seconds", "readiness_poll_seconds", "max_connection_idle_seconds",
+    "max_connection_age_seconds", "max_connection_age_grace_seconds",
+    "keepalive_min_ping_interval_seconds", "handshake_timeout_seconds",
+)  # fmt: skip
+_COUNTS = (
+    "max_batch_items", "max_message_bytes", "attestation_ttl_seconds",
+    "keepalive_max_ping_strikes", "max_concurrent_streams",
+)  # fmt: skip
+
+
+def check_server_settings(settings: ServerSettings) -> ServerSettings:
+    """[server] values within what they mean (types are checked by _section)."""
+    for name in _DURATIONS:
+        value = getattr(settings, name)
+        if not (value > 0 and value <= _MAX_SECONDS):  # also refuses nan and inf
+            raise ConfigError(f"[server] {name} must be above 0 and at most {_MAX_SECONDS:.0f}")
+    for name in _COUNTS:
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"[server] {name} must be a positive integer")
+    if settings.workers < 0:
+        raise ConfigError("[server] workers must be 0 (one per core) or more")
+    if settings.max_message_bytes > (2**31 - 1) // 4:  # responses may be 4x: an int32 in grpc
+        raise ConfigError(f"[server] max_message_bytes must be at most {(2**31 - 1) // 4}")
+    return settings
+
+
 def check_quota_overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
     """Quota overrides (config table, CLI or import): known names, right types."""
     for key, value in values.items():
@@ -213,7 +273,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
                 check_quota_overrides(section["quota"], f"[professions.{name}.quota]")
             )
     config = Config(
-        server=_section(ServerSettings, raw.get("server", {}), "server"),
+        server=check_server_settings(_section(ServerSettings, raw.get("server", {}), "server")),
         store=_section(StoreSettings, raw.get("store", {}), "store"),
         auth=_section(AuthSettings, raw.get("auth", {}), "auth"),
         quota=_section(QuotaSettings, raw.get("quota", {}), "quota"),

@@ -37,6 +37,11 @@ AMC_NUMBERS: tuple[str, ...] = (
     "590274836",
 )
 _AMC_SHARES = (24, 19, 16, 14, 11, 9, 7)
+
+# The person of the README's examples (`covergate check`, the Python client): in every demo, with
+# rights open at the first insurer until 2099, so those examples work on any day.
+README_IDENTITY = ("1850775123456", "08", "19850701")
+README_MEMBER = "R0001234"
 _MEMBER_FORMATS = (("A", 7), ("M", 8), ("", 10), ("AD", 6), ("X", 9), ("", 8), ("CF", 7))
 
 # What a contract opens: care domain -> rate the insurer pays, and the profile's share in percent.
@@ -489,6 +494,22 @@ class _Generator:
         example("new insurer", moved, "PHAR", contract=1)
         everything = plant((6, _COMPREHENSIVE, _OPEN, 16, False))
         example("comprehensive audiology", everything, "AUDI")
+
+        # The README's example person, the same every day, so the README's commands run as written.
+        nir, key, birth = README_IDENTITY
+        self._nirs.add(nir)
+        readme_rows = [("PHAR", "100", "TP01"), ("MEDE", "70", "TP01")]
+        for domain, rate, convention in readme_rows:
+            self._lines.append(
+                f"{nir},{key},{birth},1,{AMC_NUMBERS[0]},{README_MEMBER},{domain},{rate},"
+                f"{convention},20240101,20991231\n"
+            )
+        self._planted[(nir, birth, 1)] = [
+            (AMC_NUMBERS[0], README_MEMBER, d, "20240101", "20991231") for d, _, _ in readme_rows
+        ]
+        self.beneficiaries += 1
+        readme = _Planted(README_IDENTITY, 1, [AMC_NUMBERS[0]], [README_MEMBER])
+        example("README example", readme, "PHAR")
 
         # Nobody: a well-formed identity with a correct key that is not in the data.
         nir, key, birth = self._identity()

@@ -310,6 +310,22 @@ def import_rights(
     """
     started = time.perf_counter()
     by_key, rows = read_rights(Path(path), keys, progress=progress)
+    return load_rights(store, keys, by_key, rows, Path(path).name, merge=merge, started=started)
+
+
+def load_rights(
+    store: Store,
+    keys: Keys,
+    by_key: dict[bytes, list[RightRow]],
+    rows: int,
+    source: str,
+    *,
+    merge: bool = False,
+    started: float | None = None,
+) -> ImportReport:
+    """Write rights validated by `read_rights` (the second half of `import_rights`). The report's
+    `extra` counts beneficiaries added, removed and changed against the data served before."""
+    started = time.perf_counter() if started is None else started
     if merge:
         existing = store.get_rights(by_key)
         for skey, new_rows in by_key.items():
@@ -318,20 +334,48 @@ def import_rights(
                 kept = [r for r in rules.decode_record(existing[skey]) if r.amc_number not in amcs]
                 by_key[skey] = kept + new_rows
     dataset_id = uuid.uuid4().hex
-    records = ((k, rules.encode_record(by_key[k])) for k in sorted(by_key))
+    records = [(k, rules.encode_record(by_key[k])) for k in sorted(by_key)]
+    changes = _rights_changes(store, records, replace=not merge)
     store.write_rights(
-        records,
+        iter(records),
         replace=not merge,
         pepper_fingerprint=keys.fingerprint,
         dataset={
             "dataset_id": dataset_id,
             "imported_at": time.time(),
-            "source": Path(path).name,
+            "source": source,
             "mode": "merge" if merge else "replace",
             "rights_rows": rows,
         },
     )
-    return ImportReport("rights", rows, len(by_key), time.perf_counter() - started, dataset_id)
+    return ImportReport(
+        "rights", rows, len(by_key), time.perf_counter() - started, dataset_id, changes
+    )
+
+
+def _rights_changes(
+    store: Store, records: list[tuple[bytes, bytes]], *, replace: bool
+) -> dict[str, int]:
+    """Beneficiaries the import adds, removes (replace only) and changes, against the store."""
+    added = changed = 0
+    with store.env.begin(db=store.rights_db) as txn:
+        before = txn.stat(store.rights_db)["entries"]
+        if before:
+            for key, value in records:
+                old = txn.get(key)
+                if old is None:
+                    added += 1
+                elif bytes(old) != value:
+                    changed += 1
+        else:
+            added = len(records)
+    kept = len(records) - added
+    return {
+        "added": added,
+        "removed": before - kept if replace else 0,
+        "changed": changed,
+        "unchanged": kept - changed,
+    }
 
 
 # -- practitioners ---------------------------------------------------------------------------------
@@ -373,11 +417,59 @@ def read_practitioners(path: Path) -> list[PractitionerRecord]:
     return list(records.values())
 
 
-def import_practitioners(store: Store, path: Path, *, merge: bool = False) -> ImportReport:
+def import_practitioners(
+    store: Store, path: Path, *, merge: bool = False, by: str = ""
+) -> ImportReport:
     started = time.perf_counter()
     records = read_practitioners(Path(path))
+    return load_practitioners(store, records, Path(path).name, merge=merge, by=by, started=started)
+
+
+def load_practitioners(
+    store: Store,
+    records: list[PractitionerRecord],
+    source: str,
+    *,
+    merge: bool = False,
+    by: str = "",
+    started: float | None = None,
+) -> ImportReport:
+    """Write practitioners validated by `read_practitioners`. The report's `extra` counts those
+    added, removed (replace only) and changed (profession, insurers or status); each of those
+    changes goes to the practitioner's history, as made by `by` through this import."""
+    started = time.perf_counter() if started is None else started
+    before = {r.practitioner_id: r for r in store.practitioners()}
     store.write_practitioners(records, replace=not merge)
-    return ImportReport("practitioners", len(records), seconds=time.perf_counter() - started)
+    after = {r.practitioner_id: r for r in store.practitioners()}
+    reason = f"practitioners import {source}"
+    events: list[tuple[str, dict[str, str]]] = []
+    for pid in sorted(after.keys() - before.keys()):
+        events.append((pid, {"action": "added", "detail": after[pid].status}))
+    for pid in sorted(before.keys() - after.keys()):
+        events.append((pid, {"action": "removed"}))
+    changed = 0
+    for pid in sorted(after.keys() & before.keys()):
+        old, new = before[pid], after[pid]
+        what = [
+            f"{name} {getattr(old, name)} -> {getattr(new, name)}"
+            for name in ("profession", "amc_numbers", "status")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if what:
+            changed += 1
+            events.append((pid, {"action": "changed", "detail": "; ".join(what)}))
+    with store.env.begin(write=True) as txn:
+        for pid, event in events:
+            store.add_history(pid, {"by": by or "import", **event, "reason": reason}, txn)
+    extra = {
+        "added": len(after.keys() - before.keys()),
+        "removed": len(before.keys() - after.keys()),
+        "changed": changed,
+        "unchanged": len(records) - changed - len(after.keys() - before.keys()),
+    }
+    return ImportReport(
+        "practitioners", len(records), seconds=time.perf_counter() - started, extra=extra
+    )
 
 
 def print_rejection(exc: ImportRejected, out: Callable[[str], None] | None = None) -> None:

@@ -2,13 +2,30 @@
 reflection, one asyncio worker per process sharing the port, graceful drain on SIGTERM.
 
 Handlers receive and return raw bytes: the fast path parses requests and encodes responses itself,
-so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio.
+so a malformed message is an INVALID_ARGUMENT from covergate, never an INTERNAL from grpcio's
+deserialisation. covergate itself never answers INTERNAL. grpc-core, which checks the HTTP/2 and
+gRPC framing before any handler runs, does, for exactly these client-sendable violations (grpcio
+1.85; tests/test_server_limits.py checks each, the README lists them too):
+
+- the compressed flag set with no grpc-encoding, or with grpc-encoding: identity;
+- an unknown grpc-encoding (e.g. snappy);
+- a gzip/deflate message that does not inflate, only with accept_compressed_requests = true (by
+  default every compressed request is UNIMPLEMENTED, before any decompression);
+- an unparsable te (not "trailers"), grpc-timeout, grpc-status, grpc-previous-rpc-attempts,
+  grpc-retry-pushback-ms, grpc-internal-encoding-request or lb-cost-bin header, an unknown :method
+  or :scheme, or a -bin header that is not base64;
+- an illegal header name (uppercase, a space, an unknown pseudo-header) or an empty one;
+- a header block that does not decode (HPACK); the connection is then closed;
+- RST_STREAM INTERNAL_ERROR, which clients report as INTERNAL: :method other than POST, or no
+  :method, :scheme, :path, :authority or te.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -17,7 +34,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +43,6 @@ import grpc
 from google.rpc import status_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import fastpath
 from covergate.v1 import covergate_pb2
@@ -36,8 +52,9 @@ from service import telemetry as otel
 from service.attestation import AttestationVerifier
 from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
-from service.config import Config, PepperError, load_pepper
+from service.config import Config, PepperError, ServerSettings, load_pepper
 from service.quotas import PractitionerFactory, open_quota_file
+from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
 from service.store import Store
@@ -433,12 +450,11 @@ class CovergateHandlers:
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             server.add_registered_method_handlers(name, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
+        enable_reflection(  # v1 and v1alpha
             (
                 COVERAGE_SERVICE,
                 ATTESTATION_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ),
             server,
         )
@@ -456,6 +472,38 @@ def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """A worker's grpc options: message sizes and the bounds on every connection (the defaults
+    and their reasons are in config.ServerSettings)."""
+    return [
+        # Joins the supervisor's hold on the address (see _hold_address): only our workers can.
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes * 4),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            _ms(settings.keepalive_min_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_seconds)),
+        # Bit per algorithm (identity, deflate, gzip). Identity alone: a compressed request is
+        # UNIMPLEMENTED before any decompression, never an INTERNAL from a corrupt one.
+        (
+            "grpc.compression_enabled_algorithms_bitset",
+            0b111 if settings.accept_compressed_requests else 0b001,
+        ),
+    ]
+
+
 async def run_worker(
     options: ServeOptions, index: int, on_ready: Callable[[int], None] | None = None
 ) -> None:
@@ -466,14 +514,7 @@ async def run_worker(
     # After fork too: its spool directory, metric thread and channels are this worker's.
     telemetry = otel.setup(index, options.data_dir, options.config)
     handlers = CovergateHandlers(store, options, telemetry)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes * 4),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        ],
-    )
+    server = grpc.aio.server(options=grpc_server_options(settings))
     handlers.register(server)
     if options.tls is None:
         port = server.add_insecure_port(options.listen)
@@ -513,8 +554,25 @@ async def run_worker(
     log.info("worker %d stopped", index)
 
 
-def _worker_process(options: ServeOptions, index: int, ready: Any) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel send this worker SIGTERM (drain, then exit) when its supervisor dies,
+    however it dies, SIGKILL included: a worker never goes on serving the port on its own."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # A supervisor that died before the prctl above signals nobody: we were re-parented.
+    if os.getppid() != supervisor_pid:
+        log.error("the supervisor (pid %d) is gone; worker not starting", supervisor_pid)
+        raise SystemExit(1)
+
+
+def _worker_process(options: ServeOptions, index: int, ready: Any, supervisor_pid: int) -> None:
     configure_logging()
+    _die_with_supervisor(supervisor_pid)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(options, index, on_ready=lambda port: ready.send(port)))
 
@@ -532,28 +590,138 @@ def configure_logging() -> None:
 
 def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError("--listen must be HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Hold the port (bound, not listening) so every worker binds the same one with SO_REUSEPORT;
-    connections are spread over the listening workers only."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+class ListenError(Exception):
+    """The listen address cannot be served; the message is one line for the operator."""
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _listen_sockaddrs(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """The addresses grpc will listen on for HOST: each address a name resolves to; for a
+    wildcard, every address of both families (grpc opens one dual-stack socket for 0.0.0.0 and
+    :: alike), so the first of these that this host supports."""
+    if host in _WILDCARDS:
+        return [(socket.AF_INET6, ("::", port, 0, 0)), (socket.AF_INET, ("0.0.0.0", port))]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    seen: list[tuple[socket.AddressFamily, tuple[Any, ...]]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    return seen
+
+
+@contextlib.contextmanager
+def _bind_lock(port: int) -> Iterator[None]:
+    """Serialise the bind-and-share step of covergates starting on the same port at the same
+    moment (an abstract Unix socket: per network namespace like the port, freed on exit)."""
+    if port == 0 or not sys.platform.startswith("linux"):
+        yield
+        return
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                lock.bind(f"\0covergate-bind-{port}")
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise ListenError(f"cannot take the bind lock of port {port}: {exc}") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        lock.close()
+
+
+def _hold_one(
+    family: socket.AddressFamily, sockaddr: tuple[Any, ...], wildcard: bool
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        if family == socket.AF_INET6:
+            # A wildcard covers IPv4 too, like grpc's dual-stack socket: an IPv4 server on the
+            # port is then found as well.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
+        if sockaddr[1] != 0:
+            # Connections of a previous run lingering in TIME_WAIT must not block a restart;
+            # SO_REUSEADDR still fails against a socket that is listening.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        # Bound: from now on nobody may bind beside us (no SO_REUSEADDR) except sockets with
+        # SO_REUSEPORT of the same user: our workers. Linux reads both flags at every bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _hold_address(host: str, port: int) -> list[socket.socket]:
+    """Bind the listen address (not listening: connections go to the workers only) so that the
+    workers can share it and nothing else can. Fails if anything already holds the address —
+    another covergate, or any other program — instead of joining its SO_REUSEPORT group.
+
+    Port 0 picks a free port (the same one for every address of HOST)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    wildcard = host in _WILDCARDS
+    sockaddrs = _listen_sockaddrs(host, port)
+    for _ in range(10):
+        held: list[socket.socket] = []
+        chosen = port
+        failure: OSError | None = None
+        try:
+            with _bind_lock(port):
+                for family, sockaddr in sockaddrs:
+                    try:
+                        held.append(
+                            _hold_one(family, (sockaddr[0], chosen, *sockaddr[2:]), wildcard)
+                        )
+                    except OSError as exc:
+                        if exc.errno == errno.EADDRINUSE:
+                            raise
+                        failure = exc  # e.g. an address this host does not have: grpc skips it
+                        continue
+                    if wildcard:
+                        break  # the dual-stack socket covers both families
+                    chosen = held[-1].getsockname()[1]
+        except OSError as exc:
+            for sock in held:
+                sock.close()
+            if exc.errno == errno.EADDRINUSE and port == 0:
+                continue  # the port picked for the first address is taken on another: again
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(
+                    f"cannot serve on {shown}: the address is already in use "
+                    "(another covergate or another program is listening there)"
+                ) from None
+            raise ListenError(f"cannot serve on {shown}: {exc.strerror or exc}") from None
+        if held:
+            return held
+        reason = failure.strerror if failure is not None else "no address"
+        raise ListenError(f"cannot serve on {shown}: {reason}")
+    raise ListenError(f"cannot serve on {shown}: no free port for every address of {host!r}")
 
 
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int:
     """Run `options.workers` worker processes (0: one per core) until SIGTERM or SIGINT."""
     workers = options.workers or os.cpu_count() or 1
-    host, port = split_listen(options.listen)
-    reserved = _reserve_port(host, port)
-    port = reserved.getsockname()[1]
+    try:
+        host, port = split_listen(options.listen)
+        held = _hold_address(host, port)
+    except (ValueError, ListenError) as exc:
+        print(f"covergate: {exc}", file=sys.stderr, flush=True)
+        return 1
+    port = held[0].getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     listen = f"{shown_host}:{port}"
     options = ServeOptions(
@@ -571,7 +739,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
 
     def start(index: int) -> tuple[Any, Any]:
         receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker_process, args=(options, index, sender), daemon=False)
+        # Started from this (the main) thread: a worker's PR_SET_PDEATHSIG fires when the
+        # thread that started it ends, and this one lives as long as the supervisor.
+        proc = ctx.Process(
+            target=_worker_process, args=(options, index, sender, os.getpid()), daemon=False
+        )
         proc.start()
         sender.close()
         return proc, receiver
@@ -583,7 +755,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
     for i in range(workers):
         procs[i], pipes[i] = start(i)
     for i, pipe in pipes.items():
-        if not pipe.poll(60) or not isinstance(pipe.recv(), int):
+        try:
+            started = pipe.poll(60) and isinstance(pipe.recv(), int)
+        except (EOFError, OSError):  # the worker died before it was ready
+            started = False
+        if not started:
             log.error("worker %d did not start", i)
             stopping = True
     if not stopping:
@@ -626,7 +802,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
         shipper.join(SHIPPER_DRAIN_SECONDS + 5)
         if shipper.is_alive():
             shipper.kill()
-    reserved.close()
+    for sock in held:
+        sock.close()
     return 0 if all(p.exitcode == 0 for p in procs.values()) else 1
 
 
@@ -639,10 +816,17 @@ def _start_shipper(ctx: Any, options: ServeOptions) -> Any:
         return None
     root = otel.spool_settings(options.data_dir, options.config).root
     proc = ctx.Process(
-        target=shipper_main, args=(str(root), SHIPPER_DRAIN_SECONDS), name="covergate-shipper"
+        target=_shipper_process,
+        args=(str(root), SHIPPER_DRAIN_SECONDS, os.getpid()),
+        name="covergate-shipper",
     )
     proc.start()
     return proc
+
+
+def _shipper_process(root: str, drain_seconds: float, supervisor_pid: int) -> None:
+    _die_with_supervisor(supervisor_pid)
+    shipper_main(root, drain_seconds)
 
 
 __all__ = ["ServeOptions", "TlsFiles", "covergate_pb2", "run_worker", "serve"]

@@ -34,10 +34,14 @@ import grpc
 from fastpath import complete_spans
 from fastpath import trace as tr
 from service import spool as sp
+from service import telemetry
 
 log = logging.getLogger("covergate.shipper")
 
 CHUNK_BYTES = 3 << 20  # below the 4 MiB a collector accepts by default
+# A request is sent once this much is waiting, or once the oldest waiting span is
+# OTEL_BSP_SCHEDULE_DELAY old: one export per few thousand spans, as the SDK's batch processor.
+BATCH_BYTES = 512 << 10
 POLL_SECONDS = 0.02
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0  # an audit trail catches up soon after the receiver is back
@@ -125,6 +129,7 @@ class WriterSpool:
         self._fd = -1
         self._fd_seq = -1
         self._header: tuple[bytes, bytes, int] | None = None
+        self.waiting_since = 0.0  # when spans were first seen waiting (0: none seen)
 
     def _open(self, seq: int) -> bool:
         if self._fd_seq == seq:
@@ -143,9 +148,12 @@ class WriterSpool:
             os.close(self._fd)
         self._fd, self._fd_seq, self._header = -1, -1, None
 
-    def next_chunk(self, stats: Stats) -> tuple[bytes, bytes, memoryview, int, int] | None:
+    def next_chunk(
+        self, stats: Stats, delay: float = 0.0
+    ) -> tuple[bytes, bytes, memoryview, int, int] | None:
         """(resource, scope, spans, count, end offset) of the next complete spans to send, or
-        None when there is nothing to send now. Finished segments are removed on the way."""
+        None when there is nothing to send now: nothing waiting, or less than BATCH_BYTES from a
+        live worker for less than `delay` seconds. Finished segments are removed on the way."""
         while True:
             present = sp.segments(self.directory)
             if not present:
@@ -164,6 +172,13 @@ class WriterSpool:
                 continue
             resource, scope, header_size = header
             self.offset = max(self.offset, header_size)
+            waiting = os.fstat(self._fd).st_size - self.offset
+            if 0 < waiting < BATCH_BYTES and present[-1] == self.seq:
+                now = time.monotonic()
+                if not self.waiting_since:
+                    self.waiting_since = now
+                if now - self.waiting_since < delay and sp.writer_alive(self.directory):
+                    return None  # a live worker's few spans: wait for more, up to `delay`
             data = os.pread(self._fd, CHUNK_BYTES, self.offset)
             try:
                 end, count = complete_spans(data, CHUNK_BYTES)
@@ -199,6 +214,7 @@ class WriterSpool:
 
     def acknowledged(self, end: int) -> None:
         self.offset = end
+        self.waiting_since = 0.0
         sp.write_cursor(self.directory, self.seq, end)
 
     def remove_if_done(self) -> bool:
@@ -224,9 +240,10 @@ def _first_span_size(data: bytes) -> int:
 class Shipper:
     """Exports a spool root's spans until stopped, then drains for at most `drain_seconds`."""
 
-    def __init__(self, root: Path, send: Callable[[bytes, int], int]) -> None:
+    def __init__(self, root: Path, send: Callable[[bytes, int], int], delay: float = 0.0) -> None:
         self.root = root
         self.send = send
+        self.delay = delay
         self.stats = Stats()
         self._spools: dict[Path, WriterSpool] = {}
         self._backoff = 0.0
@@ -246,7 +263,7 @@ class Shipper:
             spool = self._spools.get(directory)
             if spool is None:
                 spool = self._spools[directory] = WriterSpool(directory)
-            chunk = spool.next_chunk(self.stats)
+            chunk = spool.next_chunk(self.stats, 0.0 if self.stopping else self.delay)
             if chunk is None:
                 if spool.remove_if_done():
                     self._spools.pop(directory)
@@ -294,7 +311,7 @@ class Shipper:
             if deadline is not None and (time.monotonic() >= deadline or not sent):
                 return
             if not sent:
-                time.sleep(POLL_SECONDS)
+                time.sleep(min(POLL_SECONDS, self.delay) if self.delay else POLL_SECONDS)
 
     def pending_bytes(self) -> int:
         self.stats.pending_bytes = sp.spool_pending_bytes(self.root)
@@ -318,7 +335,9 @@ def run(root: str, drain_seconds: float = 5.0) -> None:
     path = Path(root)
     lock = _take_lock(path)
     sender = Sender()
-    shipper = Shipper(path, sender)
+    from service.telemetry import schedule_delay
+
+    shipper = Shipper(path, sender, schedule_delay())
 
     def stop(signum: int, frame: object) -> None:
         shipper.stopping = True
@@ -335,8 +354,7 @@ def run(root: str, drain_seconds: float = 5.0) -> None:
         if left:
             log.warning("%d byte(s) of spans stay in the spool for the next start", left)
         if meters is not None:
-            with contextlib.suppress(Exception):
-                meters.shutdown(timeout_millis=1000)
+            telemetry.shutdown_meter_provider(meters, 1.0)
         sender.close()
         os.close(lock)
 

@@ -25,6 +25,9 @@ DB_RIGHTS = b"rights"
 DB_PRACTITIONERS = b"practitioners"
 DB_CREDENTIALS = b"credentials"
 DB_META = b"meta"
+# Who changed a practitioner, when and why (suspensions, reinstatements, pins, quota overrides),
+# keyed by practitioner id and time; kept when the practitioner leaves, as an audit trail.
+DB_HISTORY = b"history"
 
 # meta keys
 META_SCHEMA = b"schema_version"
@@ -108,6 +111,7 @@ class Store:
             self.practitioners_db = self.env.open_db(DB_PRACTITIONERS, txn=txn)
             self.credentials_db = self.env.open_db(DB_CREDENTIALS, txn=txn)
             self.meta_db = self.env.open_db(DB_META, txn=txn)
+            self.history_db = self.env.open_db(DB_HISTORY, txn=txn)
             # Practitioners written before quota slots existed would be served without quotas:
             # give each one a slot now, so no practitioner ever goes unmetered.
             unslotted = [
@@ -280,17 +284,57 @@ class Store:
         txn.put(META_NEXT_SLOT, str(slot + 1).encode(), db=self.meta_db)
         return slot
 
-    def update_practitioner(self, practitioner_id: str, **changes: Any) -> PractitionerRecord:
+    def update_practitioner(
+        self, practitioner_id: str, *, event: dict[str, Any] | None = None, **changes: Any
+    ) -> PractitionerRecord:
+        """Change a practitioner. `event` (who, action, reason, ...) goes to its history in the
+        same transaction; a change of status without one is recorded as made by "system"."""
         with self.env.begin(write=True) as txn:
             rec = self.practitioner(practitioner_id, txn)
             if rec is None:
                 raise KeyError(practitioner_id)
+            old_status = rec.status
             for name, value in changes.items():
                 setattr(rec, name, value)
             rec.updated_at = time.time()
             txn.put(practitioner_id.encode(), rec.to_bytes(), db=self.practitioners_db)
+            if event is None and rec.status != old_status:
+                event = {"by": "system", "action": rec.status, "reason": rec.suspension_reason}
+            if event is not None:
+                self.add_history(practitioner_id, event, txn)
             self._bump_generation(txn)
         return rec
+
+    def add_history(
+        self, practitioner_id: str, event: dict[str, Any], txn: lmdb.Transaction | None = None
+    ) -> None:
+        """Append one event (a JSON object; `at` is set to now unless given)."""
+        if txn is None:
+            with self.env.begin(write=True) as own:
+                self.add_history(practitioner_id, event, own)
+            return
+        event = {"at": time.time(), **event}
+        prefix = practitioner_id.encode() + b"\x00"
+        stamp = time.time_ns()
+        while not txn.put(
+            prefix + b"%020d" % stamp,
+            json.dumps(event, separators=(",", ":")).encode(),
+            db=self.history_db,
+            overwrite=False,
+        ):
+            stamp += 1  # two events in the same nanosecond keep their order
+
+    def history(self, practitioner_id: str) -> list[dict[str, Any]]:
+        """A practitioner's events, oldest first (also after it left the store)."""
+        prefix = practitioner_id.encode() + b"\x00"
+        events = []
+        with self.env.begin(db=self.history_db) as txn, txn.cursor() as cursor:
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    events.append(json.loads(bytes(value)))
+        return events
 
     # -- credentials -------------------------------------------------------------------------------
 

@@ -43,6 +43,24 @@ METRICS_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Expor
 CHUNK_BYTES = 3 << 20  # below the 4 MiB a collector accepts by default
 LATENCY_BOUNDS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 CONSOLE_FLAG = "COVERGATE_TRACE_CONSOLE"
+METRIC_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+METRIC_EXPORT_TIMEOUT_SECONDS = 2.0
+SDK_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+
+
+class _ExportFailures(logging.Filter):
+    """Holds back the SDK exporter's warnings and errors (while the last metrics go out at
+    shutdown), counting them, so that one line of ours says what happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.count += 1
+            return False
+        return True
 
 
 def _env_flag(name: str) -> bool:
@@ -202,6 +220,11 @@ def console_enabled() -> bool:
     return _env_flag(CONSOLE_FLAG) and not _env_flag("OTEL_SDK_DISABLED")
 
 
+def schedule_delay() -> float:
+    """OTEL_BSP_SCHEDULE_DELAY in seconds (default 1 s, so that harvesting shows within one)."""
+    return max(_env_int("OTEL_BSP_SCHEDULE_DELAY", 1000), 1) / 1000
+
+
 def export_timeout() -> float:
     return _env_int("OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000
 
@@ -291,6 +314,24 @@ def print_spans(request: bytes) -> None:
                 print(json.dumps(d, separators=(",", ":")), file=sys.stderr, flush=True)
 
 
+def shutdown_meter_provider(provider: Any, timeout: float) -> None:
+    """Export the last metrics and stop; with the receiver down, one warning of ours instead of
+    the SDK's retry warnings and its ERROR line."""
+    failures = _ExportFailures()
+    sdk_log = logging.getLogger(SDK_EXPORTER_LOGGER)
+    sdk_log.addFilter(failures)
+    try:
+        with contextlib.suppress(Exception):
+            provider.shutdown(timeout_millis=timeout * 1000)
+    finally:
+        sdk_log.removeFilter(failures)
+    if failures.count:
+        log.warning(
+            "the last metrics were not exported: the OTLP receiver at %s did not answer",
+            traces_endpoint(),
+        )
+
+
 def meter_provider(extra: Mapping[str, Any]) -> tuple[Any, Any]:
     """An SDK MeterProvider exporting over OTLP/gRPC (OTEL_* settings), and its meter."""
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -301,6 +342,11 @@ def meter_provider(extra: Mapping[str, Any]) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {}
     if urlparse(traces_endpoint()).scheme == "http":
         kwargs["insecure"] = True
+    if not any(os.environ.get(v) for v in METRIC_TIMEOUT_VARIABLES):
+        # The SDK retries a failed export with backoff (1 s, 2 s, 4 s) until its timeout: with
+        # the receiver down, that held every SIGTERM for ~7 s. The counters are cumulative, so
+        # an export given up costs nothing that the next one does not carry.
+        kwargs["timeout"] = METRIC_EXPORT_TIMEOUT_SECONDS
     reader = PeriodicExportingMetricReader(OTLPMetricExporter(**kwargs))
     resource = Resource.create(
         {"service.name": "covergate", "service.version": _version(), **extra}
@@ -512,10 +558,7 @@ class Telemetry:
         await loop.run_in_executor(None, self.metrics.close, timeout)
         if self._meter_provider is not None:
             provider = self._meter_provider
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(
-                    None, lambda: provider.shutdown(timeout_millis=timeout * 1000)
-                )
+            await loop.run_in_executor(None, shutdown_meter_provider, provider, timeout)
         self.spool.close()
         os.close(self._devnull)
         if self.dropped_spans:

@@ -28,6 +28,8 @@ from harness import (
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 
 def _reason_of_status(status: Any) -> str:
     for detail in status.details:

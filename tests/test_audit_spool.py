@@ -40,6 +40,8 @@ from service import spool as sp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.otlp_receiver import OtlpReceiver
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 WORKER_DIR_PREFIX = "w-"
 
 

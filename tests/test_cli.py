@@ -35,7 +35,6 @@ from harness import (
     write_rights_csv,
 )
 
-import service
 from fastpath import rules
 from fastpath.rules import Keys
 from service import importer
@@ -329,6 +328,7 @@ def test_unusable_pepper_file_fails_cleanly(tmp_path: Path, content: bytes) -> N
     no_traceback(proc)
 
 
+@pytest.mark.slow
 def test_server_uses_the_pepper_file(tmp_path: Path) -> None:
     data = tmp_path / "data"
     pepper_file = write_pepper(tmp_path / "pepper.hex", bytes(range(50, 82)))
@@ -580,8 +580,9 @@ def test_import_missing_file(tmp_path: Path) -> None:
     proc = cli(
         "import", "rights", str(tmp_path / "absent.csv"), data_dir=tmp_path / "data", check=False
     )
-    assert proc.returncode == 1
-    assert "no such file" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == f"covergate: cannot read {tmp_path / 'absent.csv'}: it does not exist\n"
+    assert not (tmp_path / "data").exists()
 
 
 def test_check_without_token(tmp_path: Path) -> None:
@@ -603,13 +604,12 @@ def test_check_without_token(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert "--token" in proc.stderr
+    assert "--token" in proc.stderr and "--client-cert" in proc.stderr
 
 
 # -- demo ------------------------------------------------------------------------------------------
 
 DEMO_BENEFICIARIES = 2000
-HAVE_DEMO = (Path(service.__file__).parent / "demo.py").is_file()
 
 
 class Demo:
@@ -630,7 +630,7 @@ class Demo:
         self.tokens: dict[str, str] = {}
         self.examples: list[tuple[str, str, list[str]]] = []  # label, expected, argv
         label = expected = ""
-        for line in self.proc.stdout.splitlines():
+        for line in self.examples_file.read_text().splitlines():
             if m := re.fullmatch(r"TOKEN_([A-Z]+)=(\S+)\s+#.*", line):
                 self.tokens[m.group(1).lower()] = m.group(2)
             elif m := re.fullmatch(r"# (.+): (COVERED|NOT_COVERED|NO_MATCH)", line):
@@ -645,24 +645,44 @@ class Demo:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    if not HAVE_DEMO:
-        pytest.skip("service/demo.py does not exist yet")
     return Demo(tmp_path_factory.mktemp("demo"))
 
 
-def test_demo_prints_tokens_and_examples(demo: Demo) -> None:
-    assert demo.examples_file.read_text() == demo.proc.stdout
+@pytest.mark.slow
+def test_demo_writes_tokens_and_examples_once(demo: Demo) -> None:
+    # With --examples the tokens go to the file only; stdout says where they are.
+    assert TOKEN_RE.search(demo.proc.stdout + demo.proc.stderr) is None
+    assert str(demo.examples_file) in demo.proc.stdout
+    assert f"{DEMO_BENEFICIARIES:,} synthetic beneficiaries" in demo.examples_file.read_text()
+    # It says what it is doing while it works (on stderr).
+    for step in ("generating", "importing", "creating", "ready"):
+        assert step in demo.proc.stderr
     assert stat.S_IMODE(demo.examples_file.stat().st_mode) == 0o600
     assert {"pharmacist", "hospital", "claims"} <= set(demo.tokens)
     assert all(TOKEN_RE.fullmatch(t) for t in demo.tokens.values())
     assert len(demo.examples) >= 5
     assert {e for _, e, _ in demo.examples} == {"COVERED", "NOT_COVERED", "NO_MATCH"}
     assert f"{DEMO_BENEFICIARIES:,} synthetic beneficiaries" in demo.proc.stdout
+    assert len(TOKEN_RE.findall(demo.examples_file.read_text())) == len(demo.tokens) + len(
+        demo.examples
+    )
     assert stat.S_IMODE((demo.data / "pepper").stat().st_mode) == 0o600
     with Store(demo.data) as store:
         assert store.counts()["beneficiaries"] == DEMO_BENEFICIARIES
 
 
+@pytest.mark.slow
+def test_demo_without_examples_file_prints_everything(tmp_path: Path) -> None:
+    proc = cli("demo", "--data", str(tmp_path / "d"), "--beneficiaries", "50", "--no-progress")
+    assert "TOKEN_PHARMACIST=" in proc.stdout
+    assert "covergate check --insecure" in proc.stdout
+    again = cli("demo", "--data", str(tmp_path / "d"), check=False)
+    assert again.returncode == 1 and "--force" in again.stderr
+    kept = cli("demo", "--data", str(tmp_path / "d"), "--if-missing")
+    assert kept.stdout == "" and "keeping it" in kept.stderr
+
+
+@pytest.mark.slow
 def test_demo_example_checks_give_the_expected_decision(demo: Demo) -> None:
     # One example per decision, each with a token whose profession may check its domain.
     chosen: dict[str, tuple[str, list[str]]] = {}
@@ -687,6 +707,7 @@ def test_demo_example_checks_give_the_expected_decision(demo: Demo) -> None:
             assert proc.stdout.splitlines()[0] == f"decision      {expected}", label
 
 
+@pytest.mark.slow
 def test_demo_examples_use_tokens_allowed_for_their_domain(demo: Demo) -> None:
     """Printed examples must keep working once profession scope is enforced."""
     out_of_scope = [
@@ -700,6 +721,7 @@ def test_demo_examples_use_tokens_allowed_for_their_domain(demo: Demo) -> None:
     )
 
 
+@pytest.mark.slow
 def test_demo_data_dir_holds_no_identity(demo: Demo) -> None:
     from service import demo as demo_module
 

@@ -20,6 +20,8 @@ from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
 from fastpath.rules import Practitioner, RightRow
 
+pytestmark = pytest.mark.slow  # hypothesis over both gates: `make test-fast` skips it
+
 # One fixed profile for the whole module: broad enough to matter, fast enough for `make test`.
 DIFFERENTIAL = settings(
     max_examples=400,

@@ -522,6 +522,7 @@ def snapshot(data_dir: Path) -> dict[str, Any]:
         }
 
 
+@pytest.mark.slow
 def test_rejected_imports_leave_the_served_data_byte_identical(tmp_path: Path) -> None:
     ds = build_dataset(tmp_path, extra_beneficiaries=20)
     data = ds.data_dir

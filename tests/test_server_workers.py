@@ -24,11 +24,16 @@ from harness import PHARMACY_AMC, Dataset, RunningServer, build_dataset
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads worker sockets from /proc"
-)
+pytestmark = [
+    pytest.mark.slow,  # real multi-worker servers: `make test-fast` skips them
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="reads worker sockets from /proc"
+    ),
+]
 
 GRACE_SECONDS = 8
+LONG_GRACE_SECONDS = 3600
+EXIT_WAIT_SECONDS = 300  # generous: well under LONG_GRACE_SECONDS, far over a normal exit
 CALLS_PER_CONNECTION = 4
 CARE_DATE = "20250310"
 PATH_BATCH = "/covergate.v1.CoverageService/CheckCoverageBatch"
@@ -42,7 +47,7 @@ class Server(RunningServer):
         """Worker index -> pid of its latest start, from the log."""
         return {int(i): int(pid) for pid, i in LISTENING.findall(self.log())}
 
-    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15) -> str:
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 300) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = self.log()
@@ -252,8 +257,15 @@ def new_call_is_refused(target: str) -> bool:
     return False
 
 
-def test_sigterm_lets_streams_in_flight_finish(ds: Dataset, server_config: Path) -> None:
-    server = Server(ds.data_dir, workers=2, args=["--config", str(server_config)])
+def test_sigterm_lets_streams_in_flight_finish(ds: Dataset, tmp_path: Path) -> None:
+    # A grace far longer than any wait below: the server exiting at all proves it went as soon as
+    # its streams finished rather than waiting out the grace (no clock decides this test).
+    config = tmp_path / "long-grace.toml"
+    config.write_text(
+        f"[server]\nshutdown_grace_seconds = {LONG_GRACE_SECONDS}\n"
+        '[quota]\nshadow = ["rate", "daily", "distinct", "guard"]\n'
+    )
+    server = Server(ds.data_dir, workers=2, args=["--config", str(config)])
     streams: list[HeldStream] = []
     try:
         server.wait_log(r"worker \d+ listening", 2)
@@ -264,7 +276,6 @@ def test_sigterm_lets_streams_in_flight_finish(ds: Dataset, server_config: Path)
         per_worker = connections_per_worker(server)
         assert sum(per_worker.values()) == len(streams)
 
-        sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.wait_log(r"worker \d draining", 2)
         # Draining: the streams already open keep being answered.
@@ -275,10 +286,8 @@ def test_sigterm_lets_streams_in_flight_finish(ds: Dataset, server_config: Path)
         assert server.proc.poll() is None
         for stream in streams:
             assert stream.finish() == grpc.StatusCode.OK
-        code = server.proc.wait(timeout=GRACE_SECONDS + 10)
-        elapsed = time.monotonic() - sent
+        code = server.proc.wait(timeout=EXIT_WAIT_SECONDS)
         assert code == 0, server.log()
-        assert elapsed < GRACE_SECONDS, f"exit took {elapsed:.1f}s, grace is {GRACE_SECONDS}s"
         log = server.log()
         assert len(re.findall(r"worker \d stopped", log)) == 2, log
         assert new_call_is_refused(server.target)
@@ -316,7 +325,7 @@ def test_sigterm_during_a_burst_of_calls_completes_them(ds: Dataset, server_conf
             call.future(batch, metadata=md(ds), timeout=60) for call in calls * CALLS_PER_CONNECTION
         ]
         # Once the server answers, the whole burst has long been delivered over loopback.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # generous: a condition is awaited, not timed
         while not any(f.done() for f in futures):
             assert time.monotonic() < deadline, "no answer to the burst"
             time.sleep(0.001)
@@ -385,7 +394,7 @@ def test_sigterm_with_concurrent_unary_callers(ds: Dataset, server_config: Path)
         server.wait_log(r"worker \d+ listening", 2)
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # generous: a condition is awaited, not timed
         while sum(outcomes.values()) < 200:
             assert time.monotonic() < deadline, dict(outcomes)
             assert all(t.is_alive() for t in threads), dict(outcomes)

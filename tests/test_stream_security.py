@@ -32,6 +32,8 @@ from harness import (
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 GATES = {
     "cython": {},
     "python": {"COVERGATE_NO_EXTENSIONS": "1", "COVERGATE_REQUIRE_EXTENSIONS": "0"},

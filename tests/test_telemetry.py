@@ -32,6 +32,8 @@ from service.telemetry import parse_traceparent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.otlp_receiver import OtlpReceiver
 
+pytestmark = pytest.mark.slow  # real servers on loopback: `make test-fast` skips them
+
 TRACE_HEX = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_HEX = "00f067aa0ba902b7"
 

@@ -27,6 +27,8 @@ from service.importer import import_rights
 from service.quotas import PractitionerFactory
 from service.store import PractitionerRecord, Store
 
+pytestmark = pytest.mark.slow  # simulated days of lookups: `make test-fast` skips them
+
 DAY = datetime.date(2026, 3, 10)
 TODAY = int(DAY.strftime("%Y%m%d"))
 OPENING = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=datetime.UTC).timestamp()

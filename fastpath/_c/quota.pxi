@@ -200,7 +200,8 @@ cdef bint _guard(Caller* c, bint bad) noexcept nogil:
         if not c.shadow & SHADOW_GUARD:
             slot.flags |= CG_FLAG_SUSPENDED
             slot.suspended_at_ms = c.now_ms
-            slot.guard_fired += 1
+            if slot.guard_fired < UINT32_MAX:  # saturated, as the reference
+                slot.guard_fired += 1
             c.guard_fired = 1
             return True
         elif c.would_deny == WD_NONE:

@@ -1,0 +1,490 @@
+"""Several hosts, one set of limits: the Redis side of covergate's shared quotas (`[cluster]`).
+
+Redis is the bank; hosts spend locally. A host takes blocks of credit (daily lookups, distinct
+beneficiaries, rate tokens) for a practitioner in one Lua call, spends them in its shared-memory
+quota slot inside the fast path at no extra cost per lookup, and reports what it spent with its next
+call. The scripts keep, per practitioner and Paris day:
+
+    used + sum(outstanding daily leases)                 <= daily_limit
+    SCARD(beneficiaries) + sum(outstanding distinct slots) <= distinct_limit
+
+so the limits hold however the calls are spread. A lease expires (its holder stops spending it at
+expiry on its own monotonic clock, started before the request); an expired lease of a host that did
+not report is given back to the others. Rate tokens come from a GCRA run on Redis's clock, each
+spendable for `rate_lease` seconds: over any window w, at most r * (w + L) + burst are admitted.
+
+Every key of a practitioner carries the hash tag {practitioner_id}: each script touches one slot of
+a Redis Cluster. Administrative changes (suspensions, reinstatements, tokens, pins, overrides) go to
+a stream every host applies to its own store, and a flag the credit script returns with every reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger("covergate.cluster")
+
+T = TypeVar("T")
+
+ADMIN_STREAM = "cg:admin"
+ADMIN_CHANNEL = "cg:admin:events"
+EPOCH_KEY = "cg:epoch"
+ADMIN_STREAM_MAXLEN = 100_000
+GUARD_REASON = "harvest guard: too many NO_MATCH or invalid lookups (all hosts)"
+
+
+def quota_key(practitioner_id: str) -> str:
+    return f"cg:{{{practitioner_id}}}:q"
+
+
+def members_key(practitioner_id: str, day: int) -> str:
+    return f"cg:{{{practitioner_id}}}:s:{day}"
+
+
+def guard_key(practitioner_id: str) -> str:
+    return f"cg:{{{practitioner_id}}}:g"
+
+
+def admin_key(practitioner_id: str) -> str:
+    return f"cg:{{{practitioner_id}}}:a"
+
+
+# -- the scripts -----------------------------------------------------------------------------------
+
+# Credit: report what this host spent, reclaim expired leases of others, grant new blocks.
+# KEYS: quota hash, today's beneficiary set, admin hash.
+# ARGV: host, day, (unused), daily_limit, distinct_limit, interval_ms, tolerance_ms, lease_ms,
+#       want_daily, want_distinct, want_rate, used, returned_daily, returned_distinct,
+#       members_wanted (1: return the whole set when distinct slots are short), then pseudonyms.
+# Reply: {status, grant_daily, grant_distinct, grant_rate, redis_now_ms, suspended, used, scard,
+#         members...}. status: 0 ok, 1 the state was lost (the host held credit Redis forgot),
+#         2 the host's day is behind Redis's.
+TAKE = """
+local q, set, adm = KEYS[1], KEYS[2], KEYS[3]
+local host, day = ARGV[1], ARGV[2]
+local daily_limit, distinct_limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local interval, tolerance, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local want_d, want_s, want_r = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local used_delta, ret_d, ret_s = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local members_wanted = ARGV[15] == '1'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local suspended = tonumber(redis.call('HGET', adm, 'suspended') or '0')
+
+local cur_day = redis.call('HGET', q, 'day')
+if cur_day and tonumber(cur_day) > tonumber(day) then
+  return {2, 0, 0, 0, now, suspended, 0, 0}
+end
+local held = redis.call('HGET', q, 'L:' .. host)
+if cur_day ~= day then
+  -- A host reporting spending for a day Redis does not have was granted credit Redis forgot:
+  -- the state was lost (a restart without AOF, FLUSHALL, a failover that lost writes).
+  if used_delta > 0 or ret_d > 0 or ret_s > 0 or #ARGV > 15 then
+    return {1, 0, 0, 0, now, suspended, 0, 0}
+  end
+  if cur_day then
+    redis.call('DEL', q)
+  end
+  redis.call('HSET', q, 'day', day, 'used', 0, 'tat', 0)
+  redis.call('EXPIRE', q, 3 * 86400)
+  held = false
+end
+
+-- What this host spent and gives back.
+local function dec(field, by)
+  if by <= 0 then return end
+  local v = tonumber(redis.call('HGET', q, field) or '0') - by
+  if v < 0 then v = 0 end
+  redis.call('HSET', q, field, v)
+end
+if used_delta > 0 then
+  redis.call('HINCRBY', q, 'used', used_delta)
+  dec('L:' .. host, used_delta)
+end
+dec('L:' .. host, ret_d)
+dec('DL:' .. host, ret_s)
+for i = 16, #ARGV do
+  redis.call('SADD', set, ARGV[i])
+  dec('DL:' .. host, 1)
+end
+if #ARGV >= 16 then
+  redis.call('EXPIRE', set, 3 * 86400)
+end
+
+-- Expired leases of other hosts go back to everyone.
+local all = redis.call('HGETALL', q)
+local sum_l, sum_dl = 0, 0
+local fields = {}
+for i = 1, #all, 2 do fields[all[i]] = all[i + 1] end
+for k, v in pairs(fields) do
+  if string.sub(k, 1, 2) == 'E:' then
+    local h = string.sub(k, 3)
+    if h ~= host and tonumber(v) < now then
+      redis.call('HDEL', q, 'L:' .. h, 'DL:' .. h, 'E:' .. h)
+      fields['L:' .. h] = nil
+      fields['DL:' .. h] = nil
+    end
+  end
+end
+for k, v in pairs(fields) do
+  if string.sub(k, 1, 2) == 'L:' then sum_l = sum_l + tonumber(v) end
+  if string.sub(k, 1, 3) == 'DL:' then sum_dl = sum_dl + tonumber(v) end
+end
+
+local used = tonumber(redis.call('HGET', q, 'used'))
+local grant_d, grant_s, grant_r = 0, 0, 0
+if suspended == 0 then
+  local avail = daily_limit - used - sum_l
+  grant_d = math.max(0, math.min(want_d, avail))
+  local scard = redis.call('SCARD', set)
+  local avail_s = distinct_limit - scard - sum_dl
+  grant_s = math.max(0, math.min(want_s, avail_s))
+  local tat = tonumber(redis.call('HGET', q, 'tat') or '0')
+  if tat < now then tat = now end
+  while grant_r < want_r and tat - now <= tolerance do
+    tat = tat + interval
+    grant_r = grant_r + 1
+  end
+  redis.call('HSET', q, 'tat', tat)
+end
+if grant_d > 0 then redis.call('HINCRBY', q, 'L:' .. host, grant_d) end
+if grant_s > 0 then redis.call('HINCRBY', q, 'DL:' .. host, grant_s) end
+redis.call('HSET', q, 'E:' .. host, now + lease)
+
+local reply = {0, grant_d, grant_s, grant_r, now, suspended, used, redis.call('SCARD', set)}
+if members_wanted and grant_s < want_s then
+  local m = redis.call('SMEMBERS', set)
+  for i = 1, #m do reply[#reply + 1] = m[i] end
+end
+return reply
+"""
+
+# The harvest guard over every host: this call's outcomes (and the goods this host had not yet
+# reported) join the practitioner's global window; a trip sets the suspension flag every credit
+# reply carries (the caller then records it in the admin stream for every host's store).
+# KEYS: guard window, admin hash. ARGV: outcomes ("0" good, "1" bad, oldest first), window,
+# min_lookups, bad_percent, shadow (1: trace only), reason.
+# Reply: {fired (1/0), index in ARGV[1] of the outcome on which it fired (0-based) or -1,
+#         suspended, window length, bad count}.
+GUARD = """
+local g, adm = KEYS[1], KEYS[2]
+local outcomes, window = ARGV[1], tonumber(ARGV[2])
+local min_lookups, percent = tonumber(ARGV[3]), tonumber(ARGV[4])
+local shadow = ARGV[5] == '1'
+local suspended = tonumber(redis.call('HGET', adm, 'suspended') or '0')
+local w = redis.call('GET', g) or ''
+local fired_at = -1
+for i = 1, #outcomes do
+  w = w .. string.sub(outcomes, i, i)
+  if #w > window then w = string.sub(w, #w - window + 1) end
+  if suspended == 0 and fired_at < 0 and #w >= min_lookups then
+    local _, bad = string.gsub(w, '1', '')
+    if bad * 100 >= percent * #w and not shadow then
+      fired_at = i - 1
+      suspended = 1
+    end
+  end
+end
+redis.call('SET', g, w, 'EX', 3 * 86400)
+local _, bad = string.gsub(w, '1', '')
+if fired_at >= 0 then
+  redis.call('HSET', adm, 'suspended', 1, 'reason', ARGV[6])
+end
+return {fired_at >= 0 and 1 or 0, fired_at, suspended, #w, bad}
+"""
+
+
+# -- settings and connection -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """`[cluster]`: without a `redis` URL, one host with shared memory and no Redis."""
+
+    redis: str = ""
+    host_id: str = ""  # "": the host name
+    credit_lease_seconds: float = 30.0  # a lease's life (daily and distinct blocks)
+    rate_lease_seconds: float = 1.0  # L: how long a rate token may be spent
+    block_max: int = 64  # the largest block of credit taken at once
+    report_interval_seconds: float = 0.25  # spent credit reported at least this often
+    timeout_ms: int = 50  # every Redis call's deadline
+    breaker_failures: int = 3  # consecutive failures that open the circuit ...
+    breaker_open_seconds: float = 1.0  # ... for this long
+    fail_open: bool = False  # opt-in: admit without Redis (bounded, printed at start)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis)
+
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
+
+
+def connect(url: str, timeout: float) -> Any:
+    """An asyncio Redis client for `url`: redis://, rediss://, unix:// (redis-py's own), and
+    redis+sentinel://[password@]host:port[,host:port...]/service[/db] for Sentinel,
+    redis+cluster://host:port for Redis Cluster."""
+    import redis.asyncio as redis_asyncio
+
+    common = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    parsed = urlparse(url)
+    if parsed.scheme in ("redis+sentinel", "rediss+sentinel"):
+        from redis.asyncio.sentinel import Sentinel
+
+        netloc = parsed.netloc
+        password = None
+        if "@" in netloc:
+            password, _, netloc = netloc.rpartition("@")
+            password = unquote(password.partition(":")[2] or password)
+        hosts = []
+        for item in netloc.split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host or item, int(port or 26379)))
+        parts = [p for p in parsed.path.split("/") if p]
+        if not parts:
+            raise ValueError(
+                "a Sentinel URL names its service: redis+sentinel://host:port/mymaster"
+            )
+        db = int(parts[1]) if len(parts) > 1 else 0
+        sentinel = Sentinel(hosts, password=password, db=db,
+                            ssl=parsed.scheme.startswith("rediss"), **common)  # fmt: skip
+        return sentinel.master_for(parts[0])
+    if parsed.scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.asyncio.cluster import RedisCluster
+
+        scheme = "rediss" if parsed.scheme.startswith("rediss") else "redis"
+        return RedisCluster.from_url(f"{scheme}://{parsed.netloc}{parsed.path}", **common)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("[cluster] redis must be a redis://, rediss://, unix://, "
+                         "redis+sentinel:// or redis+cluster:// URL")  # fmt: skip
+    return redis_asyncio.from_url(url, **common)
+
+
+class BackendUnavailable(Exception):
+    """Redis did not answer in time, or the circuit is open."""
+
+
+class CircuitBreaker:
+    """After `failures` consecutive failures, calls fail at once for `open_seconds`; then one
+    call is let through to probe."""
+
+    def __init__(self, failures: int, open_seconds: float) -> None:
+        self._threshold = failures
+        self._open_seconds = open_seconds
+        self._failures = 0
+        self._open_until = 0.0
+        self.degraded = False
+        self.since = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def success(self) -> None:
+        if self.degraded:
+            log.warning("Redis answers again: the cluster backend is back")
+        self._failures = 0
+        self.degraded = False
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._failures >= self._threshold:
+            if not self.degraded:
+                log.error("Redis does not answer: running DEGRADED on the credit this host holds")
+                self.since = time.time()
+            self.degraded = True
+            self._open_until = time.monotonic() + self._open_seconds
+
+
+class Backend:
+    """One worker's connection to the cluster's Redis, every call deadline-bound and behind the
+    circuit breaker."""
+
+    def __init__(self, settings: ClusterSettings, client: Any = None) -> None:
+        self.settings = settings
+        self.host = settings.host()
+        self._timeout = settings.timeout_ms / 1000
+        self.client = client if client is not None else connect(settings.redis, self._timeout)
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_open_seconds)
+        self._take = self.client.register_script(TAKE)
+        self._guard = self.client.register_script(GUARD)
+        self.calls = 0  # round trips made (for "Redis calls per 1,000 lookups")
+        self.epoch = ""
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise BackendUnavailable("the circuit to Redis is open")
+        self.calls += 1
+        try:
+            result = await asyncio.wait_for(make(), self._timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            self.breaker.failure()
+            raise BackendUnavailable(f"Redis: {type(exc).__name__}") from exc
+        except Exception as exc:
+            import redis.exceptions
+
+            if isinstance(exc, redis.exceptions.RedisError):
+                self.breaker.failure()
+                raise BackendUnavailable(f"Redis: {type(exc).__name__}") from exc
+            raise
+        self.breaker.success()
+        return result
+
+    async def init_epoch(self) -> str:
+        """The cluster's epoch: written once when Redis has none; a changed epoch means Redis
+        lost its state."""
+        fresh = os.urandom(8).hex()
+        await self._call(lambda: self.client.set(EPOCH_KEY, fresh, nx=True))
+        value = await self._call(lambda: self.client.get(EPOCH_KEY))
+        self.epoch = value.decode() if isinstance(value, bytes) else str(value)
+        return self.epoch
+
+    async def current_epoch(self) -> str | None:
+        value = await self._call(lambda: self.client.get(EPOCH_KEY))
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def take(self, request: CreditRequest) -> CreditReply:
+        pid = request.practitioner_id
+        keys = [quota_key(pid), members_key(pid, request.day), admin_key(pid)]
+        args: list[Any] = [
+            self.host, request.day, "", request.daily_limit, request.distinct_limit,
+            request.interval_ms, request.tolerance_ms,
+            int(self.settings.credit_lease_seconds * 1000),
+            request.want_daily, request.want_distinct, request.want_rate,
+            request.used, request.returned_daily, request.returned_distinct,
+            1 if request.members_wanted else 0, *request.pseudonyms,
+        ]  # fmt: skip
+        raw = await self._call(lambda: self._take(keys=keys, args=args))
+        return CreditReply.from_redis(raw)
+
+    async def guard(
+        self, practitioner_id: str, outcomes: str, window: int, min_lookups: int, percent: int,
+        shadow: bool,
+    ) -> GuardReply:  # fmt: skip
+        keys = [guard_key(practitioner_id), admin_key(practitioner_id)]
+        args = [outcomes, window, min_lookups, percent, 1 if shadow else 0, GUARD_REASON]
+        raw = await self._call(lambda: self._guard(keys=keys, args=args))
+        return GuardReply(bool(int(raw[0])), int(raw[1]), bool(int(raw[2])), int(raw[3]),
+                          int(raw[4]))  # fmt: skip
+
+    async def admin(self, op: str, practitioner_id: str, **fields: str) -> str:
+        """Record an administrative change for every host (and the suspension flag the credit
+        script returns)."""
+        entry = {"op": op, "practitioner": practitioner_id, **fields}
+
+        async def run() -> Any:
+            pipe = self.client.pipeline(transaction=False)
+            if op == "suspend":
+                pipe.hset(admin_key(practitioner_id), mapping={"suspended": 1,
+                          "reason": fields.get("reason", "")})  # fmt: skip
+            elif op == "reinstate":
+                pipe.hset(admin_key(practitioner_id), mapping={"suspended": 0, "reason": ""})
+                pipe.delete(guard_key(practitioner_id))
+            pipe.xadd(ADMIN_STREAM, entry, maxlen=ADMIN_STREAM_MAXLEN, approximate=True)
+            pipe.publish(ADMIN_CHANNEL, practitioner_id)
+            return await pipe.execute()
+
+        result = await self._call(run)
+        entry_id = result[-2]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def read_admin(self, after: str, block_ms: int) -> list[tuple[str, dict[str, str]]]:
+        """Administrative changes after stream id `after` (waiting up to `block_ms` for one)."""
+        if not self.breaker.allow():
+            raise BackendUnavailable("the circuit to Redis is open")
+        self.calls += 1
+        try:
+            raw = await asyncio.wait_for(
+                self.client.xread({ADMIN_STREAM: after}, count=500, block=block_ms),
+                block_ms / 1000 + self._timeout + 0.5,
+            )
+        except Exception as exc:
+            self.breaker.failure()
+            raise BackendUnavailable(f"Redis: {type(exc).__name__}") from exc
+        self.breaker.success()
+        out = []
+        for _stream, entries in raw or ():
+            for entry_id, values in entries:
+                decoded = {
+                    (k.decode() if isinstance(k, bytes) else k): (
+                        v.decode() if isinstance(v, bytes) else v
+                    )
+                    for k, v in values.items()
+                }
+                out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                            decoded))  # fmt: skip
+        return out
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+@dataclass(frozen=True)
+class CreditRequest:
+    practitioner_id: str
+    day: int
+    daily_limit: int
+    distinct_limit: int
+    interval_ms: int
+    tolerance_ms: int
+    want_daily: int = 0
+    want_distinct: int = 0
+    want_rate: int = 0
+    used: int = 0
+    returned_daily: int = 0
+    returned_distinct: int = 0
+    members_wanted: bool = False
+    pseudonyms: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class CreditReply:
+    status: int  # 0 ok, 1 state lost, 2 host's day behind
+    daily: int
+    distinct: int
+    rate: int
+    redis_now_ms: int
+    suspended: bool
+    used: int
+    distinct_count: int
+    members: tuple[int, ...]
+
+    OK, LOST, DAY_BEHIND = 0, 1, 2
+
+    @classmethod
+    def from_redis(cls, raw: Sequence[Any]) -> CreditReply:
+        values = [int(v) for v in raw]
+        return cls(values[0], values[1], values[2], values[3], values[4], bool(values[5]),
+                   values[6], values[7], tuple(values[8:]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GuardReply:
+    fired: bool
+    index: int
+    suspended: bool
+    window: int
+    bad: int
+
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "CircuitBreaker",
+    "ClusterSettings",
+    "CreditReply",
+    "CreditRequest",
+    "GuardReply",
+    "connect",
+]
