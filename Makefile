@@ -11,8 +11,8 @@ WORKERS ?=
 
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
-SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd fastpath/*.h) \
-	setup.py pyproject.toml
+SOURCES := $(wildcard protos/covergate/v1/*.proto fastpath/*.pyx fastpath/*.pxd fastpath/*.h \
+	fastpath/_c/*.pxi) setup.py pyproject.toml
 
 .PHONY: run test test-fast proto compile lint bench clean install
 .PHONY: fuzz fuzz-asan
@@ -68,7 +68,7 @@ lint: $(STAMP_DEPS)
 	$(BIN)/ruff check service fastpath tests bench
 	$(BIN)/ruff format --check service fastpath tests bench
 	$(BIN)/mypy
-	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 fastpath/*.pyx
+	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 fastpath/*.pyx fastpath/*.pxd fastpath/_c/*.pxi
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]' --no-build-isolation

@@ -73,10 +73,14 @@ def decisions(
 ) -> dict[str, Any]:
     store, keys, quota, served_as = _server_parts(ds, config_path)
     gates = {}
+    # A gate with quotas on refuses a caller without a slot (QUOTA_STATE_UNAVAILABLE): "no quota"
+    # is a gate without the quota file, as a server with quotas disabled builds it.
+    unmetered_gates = {}
     for name, module_name in IMPLEMENTATIONS.items():
         module = importlib.import_module(module_name)
         extra = {"quota": quota} if quota is not None else {}
         gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500, **extra)
+        unmetered_gates[name] = module.Gate(store.env, store.rights_db, keys, max_batch_items=500)
     # Decision-only: no quota slot, every domain and insurer in scope.
     bare = Practitioner(
         practitioner_id=ds.practitioner_id,
@@ -94,36 +98,38 @@ def decisions(
     mix_specs = frames.mixed(ds.pools, dict(COUNTER_MIX), 100 * 40)
     mixed_batches = [frames.batch_bytes(mix_specs[i : i + 100]) for i in range(0, 4000, 100)]
 
-    # measure -> (gate method, inputs, items per call, practitioner)
-    measures: dict[str, tuple[str, list[bytes], int, Practitioner]] = {
-        "single": ("check", singles, 1, practitioner),
-        "stream_item": ("check_item", singles, 1, practitioner),
-        "batch_100": ("check_batch", batches, 100, practitioner),
-        "batch_100_mix": ("check_batch", mixed_batches, 100, practitioner),
+    # measure -> (gate method, inputs, items per call, practitioner, gates)
+    measures: dict[str, tuple[str, list[bytes], int, Practitioner, dict[str, Any]]] = {
+        "single": ("check", singles, 1, practitioner, gates),
+        "stream_item": ("check_item", singles, 1, practitioner, gates),
+        "batch_100": ("check_batch", batches, 100, practitioner, gates),
+        "batch_100_mix": ("check_batch", mixed_batches, 100, practitioner, gates),
     }
     if served_as is not None:
-        measures["batch_100_no_quota"] = ("check_batch", batches, 100, bare)
-    # Both gates must give the right answers before their speed means anything.
-    for name, gate in gates.items():
-        code, payload = gate.check(practitioner, singles[0], today, now)
-        problem = frames.check_unary(covered[0], code, payload, decisions=True)
-        if problem:
-            raise RuntimeError(f"{name} gate: {problem}")
+        measures["batch_100_no_quota"] = ("check_batch", batches, 100, bare, unmetered_gates)
+    # Every gate must give the right answers before its speed means anything.
+    for name in gates:
+        for gate, who in ((gates[name], practitioner), (unmetered_gates[name], bare)):
+            code, payload = gate.check(who, singles[0], today, now)
+            problem = frames.check_unary(covered[0], code, payload, decisions=True)
+            code, payload = gate.check_batch(who, batches[0], today, now)
+            problems = frames.check_batch(covered[:100], code, payload, decisions=True)
+            if problem or problems:
+                raise RuntimeError(f"{name} gate: {problem or problems[0]}")
     out: dict[str, Any] = {name: {} for name in gates}
     for r in range(rounds):
         order = list(gates) if r % 2 == 0 else list(reversed(gates))
-        for measure, (method, inputs, per_call, who) in measures.items():
+        for measure, (method, inputs, per_call, who, measured) in measures.items():
             for name in order:
-                bound = getattr(gates[name], method)
+                bound = getattr(measured[name], method)
 
                 def call(request: bytes, bound: Any = bound, who: Practitioner = who) -> object:
                     return bound(who, request, today, now)
 
                 rate = _rate(call, inputs, per_call, seconds)
                 out[name].setdefault(measure, []).append(rate)
-    for gate in gates.values():
-        if hasattr(gate, "close"):
-            gate.close()
+    for gate in (*gates.values(), *unmetered_gates.values()):
+        gate.close()
     if quota is not None:
         quota.close()
     store.close()
@@ -191,6 +197,8 @@ def pairs(
         frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
     ]
     plain = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
+    # Quotas off: a gate without the quota file (one with it refuses a caller without a slot).
+    free = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500)
     traced = _gate_c.Gate(
         store.env, store.rights_db, keys, max_batch_items=500, quota=quota, trace=True
     )
@@ -231,7 +239,7 @@ def pairs(
 
     out: dict[str, Any] = {"quotas": {}, "tracing": {}}
     shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
-    sides = ((plain, served_as), (plain, unmetered), (traced, served_as))
+    sides = ((plain, served_as), (free, unmetered), (traced, served_as))
     for gate, who in sides:
         answers_right(gate, who)
     for _ in range(rounds):
@@ -239,7 +247,7 @@ def pairs(
             quotas = _blocks(
                 {
                     "on": caller(plain, method, inputs, served_as),
-                    "off": caller(plain, method, inputs, unmetered),
+                    "off": caller(free, method, inputs, unmetered),
                 },
                 seconds,
             )
@@ -256,11 +264,276 @@ def pairs(
                 out[name].setdefault(shape, []).append(result)
     for gate, who in sides:  # still answering right after all the rounds
         answers_right(gate, who)
-    for gate in (plain, traced):
+    for gate in (plain, free, traced):
         gate.close()
     quota.close()
     store.close()
     return out
+
+
+def _interleaved(
+    calls: dict[str, Callable[[], None]], seconds: float, block_seconds: float = 0.02
+) -> dict[str, float]:
+    """Nanoseconds per call of each of `calls`, timed in short blocks taken in turn (rotating the
+    order) for about `seconds` in all, each block by this thread's CPU clock: host noise hits
+    every side alike. The median block of each."""
+    per_block = {}
+    for name, call in calls.items():
+        t0 = time.thread_time_ns()
+        n = 0
+        while time.thread_time_ns() - t0 < 5_000_000:
+            call()
+            n += 1
+        per_block[name] = max(1, int(n * block_seconds / 0.005))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    deadline = time.perf_counter() + seconds
+    turn = 0
+    while time.perf_counter() < deadline or turn < 3:
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            call, n = calls[name], per_block[name]
+            t = time.thread_time_ns()
+            for _ in range(n):
+                call()
+            samples[name].append((time.thread_time_ns() - t) / n)
+        turn += 1
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
+# The ladder of stages: batches of 100 items of one shape each, every shape going one stage
+# further into a decision than the one before it (quotas on as served, tracing off unless said).
+# name -> (what the items are, what each adds to the one before)
+STAGE_LADDER = {
+    "invalid": ("a mistyped NIR key", "parse, validate, rate, guard, refusal"),
+    "domain_refused": ("a care domain outside the profession", "(valid) identity, scope"),
+    "amc_refused": ("an insurer the practitioner has no agreement with", "the AMC list"),
+    "no_match": ("nobody in the store", "key, daily + distinct, LMDB miss, answer"),
+    "not_covered": ("a beneficiary without open rights", "LMDB hit, member hash, rights"),
+    "covered": ("a covered beneficiary", "attestation, COVERED fields"),
+    "covered_traced": ("covered, tracing on", "pseudonym, span"),
+    "covered_no_quota": ("covered, gate without quotas", "(quota file off)"),
+}
+
+
+def stages(
+    ds: bench_dataset.Dataset, seconds: float, config_path: str | None = None
+) -> dict[str, Any]:
+    """The per-item cost of each stage of a decision in the C gate: the STAGE_LADDER, each
+    shape's batch-100 cost per item and its step from the shape before; the keyed hashes alone
+    (fastpath._hashes_for_tests, timed in C as the gate calls them) and one LMDB get (from
+    Python, as the gate calls it); and from those, an estimate per stage."""
+    import dataclasses
+
+    from bench.frames import INVALID, NO_MATCH, NOT_COVERED
+    from covergate.v1 import covergate_pb2 as pb
+    from fastpath import _gate_c, rules
+
+    hashes = importlib.import_module("fastpath._hashes_for_tests")
+    store, keys, quota, served_as = _server_parts(ds, config_path)
+    if quota is None or served_as is None:
+        raise RuntimeError("the stage ladder needs a data dir with quotas")
+    today = int(ds.care_date)
+    now = int(time.time())
+    covered = ds.pools[COVERED]
+    other_domain = next(d for d in range(1, rules.MAX_DOMAIN + 1) if not served_as.domains >> d & 1)
+    agreed = served_as.amc_numbers or frozenset()
+    unknown_amc = next(str(a) for a in range(999999999, 0, -1) if str(a) not in agreed)
+    shapes = {
+        "invalid": ds.pools[INVALID],
+        "domain_refused": [dataclasses.replace(s, domain=other_domain) for s in covered],
+        "amc_refused": [dataclasses.replace(s, amc_number=unknown_amc) for s in covered],
+        "no_match": ds.pools[NO_MATCH],
+        "not_covered": ds.pools[NOT_COVERED],
+        "covered": covered,
+    }
+    # What every item of each shape must be answered: a decision, or a refusal's code.
+    expected = {
+        "invalid": ("error", rules.INVALID_ARGUMENT),
+        "domain_refused": ("error", rules.PERMISSION_DENIED),
+        "amc_refused": ("error", rules.PERMISSION_DENIED),
+        "no_match": ("decision", rules.DECISION_NO_MATCH),
+        "not_covered": ("decision", rules.DECISION_NOT_COVERED),
+        "covered": ("decision", rules.DECISION_COVERED),
+    }
+    batches = {
+        name: [frames.batch_bytes(specs[i : i + 100]) for i in range(0, len(specs) - 99, 100)]
+        for name, specs in shapes.items()
+    }
+    metered = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
+    traced = _gate_c.Gate(
+        store.env, store.rights_db, keys, max_batch_items=500, quota=quota, trace=True
+    )
+    free = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500)
+    ladder = {name: (metered, name) for name in shapes}
+    ladder["covered_traced"] = (traced, "covered")
+    ladder["covered_no_quota"] = (free, "covered")
+
+    def answers_right(name: str) -> None:
+        gate, shape = ladder[name]
+        code, payload = gate.check_batch(served_as, batches[shape][0], today, now)
+        items = pb.CheckCoverageBatchResponse.FromString(payload).items if code == 0 else []
+        field, want = expected[shape]
+        got = {item.error.code if field == "error" else item.decision for item in items}
+        if len(items) != 100 or got != {want}:
+            raise RuntimeError(f"stage ladder, {name}: answered {code} {sorted(got)}")
+
+    def caller(name: str) -> Callable[[], None]:
+        gate, shape = ladder[name]
+        inputs = batches[shape]
+        state = [0]
+        n = len(inputs)
+        call = gate.check_batch
+
+        def one() -> None:
+            i = state[0]
+            call(served_as, inputs[i], today, now)
+            state[0] = i + 1 if i + 1 < n else 0
+            if gate is traced and gate.span_bytes >= 4 << 20:
+                gate.take_spans()
+
+        return one
+
+    for name in ladder:
+        answers_right(name)
+    timed = _interleaved({name: caller(name) for name in ladder}, seconds * len(ladder))
+    per_item = {name: ns / 100 for name, ns in timed.items()}
+    for name in ladder:  # still answering right after all the rounds
+        answers_right(name)
+
+    # The keyed hashes alone, on the inputs a covered lookup gives them.
+    spec = covered[0]
+    identity = rules.identity_bytes(rules.normalise_nir(spec.nir), spec.birth_date, spec.birth_rank)
+    storage_key = keys.storage_key(identity)
+    payload = (
+        bytes([rules.ATTESTATION_VERSION])
+        + (now + 7 * 86400).to_bytes(4, "big")
+        + bytes([spec.domain])
+        + int(spec.care_date).to_bytes(4, "big")
+        + bytes([len(spec.amc_number)])
+        + spec.amc_number.encode()
+        + bytes([len(served_as.practitioner_id)])
+        + served_as.practitioner_id.encode()
+        + keys.beneficiary_tag(identity)
+    )
+    n = 200_000
+    primitives = {
+        "storage key (BLAKE2b-128, pre-keyed)": hashes.time_blake2b(
+            identity, rules.STORAGE_KEY_SIZE, keys.pepper, b"", rules.PERSON_STORE, True, n
+        ),
+        "member hash (BLAKE2b-128, salted: keyed each time)": hashes.time_blake2b(
+            spec.member_number.encode(),
+            rules.MEMBER_HASH_SIZE,
+            keys.pepper,
+            storage_key,
+            rules.PERSON_MEMBER,
+            False,
+            n,
+        ),
+        "beneficiary tag (BLAKE2b-64, pre-keyed)": hashes.time_blake2b(
+            identity, rules.BENEFICIARY_TAG_SIZE, keys.pepper, b"", rules.PERSON_ATTEST, True, n
+        ),
+        "attestation MAC (HMAC-SHA256)": hashes.time_hmac_sha256(keys.attestation_key, payload, n),
+        "pseudonym (SipHash-2-4)": hashes.time_siphash24(keys.pseudonym_key, storage_key, n),
+    }
+    # One LMDB get from Python (the gate calls txn.get the same way), hits and misses.
+    hits = [keys.storage_key(_identity(s)) for s in covered]
+    misses = [keys.storage_key(_identity(s)) for s in ds.pools[NO_MATCH]]
+    with store.env.begin(db=store.rights_db, buffers=False) as txn:
+        get = txn.get
+
+        def reads(batch: list[bytes]) -> Callable[[], None]:
+            state = [0]
+            count = len(batch)
+
+            def one() -> None:
+                i = state[0]
+                get(batch[i])
+                state[0] = i + 1 if i + 1 < count else 0
+
+            return one
+
+        for key in hits[:3]:
+            if get(key) is None:
+                raise RuntimeError("stage ladder: a covered beneficiary is not in the store")
+        gets = _interleaved({"hit": reads(hits), "miss": reads(misses)}, 2 * seconds)
+    primitives["LMDB get, hit (from Python)"] = gets["hit"]
+    primitives["LMDB get, miss (from Python)"] = gets["miss"]
+
+    # Each step of the ladder, less what was timed alone, leaves the work around it. These rows
+    # add up to a covered item; quota and span are other cuts of the same work.
+    p, h = per_item, primitives
+    key = h["storage key (BLAKE2b-128, pre-keyed)"]
+    member = h["member hash (BLAKE2b-128, salted: keyed each time)"]
+    tag_and_mac = h["beneficiary tag (BLAKE2b-64, pre-keyed)"] + h["attestation MAC (HMAC-SHA256)"]
+    hit_less_miss = gets["hit"] - gets["miss"]
+    estimates = [
+        ("parse", "parse, validate, rate + guard, refusal", p["domain_refused"]),
+        ("parse", "scope: the AMC list", p["amc_refused"] - p["domain_refused"]),
+        ("key", "storage key (BLAKE2b)", key),
+        ("read", "LMDB get, miss", gets["miss"]),
+        ("quota+encode", "rest of no_match's step: daily + distinct, key bytes, answer",
+         p["no_match"] - p["amc_refused"] - key - gets["miss"]),
+        ("read", "LMDB get, hit less miss", hit_less_miss),
+        ("rights", "member hash (BLAKE2b, salted)", member),
+        ("rights", "rest of not_covered's step: record soundness, matching",
+         p["not_covered"] - p["no_match"] - hit_less_miss - member),
+        ("attestation", "beneficiary tag + HMAC-SHA256", tag_and_mac),
+        ("encode", "rest of covered's step: Python values, base64, COVERED fields",
+         p["covered"] - p["not_covered"] - tag_and_mac),
+    ]  # fmt: skip
+    across = [
+        ("quota", "covered with the quota file, less without (in the rows above)",
+         p["covered"] - p["covered_no_quota"]),
+        ("span", "covered traced, less untraced: pseudonym, span, buffer (extra)",
+         p["covered_traced"] - p["covered"]),
+    ]  # fmt: skip
+    for gate in (metered, traced, free):
+        gate.close()
+    quota.close()
+    store.close()
+    return {
+        "per_item_ns": per_item,
+        "primitives_ns": primitives,
+        "estimates_ns": [{"stage": stage, "what": what, "ns": ns} for stage, what, ns in estimates],
+        "across_ns": [{"stage": stage, "what": what, "ns": ns} for stage, what, ns in across],
+    }
+
+
+def _identity(spec: Any) -> bytes:
+    from fastpath import rules
+
+    return rules.identity_bytes(rules.normalise_nir(spec.nir), spec.birth_date, spec.birth_rank)
+
+
+def stages_table(result: dict[str, Any]) -> str:
+    """The stage breakdown as text tables."""
+    lines = [
+        "C gate, batch-100, quotas on: cost per item of each shape, one stage further each",
+        "",
+    ]
+    lines.append(f"{'items':<20} {'ns/item':>8} {'step':>8}  what the step adds")
+    before = None
+    for name, (_what, adds) in STAGE_LADDER.items():
+        ns = result["per_item_ns"][name]
+        if name == "covered_no_quota":
+            step = ns - result["per_item_ns"]["covered"]
+        else:
+            step = ns - before if before is not None else ns
+            if name != "covered_traced":
+                before = ns
+        lines.append(f"{name:<20} {ns:>8.0f} {step:>+8.0f}  {adds}")
+    lines += ["", f"{'alone':<52} {'ns':>8}"]
+    for name, ns in result["primitives_ns"].items():
+        lines.append(f"{name:<52} {ns:>8.0f}")
+    lines += ["", "Where a covered item's time goes (ladder steps less what was timed alone)", ""]
+    lines.append(f"{'stage':<13} {'ns/item':>8}  {'what'}")
+    for row in result["estimates_ns"]:
+        lines.append(f"{row['stage']:<13} {row['ns']:>8.0f}  {row['what']}")
+    total = sum(row["ns"] for row in result["estimates_ns"])
+    lines.append(f"{'= covered':<13} {total:>8.0f}")
+    for row in result["across_ns"]:
+        lines.append(f"{row['stage']:<13} {row['ns']:>8.0f}  {row['what']}")
+    return "\n".join(lines)
 
 
 def import_rate(ds: bench_dataset.Dataset, covergate: str) -> dict[str, Any]:
@@ -366,12 +639,22 @@ def main() -> int:
     parser.add_argument(
         "--hostile-only", action="store_true", help="only the per-byte cost of crafted requests"
     )
+    parser.add_argument(
+        "--stages-only",
+        action="store_true",
+        help="only the per-item cost of each stage of a C-gate decision (table on stderr)",
+    )
     args = parser.parse_args()
     ds = bench_dataset.load(Path(args.dataset))
     if ds is None:
         parser.error(f"no dataset in {args.dataset}")
     if args.data:
         ds.data_dir = Path(args.data)
+    if args.stages_only:
+        staged = stages(ds, args.seconds, args.config)
+        print(stages_table(staged), file=sys.stderr)
+        json.dump({"stages": staged}, sys.stdout, indent=1)
+        return 0
     if args.hostile_only:
         store, keys, _, _ = _server_parts(ds, args.config)
         json.dump({"hostile": hostile(store, keys, max(args.rounds, 5))}, sys.stdout, indent=1)

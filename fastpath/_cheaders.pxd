@@ -46,3 +46,11 @@ cdef extern from "cg_quota.h" nogil:
     void cg_roll_day(cg_slot* s, uint32_t today)
     int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
     unsigned int CG_FLAG_SUSPENDED
+
+# Not headers of ours, but C all the same: a CPython macro Cython does not declare, and the
+# compiler's popcount (one instruction where the CPU has it).
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+cdef extern from *:
+    int __builtin_popcountll(unsigned long long) nogil

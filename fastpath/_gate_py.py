@@ -132,6 +132,9 @@ class Gate:
             quota.unlock(slot)
 
     # -- entry points ------------------------------------------------------------------------------
+    #
+    # With tracing on (self.trace), each also records its spans (fastpath.trace) in self._spans;
+    # the decisions and the bytes returned are the same either way.
 
     def check(
         self,
@@ -143,11 +146,9 @@ class Gate:
         trace: tuple[bytes, bytes] | None = None,
     ) -> tuple[int, bytes]:
         """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
-        if self.trace:
-            result = self._traced(tr.METHOD_UNARY, practitioner, request, today, now, trace)
-            assert isinstance(result, tuple)
-            return result
-        _req, code, payload = self._single(practitioner, request, today, now)
+        _req, code, payload = self._single(
+            tr.METHOD_UNARY, practitioner, request, today, now, trace
+        )
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             return OK, payload.SerializeToString()
@@ -164,42 +165,107 @@ class Gate:
         trace: tuple[bytes, bytes] | None = None,
     ) -> bytes:
         """A stream message: always a CheckCoverageResponse, refusals carried in `error`."""
-        if self.trace:
-            result = self._traced(tr.METHOD_STREAM, practitioner, request, today, now, trace)
-            assert isinstance(result, bytes)
-            return result
-        req, code, payload = self._single(practitioner, request, today, now)
+        req, code, payload = self._single(
+            tr.METHOD_STREAM, practitioner, request, today, now, trace
+        )
         if req is None:
             assert isinstance(payload, bytes)
             return self._error_response("", payload).SerializeToString()
         return self._as_item(req, code, payload).SerializeToString()
+
+    def _single(
+        self,
+        method: int,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        context: tuple[bytes, bytes] | None,
+    ) -> tuple[pb.CheckCoverageRequest | None, int, pb.CheckCoverageResponse | bytes]:
+        """One request, for check and check_item: (the parsed request, or None when it does not
+        parse; the code; the response or the google.rpc.Status). A request that does not parse
+        is still an attempt: it spends the caller's rate and counts as bad for the guard.
+        Traced, its lookup span is a unary call's SERVER span, or a stream message's."""
+        span = self._begin(method, practitioner, now, context)
+        if self._state_missing(practitioner):
+            code, status = rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
+            if span is not None:
+                self._lookup_span(span, code, status, None, practitioner, None, span.start)
+            return None, code, status
+        req = self._parse(request)
+        whole = None if req is not None else rules.malformed_message_status("CheckCoverageRequest")
+        lookup = _Lookup() if span is not None else None
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
+            code, payload = self._decide(
+                txn, practitioner, req, today, now, state, lookup, whole=whole
+            )
+            if span is not None:
+                self._lookup_span(span, code, payload, lookup, practitioner, state, span.start)
+        return req, code, payload
+
+    def check_batch(
+        self,
+        practitioner: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        *,
+        trace: tuple[bytes, bytes] | None = None,
+    ) -> tuple[int, bytes]:
+        """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole.
+        A batch refused whole (malformed, oversize) is one attempt, metered like a lookup.
+        Traced, every lookup's span is a child of the RPC's SERVER span, and a batch refused
+        whole records one lookup span (the refused attempt)."""
+        span = self._begin(tr.METHOD_BATCH, practitioner, now, trace)
+        if self._state_missing(practitioner):
+            code, status = rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
+            if span is not None:
+                self._lookup_span(span, code, status, None, practitioner, None, span.start)
+                self._rpc_span(span, code, 0)
+            return code, status
+        batch, whole, count = self._whole_batch(request)
+        out = pb.CheckCoverageBatchResponse()
+        code, payload = OK, b""
+        with (
+            self._env.begin(db=self._rights_db, buffers=False) as txn,
+            self._slot(practitioner, today) as state,
+        ):
+            if batch is None:
+                lookup = _Lookup() if span is not None else None
+                code, payload = self._decide(
+                    txn, practitioner, None, today, now, state, lookup, whole=whole
+                )
+                if span is not None:
+                    self._lookup_span(span, code, payload, lookup, practitioner, state, span.start)
+            else:
+                for req in batch.items:
+                    lookup = None
+                    if span is not None:
+                        item_start = span.start + time.perf_counter_ns() - span.t0
+                        lookup = _Lookup()
+                    item_code, item = self._decide(
+                        txn, practitioner, req, today, now, state, lookup
+                    )
+                    if span is not None:
+                        self._lookup_span(
+                            span, item_code, item, lookup, practitioner, state, item_start
+                        )
+                    out.items.append(self._as_item(req, item_code, item))
+        if span is not None:
+            self._rpc_span(span, code, count)
+        if batch is None:
+            assert isinstance(payload, bytes)
+            return code, payload
+        return OK, out.SerializeToString()
 
     def _parse(self, request: bytes) -> pb.CheckCoverageRequest | None:
         try:
             return pb.CheckCoverageRequest.FromString(request)
         except DecodeError:
             return None
-
-    def _single(
-        self, practitioner: Practitioner, request: bytes, today: int, now: float
-    ) -> tuple[pb.CheckCoverageRequest | None, int, pb.CheckCoverageResponse | bytes]:
-        """One request, for check and check_item: (the parsed request, or None when it does not
-        parse; the code; the response or the google.rpc.Status). A request that does not parse
-        is still an attempt: it spends the caller's rate and counts as bad for the guard."""
-        if self._state_missing(practitioner):
-            return None, rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
-        req = self._parse(request)
-        with (
-            self._env.begin(db=self._rights_db, buffers=False) as txn,
-            self._slot(practitioner, today) as state,
-        ):
-            if req is None:
-                status = rules.malformed_message_status("CheckCoverageRequest")
-                code, payload = self._decide(
-                    txn, practitioner, None, today, now, state, whole=status
-                )
-                return None, code, payload
-            return req, *self._decide(txn, practitioner, req, today, now, state)
 
     def _whole_batch(
         self, request: bytes
@@ -219,39 +285,15 @@ class Gate:
             return None, rules.batch_too_large_status(self.max_batch_items), count
         return batch, None, count
 
-    def check_batch(
-        self,
-        practitioner: Practitioner,
-        request: bytes,
-        today: int,
-        now: float,
-        *,
-        trace: tuple[bytes, bytes] | None = None,
-    ) -> tuple[int, bytes]:
-        """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole.
-        A batch refused whole (malformed, oversize) is one attempt, metered like a lookup."""
-        if self.trace:
-            result = self._traced(tr.METHOD_BATCH, practitioner, request, today, now, trace)
-            assert isinstance(result, tuple)
-            return result
-        if self._state_missing(practitioner):
-            return rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
-        batch, whole, _count = self._whole_batch(request)
-        out = pb.CheckCoverageBatchResponse()
-        with (
-            self._env.begin(db=self._rights_db, buffers=False) as txn,
-            self._slot(practitioner, today) as state,
-        ):
-            if batch is None:
-                code, payload = self._decide(
-                    txn, practitioner, None, today, now, state, whole=whole
-                )
-                assert isinstance(payload, bytes)
-                return code, payload
-            for req in batch.items:
-                code, payload = self._decide(txn, practitioner, req, today, now, state)
-                out.items.append(self._as_item(req, code, payload))
-        return OK, out.SerializeToString()
+    def _as_item(
+        self, req: pb.CheckCoverageRequest, code: int, payload: pb.CheckCoverageResponse | bytes
+    ) -> pb.CheckCoverageResponse:
+        if code == OK:
+            assert isinstance(payload, pb.CheckCoverageResponse)
+            return payload
+        assert isinstance(payload, bytes)
+        request_id = req.request_id if rules.valid_request_id(req.request_id) else ""
+        return self._error_response(request_id, payload)
 
     # -- tracing ----------------------------------------------------------------------------------
 
@@ -338,17 +380,17 @@ class Gate:
             done += os.write(fd, data[done:])
         return done, count
 
-    def _traced(
+    def _begin(
         self,
         method: int,
         practitioner: Practitioner,
-        request: bytes,
-        today: int,
         now: float,
         context: tuple[bytes, bytes] | None,
-    ) -> tuple[int, bytes] | bytes:
-        """An entry point with every lookup recorded: the same decisions as untraced, plus spans.
-        A batch refused whole records one lookup span (the refused attempt) under its RPC span."""
+    ) -> _Span | None:
+        """The traced call starting now (its trace is the caller's `context`, or a new one), or
+        None when tracing is off."""
+        if not self.trace:
+            return None
         t0 = time.perf_counter_ns()
         if context is None:
             trace_id, parent = self.new_trace_id(), b""
@@ -358,100 +400,17 @@ class Gate:
         who, profession = tr.practitioner_attributes(
             practitioner.practitioner_id, practitioner.profession
         )
-        span = _Span(trace_id, self.new_span_id(), parent, who, profession, start, t0)
-        if method == tr.METHOD_BATCH:
-            return self._traced_batch(span, practitioner, request, today, now)
+        return _Span(method, trace_id, self.new_span_id(), parent, who, profession, start, t0)
 
-        name = tr.RPC_SPAN_NAMES[method] if method == tr.METHOD_UNARY else tr.LOOKUP_SPAN_NAME
-        if self._state_missing(practitioner):
-            req, code, payload = None, rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
-            self._lookup_span(name, span, code, payload, None, practitioner, None, start,
-                              method=method)  # fmt: skip
-        else:
-            req = self._parse(request)
-            lookup = _Lookup()
-            with (
-                self._env.begin(db=self._rights_db, buffers=False) as txn,
-                self._slot(practitioner, today) as state,
-            ):
-                whole = (
-                    None
-                    if req is not None
-                    else rules.malformed_message_status("CheckCoverageRequest")
-                )
-                code, payload = self._decide(
-                    txn, practitioner, req, today, now, state, lookup, whole=whole
-                )
-                self._lookup_span(name, span, code, payload, lookup, practitioner, state, start,
-                                  method=method)  # fmt: skip
-        if method == tr.METHOD_STREAM:
-            if req is None:
-                assert isinstance(payload, bytes)
-                return self._error_response("", payload).SerializeToString()
-            return self._as_item(req, code, payload).SerializeToString()
-        if code == OK:
-            assert isinstance(payload, pb.CheckCoverageResponse)
-            return OK, payload.SerializeToString()
-        assert isinstance(payload, bytes)
-        return code, payload
-
-    def _traced_batch(
-        self, span: _Span, practitioner: Practitioner, request: bytes, today: int, now: float
-    ) -> tuple[int, bytes]:
-        if self._state_missing(practitioner):
-            status = rules.QUOTA_STATE_UNAVAILABLE
-            self._lookup_span(tr.LOOKUP_SPAN_NAME, span, rules.UNAVAILABLE, status, None,
-                              practitioner, None, span.start, child=True)  # fmt: skip
-            self._rpc_span(tr.METHOD_BATCH, span, rules.UNAVAILABLE, 0)
-            return rules.UNAVAILABLE, status
-        batch, whole, count = self._whole_batch(request)
-        out = pb.CheckCoverageBatchResponse()
-        with (
-            self._env.begin(db=self._rights_db, buffers=False) as txn,
-            self._slot(practitioner, today) as state,
-        ):
-            if batch is None:
-                lookup = _Lookup()
-                code, payload = self._decide(
-                    txn, practitioner, None, today, now, state, lookup, whole=whole
-                )
-                self._lookup_span(tr.LOOKUP_SPAN_NAME, span, code, payload, lookup,
-                                  practitioner, state, span.start, child=True)  # fmt: skip
-            else:
-                code = OK
-                for req in batch.items:
-                    item_start = span.start + time.perf_counter_ns() - span.t0
-                    lookup = _Lookup()
-                    item_code, item = self._decide(
-                        txn, practitioner, req, today, now, state, lookup
-                    )
-                    self._lookup_span(tr.LOOKUP_SPAN_NAME, span, item_code, item, lookup,
-                                      practitioner, state, item_start, child=True)  # fmt: skip
-                    out.items.append(self._as_item(req, item_code, item))
-        self._rpc_span(tr.METHOD_BATCH, span, code, count)
-        if batch is None:
-            assert isinstance(payload, bytes)
-            return code, payload
-        return OK, out.SerializeToString()
-
-    def _as_item(
-        self, req: pb.CheckCoverageRequest, code: int, payload: pb.CheckCoverageResponse | bytes
-    ) -> pb.CheckCoverageResponse:
-        if code == OK:
-            assert isinstance(payload, pb.CheckCoverageResponse)
-            return payload
-        assert isinstance(payload, bytes)
-        request_id = req.request_id if rules.valid_request_id(req.request_id) else ""
-        return self._error_response(request_id, payload)
-
-    def _rpc_span(self, method: int, span: _Span, code: int, items: int) -> None:
+    def _rpc_span(self, span: _Span, code: int, items: int) -> None:
+        """A batch's SERVER span, parent of its lookup spans."""
         end = span.start + time.perf_counter_ns() - span.t0
         self.add_span(
             tr.rpc_span(
                 span.trace_id,
                 span.span_id,
                 span.parent,
-                method,
+                span.method,
                 code,
                 span.who,
                 items,
@@ -462,20 +421,18 @@ class Gate:
 
     def _lookup_span(
         self,
-        name: str,
         span: _Span,
         code: int,
         payload: pb.CheckCoverageResponse | bytes,
         lookup: _Lookup | None,
         practitioner: Practitioner,
         state: SlotState | None,
-        span_start: int,
-        *,
-        child: bool = False,
-        method: int = tr.METHOD_STREAM,
+        start: int,
     ) -> None:
-        """One lookup's span. In a batch (`child`) it is an INTERNAL child of the RPC span and
-        gets its own id; a unary call's is the SERVER span itself."""
+        """One lookup's span, from `start`: what it came to (`code`, `payload`), what it learnt
+        on its way (`lookup`; None when refused before any step) and the quota state it left.
+        A unary call's is the SERVER span itself; a batch's lookups are INTERNAL children of its
+        RPC span, each with an id of its own; a stream message's is INTERNAL."""
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             outcome = tr.DECISION_OUTCOMES[payload.decision]
@@ -483,17 +440,18 @@ class Gate:
             assert isinstance(payload, bytes)
             outcome = tr.refusal_outcome(code, payload)
         self._counts[span.profession * tr.N_OUTCOMES + outcome] += 1
-        validated = lookup is not None and lookup.identity is not None
+        if lookup is None:
+            lookup = _Lookup()
+        # Attributes in the order the C gate writes them. Only a request that passed validation
+        # (lookup.identity set) gives its domain, AMC and beneficiary pseudonym.
         parts: list[bytes] = []
-        if method == tr.METHOD_UNARY and not child:
-            parts += (tr.RPC_ATTRS[method], tr.attr_int(tr.K_STATUS_CODE, code))
+        if span.method == tr.METHOD_UNARY:
+            parts += (tr.RPC_ATTRS[span.method], tr.attr_int(tr.K_STATUS_CODE, code))
         parts.append(span.who)
-        if validated:
-            assert lookup is not None
+        if lookup.identity is not None:
             parts += (tr.DOMAIN_ATTRS[lookup.domain], tr.attr_str(tr.K_AMC, lookup.amc))
         parts.append(tr.OUTCOME_ATTRS[outcome])
-        if validated:
-            assert lookup is not None and lookup.identity is not None
+        if lookup.identity is not None:
             parts.append(tr.attr_str(tr.K_BENEFICIARY, self._keys.pseudonym(lookup.identity).hex()))
         if state is not None:
             profile = practitioner.quota
@@ -502,17 +460,19 @@ class Gate:
                 tr.attr_int(tr.K_DAILY_REMAINING, max(0, profile.daily_limit - state.daily_count)),
                 tr.attr_int(tr.K_DISTINCT_TODAY, state.distinct_count),
             )
-        fired = lookup is not None and lookup.guard_fired
-        parts.append(tr.GUARD_ATTRS[fired])
-        if lookup is not None and lookup.would_deny:
+        parts.append(tr.GUARD_ATTRS[lookup.guard_fired])
+        if lookup.would_deny:
             parts.append(tr.WOULD_DENY_ATTRS[lookup.would_deny])
         end = span.start + time.perf_counter_ns() - span.t0
-        if child:
+        if span.method == tr.METHOD_BATCH:
             parent, span_id = span.span_id, self.new_span_id()
-            kind = tr.KIND_INTERNAL
+            name, kind = tr.LOOKUP_SPAN_NAME, tr.KIND_INTERNAL
+        elif span.method == tr.METHOD_UNARY:
+            parent, span_id = span.parent, span.span_id
+            name, kind = tr.RPC_SPAN_NAMES[tr.METHOD_UNARY], tr.KIND_SERVER
         else:
             parent, span_id = span.parent, span.span_id
-            kind = tr.KIND_SERVER if method == tr.METHOD_UNARY else tr.KIND_INTERNAL
+            name, kind = tr.LOOKUP_SPAN_NAME, tr.KIND_INTERNAL
         self.add_span(
             tr.encode_span(
                 span.trace_id,
@@ -520,10 +480,10 @@ class Gate:
                 parent,
                 name,
                 kind,
-                span_start,
+                start,
                 end,
                 b"".join(parts),
-                tr.guard_events(end) if fired else b"",
+                tr.guard_events(end) if lookup.guard_fired else b"",
             )
         )
 
@@ -760,12 +720,13 @@ class Gate:
 
 
 class _Span:
-    """One traced call: its trace, ids, the caller's attributes and its clock."""
+    """One traced call: its method, trace and span ids, the caller's attributes and its clock."""
 
-    __slots__ = ("parent", "profession", "span_id", "start", "t0", "trace_id", "who")
+    __slots__ = ("method", "parent", "profession", "span_id", "start", "t0", "trace_id", "who")
 
     def __init__(
         self,
+        method: int,
         trace_id: bytes,
         span_id: bytes,
         parent: bytes,
@@ -774,6 +735,7 @@ class _Span:
         start: int,
         t0: int,
     ) -> None:
+        self.method = method
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent = parent

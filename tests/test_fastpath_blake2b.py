@@ -112,3 +112,25 @@ def test_the_shipped_gate_has_no_test_hooks() -> None:
     gate_c = pytest.importorskip("fastpath._gate_c")
     hooks = [name for name in dir(gate_c) if "for_tests" in name or "use_ni" in name]
     assert hooks == []
+
+
+def test_the_timing_hooks_time_and_are_bounds_checked() -> None:
+    """bench.micro's stage table times the hashes in C; what they measure is not tested here
+    (timing never decides a test), only that they run and refuse what they cannot hash."""
+    key = b"k" * 32
+    assert hashes.time_blake2b(b"x" * 22, 16, key, b"", b"cg.store.v1", True, 10) > 0
+    assert hashes.time_blake2b(b"x" * 9, 16, key, b"s" * 16, b"cg.member.v1", False, 10) > 0
+    assert hashes.time_hmac_sha256(key, b"m" * 60, 10) > 0
+    assert hashes.time_siphash24(b"k" * 16, b"m" * 16, 10) > 0
+    for bad in (
+        lambda: hashes.time_blake2b(b"", 16, key, b"", b"", True, 10),
+        lambda: hashes.time_blake2b(b"x" * 257, 16, key, b"", b"", True, 10),
+        lambda: hashes.time_blake2b(b"x", 65, key, b"", b"", True, 10),
+        lambda: hashes.time_blake2b(b"x", 16, b"", b"", b"", True, 10),
+        lambda: hashes.time_blake2b(b"x", 16, key, b"s" * 17, b"", True, 10),
+        lambda: hashes.time_blake2b(b"x", 16, key, b"", b"", True, 0),
+        lambda: hashes.time_hmac_sha256(key, b"m" * 257, 10),
+        lambda: hashes.time_siphash24(b"k" * 15, b"m", 10),
+    ):
+        with pytest.raises(ValueError):
+            bad()
