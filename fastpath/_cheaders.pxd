@@ -46,6 +46,22 @@ cdef extern from "cg_quota.h" nogil:
     void cg_roll_day(cg_slot* s, uint32_t today)
     int cg_seen_or_add(cg_slot* s, uint64_t fp, int may_add, int* added)
     unsigned int CG_FLAG_SUSPENDED
+    ctypedef struct cg_credit:
+        uint32_t day
+        uint32_t daily
+        uint32_t distinct
+        uint32_t rate_tokens
+        int64_t rate_expiry_ms
+        int64_t lease_expiry_ms
+        uint32_t used
+        uint32_t outcomes_len
+        uint64_t outcomes_bits
+        uint32_t ring_len
+        uint32_t reserved
+        uint64_t epoch
+        uint64_t ring[1]
+    int CG_CREDIT_RING
+    void cg_credit_roll_day(cg_credit* c, uint32_t today)
 
 # Not headers of ours, but C all the same: a CPython macro Cython does not declare, and the
 # compiler's popcount (one instruction where the CPU has it).

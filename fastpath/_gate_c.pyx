@@ -50,6 +50,7 @@ from fastpath import quota, rules
 from fastpath import trace as _trace
 
 from fastpath._cheaders cimport (
+    CG_CREDIT_RING,
     CG_FLAG_SUSPENDED,
     CG_LOCK_ENTRY,
     EBUSY,
@@ -60,6 +61,8 @@ from fastpath._cheaders cimport (
     cg_blake2b_init,
     cg_blake2b_state,
     cg_blake2b_update,
+    cg_credit,
+    cg_credit_roll_day,
     cg_hmac_sha256,
     cg_hmac_sha256_key,
     cg_hmac_sha256_setkey,
@@ -116,6 +119,14 @@ cdef class Gate:
     cdef unsigned char[::1] _quota_map
     cdef unsigned char[::1] _quota_locks
     cdef long long _quota_slots
+    # With [cluster]: this host's credit per slot (fastpath.quota.CreditFile), its mapping.
+    cdef object _credit
+    cdef unsigned char[::1] _credit_map
+    cdef long long _credit_slots
+    # The last call's lookups set aside for want of credit (their indexes), and how many of its
+    # outcomes were bad for the guard (the server reports those to the global guard).
+    cdef public list short
+    cdef public long long last_bad
     cdef readonly Py_ssize_t max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
@@ -132,8 +143,10 @@ cdef class Gate:
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
                  attestation_ttl=7 * 86400, quota=None,  # no-cython-lint
-                 trace=False, trace_seed=None):  # (`quota` is the keyword callers use)
+                 trace=False, trace_seed=None, credit=None):  # (`quota`: callers' keyword)
         rules.require_upb()
+        if credit is not None and quota is None:
+            raise ValueError("cluster credit needs the quota file it is locked with")
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
@@ -156,6 +169,13 @@ cdef class Gate:
             self._quota_map = quota.map
             self._quota_locks = quota.locks_map
             self._quota_slots = quota.slots
+        self._credit = credit
+        self._credit_slots = -1
+        if credit is not None:
+            self._credit_map = credit.map
+            self._credit_slots = credit.slots
+        self.short = []
+        self.last_bad = 0
 
     def __dealloc__(self):
         PyMem_Free(self._spans.framed.data)
@@ -167,6 +187,9 @@ cdef class Gate:
         self._quota_map = None
         self._quota_locks = None
         self._quota_slots = 0
+        self._credit = None
+        self._credit_map = None
+        self._credit_slots = -1
         self._closed = True
 
     @property
@@ -178,29 +201,36 @@ cdef class Gate:
     cdef bint _view(self, object practitioner, Caller* c) except -1:
         """Fill `c` (quota.pxi); True when the caller's quota state cannot be reached."""
         return _caller_view(practitioner, c, self._closed, self._quota is not None,
-                            self._quota_slots)
+                            self._quota_slots, self._credit_slots)
 
     cdef int _lock(self, object today, object now, Caller* c) except -1:
         """Take the caller's quota slot (if it has one) for the whole call, rolled to `today`."""
         if c.slot_index < 0:
             return 0
-        return _lock_slot(c, today, now, &self._quota_map[0], &self._quota_locks[0])
+        return _lock_slot(c, today, now, &self._quota_map[0], &self._quota_locks[0],
+                          &self._credit_map[0] if self._credit is not None else NULL)
 
     # -- entry points
     #
     # With tracing on (self.trace), each also writes its spans (fastpath.trace) to
     # self._spans; the decisions and the bytes returned are the same either way.
 
-    def check(self, practitioner, request, today, now, *, trace=None):
-        """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
-        return self._single(practitioner, request, today, now, trace, METHOD_UNARY)
+    def check(self, practitioner, request, today, now, *, trace=None,
+              int credit_mode=CREDIT_SPEND):
+        """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status); with cluster
+        credit, (SHORT, b"") when the lookup was set aside for want of it."""
+        return self._single(practitioner, request, today, now, trace, METHOD_UNARY,
+                            credit_mode)
 
-    def check_item(self, practitioner, request, today, now, *, trace=None):
-        """A stream message: always a CheckCoverageResponse, refusals in `error`."""
-        return self._single(practitioner, request, today, now, trace, METHOD_STREAM)
+    def check_item(self, practitioner, request, today, now, *, trace=None,
+                   int credit_mode=CREDIT_SPEND):
+        """A stream message: always a CheckCoverageResponse, refusals in `error`; with
+        cluster credit, b"" when the lookup was set aside for want of it."""
+        return self._single(practitioner, request, today, now, trace, METHOD_STREAM,
+                            credit_mode)
 
     cdef object _single(self, object practitioner, object request, object today, object now,
-                        object trace, int method):
+                        object trace, int method, int credit_mode):
         """One request: check()'s (code, bytes) for METHOD_UNARY; check_item()'s response,
         refusal included, for METHOD_STREAM. A request that does not parse is still an
         attempt: it spends the caller's rate and counts as bad for the guard."""
@@ -214,6 +244,8 @@ cdef class Gate:
         cdef bint unary = method == METHOD_UNARY
         out.data = scratch.data = NULL
         out.size = out.capacity = scratch.size = scratch.capacity = 0
+        self.short = []
+        self.last_bad = 0
         try:
             if traced:
                 # Held for the call: t.who points into these bytes.
@@ -229,6 +261,7 @@ cdef class Gate:
                 owner = _load_request(request, &r)
                 if owner is not None:
                     read = &r
+                c.mode = credit_mode
                 with self._env.begin(db=self._rights_db, buffers=False) as txn:
                     try:
                         self._lock(today, now, &c)
@@ -240,6 +273,9 @@ cdef class Gate:
                         else:
                             status = self._decide(read, txn.get, today, practitioner, now, &out,
                                                   &c, amcs, None)
+                        if c.code == _SHORT:
+                            self.short = [0]
+                            return (_SHORT, b"") if unary else b""
                         if traced:
                             self._lookup_span(&scratch, &t, read, &c, method, c.code, span_id,
                                               False, t.t0)
@@ -261,11 +297,14 @@ cdef class Gate:
         c.outcome = O_QUOTA_STATE
         return rules.QUOTA_STATE_UNAVAILABLE
 
-    def check_batch(self, practitioner, request, today, now, *, trace=None):
+    def check_batch(self, practitioner, request, today, now, *, trace=None,
+                    int credit_mode=CREDIT_SPEND):
         """A batch: (OK, CheckCoverageBatchResponse), or (code, google.rpc.Status)
         for the whole batch. A batch refused whole (malformed, oversize) is one attempt,
         metered like a lookup; an oversize one is refused after counting at most
-        max_batch_items + 1 items, whatever follows."""
+        max_batch_items + 1 items, whatever follows. With cluster credit, an item set aside
+        for want of it is an empty item, its index in self.short (a batch refused whole is set
+        aside whole: code SHORT)."""
         cdef Request r
         cdef Buf out, item, scratch
         cdef Caller c
@@ -280,7 +319,10 @@ cdef class Gate:
         cdef bint canonical = False
         cdef bint traced = self.trace
         cdef long long item_t0 = 0
+        cdef Py_ssize_t index = 0
 
+        self.short = []
+        self.last_bad = 0
         out.data = item.data = scratch.data = NULL
         out.size = out.capacity = item.size = item.capacity = 0
         scratch.size = scratch.capacity = 0
@@ -299,6 +341,7 @@ cdef class Gate:
                 return c.code, status
 
             owner, whole = _load_batch(request, self.max_batch_items, &count, &canonical)
+            c.mode = credit_mode
             with self._env.begin(db=self._rights_db, buffers=False) as txn:
                 get = txn.get
                 try:
@@ -306,6 +349,9 @@ cdef class Gate:
                     if whole is not None:
                         status = self._decide(NULL, None, today, practitioner, now, &item,
                                               &c, amcs, whole)
+                        if c.code == _SHORT:
+                            self.short = [0]
+                            return _SHORT, b""
                         if traced:
                             self._lookup_span(&scratch, &t, NULL, &c, METHOD_BATCH, c.code,
                                               rpc_span, True, t.t0)
@@ -321,6 +367,12 @@ cdef class Gate:
                             item.size = 0
                             status = self._decide(&r, get, today, practitioner, now, &item,
                                                   &c, amcs, None)
+                            if c.code == _SHORT:
+                                self.short.append(index)
+                                index += 1
+                                _put_len_field(&out, TAG_ITEMS, NULL, 0)
+                                continue
+                            index += 1
                             if traced:
                                 self._lookup_span(&scratch, &t, &r, &c, METHOD_BATCH, c.code,
                                                   rpc_span, True, item_t0)
@@ -427,6 +479,7 @@ cdef class Gate:
         like an invalid lookup.
         """
         cdef long long wait_ms
+        cdef int lacking
         cdef bint bad
         c.code = 0
         c.found = MATCH_NONE
@@ -438,6 +491,13 @@ cdef class Gate:
             c.code = _PERMISSION_DENIED
             c.outcome = O_SUSPENDED
             return rules.PRACTITIONER_SUSPENDED
+
+        # 0'. With cluster credit: a rate token and daily credit this host holds, or the lookup
+        # is set aside (or refused) before anything is spent.
+        if c.credit != NULL:
+            lacking = _credit_short(c)
+            if lacking and c.mode != CREDIT_OPEN:
+                return self._without_credit(c, lacking, today, now)
 
         # 1. Rate (GCRA) counts every attempt, valid or not.
         wait_ms = _spend_rate(c)
@@ -461,7 +521,28 @@ cdef class Gate:
             bad = c.code == _INVALID_ARGUMENT or c.found == MATCH_NONE
             if _guard(c, bad):
                 self.suspensions.append(practitioner.practitioner_id)
+            if c.credit != NULL:
+                _credit_outcome(c, bad)
+                self.last_bad += bad
         return status
+
+    cdef object _without_credit(self, Caller* c, int outcome, object today, object now):
+        """A lookup this host holds no credit for, as c.mode says: set aside (c.code SHORT),
+        refused as the limit refuses, or refused for want of the shared quota backend."""
+        if c.mode == CREDIT_SPEND:
+            c.code = _SHORT
+            return b""
+        c.code = _UNAVAILABLE if c.mode == CREDIT_BACKEND else _RESOURCE_EXHAUSTED
+        if c.mode == CREDIT_BACKEND:
+            c.outcome = O_BACKEND
+            return rules.QUOTA_BACKEND_UNAVAILABLE
+        c.outcome = outcome
+        if outcome == O_RATE:
+            return rules.quota_status(rules.REASON_RATE, 1)
+        return rules.quota_status(
+            rules.REASON_DAILY if outcome == O_DAILY else rules.REASON_DISTINCT,
+            rules.day_retry_seconds(today, now),
+        )
 
     cdef object _evaluate(self, const Request* r, object txn_get, object today,
                           object practitioner, object now, Buf* out, Caller* c,
@@ -521,6 +602,8 @@ cdef class Gate:
 
         # 4. Daily lookups and distinct beneficiaries: check both, then count both.
         refused = _count_lookup(c, digest)
+        if refused == CREDIT_SHORT:
+            return self._without_credit(c, O_DISTINCT, today, now)
         if refused:
             c.code = _RESOURCE_EXHAUSTED
             c.outcome = refused

@@ -18,12 +18,15 @@ from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
 from fastpath import trace as tr
 from fastpath.quota import (
+    CREDIT_RING,
     FLAG_SUSPENDED,
     MAX_DISTINCT_LIMIT,
     SHADOW_DAILY,
     SHADOW_DISTINCT,
     SHADOW_GUARD,
     SHADOW_RATE,
+    CreditFile,
+    CreditState,
     QuotaFile,
     QuotaProfile,
     SlotState,
@@ -67,10 +70,22 @@ class Gate:
         quota: QuotaFile | None = None,
         trace: bool = False,
         trace_seed: int | None = None,
+        credit: CreditFile | None = None,
     ) -> None:
         rules.require_upb()
+        if credit is not None and quota is None:
+            raise ValueError("cluster credit needs the quota file it is locked with")
         self._env = env
         self._quota = quota
+        # With [cluster]: this host's credit per slot, spent under the slot's mutex.
+        self._credit = credit
+        self._cs: CreditState | None = None  # the locked slot's credit, during a call
+        self._mode = rules.CREDIT_SPEND
+        self._saved_rate = (0, 0)
+        # The last call's lookups set aside for want of credit (their indexes), and how many of
+        # its outcomes were bad for the guard (the server reports those to the global guard).
+        self.short: list[int] = []
+        self.last_bad = 0
         # Closed (replaced): every call refuses. A closed gate never means "no quotas".
         self._closed = False
         self._rights_db = rights_db
@@ -97,6 +112,7 @@ class Gate:
         call is refused QUOTA_STATE_UNAVAILABLE: a caller still holding a replaced gate must never
         be answered unmetered."""
         self._quota = None
+        self._credit = None
         self._closed = True
 
     @property
@@ -113,6 +129,7 @@ class Gate:
             practitioner.slot < 0
             or practitioner.quota is None
             or practitioner.slot >= self._quota.slots
+            or (self._credit is not None and practitioner.slot >= self._credit.slots)
         )
 
     @contextmanager
@@ -121,14 +138,21 @@ class Gate:
         if self._quota is None or practitioner.slot < 0 or practitioner.quota is None:
             yield None
             return
-        quota, slot = self._quota, practitioner.slot
+        quota, slot, credit = self._quota, practitioner.slot, self._credit
         quota.lock(slot)
         try:
             state = quota.read(slot)
             quota.roll_day(slot, state, today)
+            if credit is not None:
+                self._cs = credit.read(slot)
+                credit.roll_day(self._cs, today)
             yield state
             quota.write(slot, state)
+            if credit is not None:
+                assert self._cs is not None
+                credit.write(slot, self._cs)
         finally:
+            self._cs = None
             quota.unlock(slot)
 
     # -- entry points ------------------------------------------------------------------------------
@@ -144,11 +168,15 @@ class Gate:
         now: float,
         *,
         trace: tuple[bytes, bytes] | None = None,
+        credit_mode: int = rules.CREDIT_SPEND,
     ) -> tuple[int, bytes]:
-        """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status)."""
+        """A unary call: (OK, CheckCoverageResponse) or (code, google.rpc.Status); with cluster
+        credit, (SHORT, b"") when the lookup was set aside for want of it."""
         _req, code, payload = self._single(
-            tr.METHOD_UNARY, practitioner, request, today, now, trace
+            tr.METHOD_UNARY, practitioner, request, today, now, trace, credit_mode
         )
+        if code == rules.SHORT:
+            return code, b""
         if code == OK:
             assert isinstance(payload, pb.CheckCoverageResponse)
             return OK, payload.SerializeToString()
@@ -163,11 +191,15 @@ class Gate:
         now: float,
         *,
         trace: tuple[bytes, bytes] | None = None,
+        credit_mode: int = rules.CREDIT_SPEND,
     ) -> bytes:
-        """A stream message: always a CheckCoverageResponse, refusals carried in `error`."""
+        """A stream message: always a CheckCoverageResponse, refusals carried in `error`; with
+        cluster credit, b"" when the lookup was set aside for want of it."""
         req, code, payload = self._single(
-            tr.METHOD_STREAM, practitioner, request, today, now, trace
+            tr.METHOD_STREAM, practitioner, request, today, now, trace, credit_mode
         )
+        if code == rules.SHORT:
+            return b""
         if req is None:
             assert isinstance(payload, bytes)
             return self._error_response("", payload).SerializeToString()
@@ -181,11 +213,13 @@ class Gate:
         today: int,
         now: float,
         context: tuple[bytes, bytes] | None,
+        credit_mode: int = rules.CREDIT_SPEND,
     ) -> tuple[pb.CheckCoverageRequest | None, int, pb.CheckCoverageResponse | bytes]:
         """One request, for check and check_item: (the parsed request, or None when it does not
         parse; the code; the response or the google.rpc.Status). A request that does not parse
         is still an attempt: it spends the caller's rate and counts as bad for the guard.
         Traced, its lookup span is a unary call's SERVER span, or a stream message's."""
+        self.short, self.last_bad, self._mode = [], 0, credit_mode
         span = self._begin(method, practitioner, now, context)
         if self._state_missing(practitioner):
             code, status = rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
@@ -202,7 +236,9 @@ class Gate:
             code, payload = self._decide(
                 txn, practitioner, req, today, now, state, lookup, whole=whole
             )
-            if span is not None:
+            if code == rules.SHORT:
+                self.short = [0]
+            elif span is not None:
                 self._lookup_span(span, code, payload, lookup, practitioner, state, span.start)
         return req, code, payload
 
@@ -214,11 +250,15 @@ class Gate:
         now: float,
         *,
         trace: tuple[bytes, bytes] | None = None,
+        credit_mode: int = rules.CREDIT_SPEND,
     ) -> tuple[int, bytes]:
         """A batch: (OK, CheckCoverageBatchResponse) or (code, google.rpc.Status) for the whole.
+        With cluster credit, an item set aside for want of it is an empty item, its index in
+        self.short (a batch refused whole is set aside whole: code SHORT).
         A batch refused whole (malformed, oversize) is one attempt, metered like a lookup.
         Traced, every lookup's span is a child of the RPC's SERVER span, and a batch refused
         whole records one lookup span (the refused attempt)."""
+        self.short, self.last_bad, self._mode = [], 0, credit_mode
         span = self._begin(tr.METHOD_BATCH, practitioner, now, trace)
         if self._state_missing(practitioner):
             code, status = rules.UNAVAILABLE, rules.QUOTA_STATE_UNAVAILABLE
@@ -238,10 +278,12 @@ class Gate:
                 code, payload = self._decide(
                     txn, practitioner, None, today, now, state, lookup, whole=whole
                 )
-                if span is not None:
+                if code == rules.SHORT:
+                    self.short = [0]
+                elif span is not None:
                     self._lookup_span(span, code, payload, lookup, practitioner, state, span.start)
             else:
-                for req in batch.items:
+                for index, req in enumerate(batch.items):
                     lookup = None
                     if span is not None:
                         item_start = span.start + time.perf_counter_ns() - span.t0
@@ -249,11 +291,17 @@ class Gate:
                     item_code, item = self._decide(
                         txn, practitioner, req, today, now, state, lookup
                     )
+                    if item_code == rules.SHORT:
+                        self.short.append(index)
+                        out.items.append(pb.CheckCoverageResponse())
+                        continue
                     if span is not None:
                         self._lookup_span(
                             span, item_code, item, lookup, practitioner, state, item_start
                         )
                     out.items.append(self._as_item(req, item_code, item))
+        if code == rules.SHORT:
+            return code, b""
         if span is not None:
             self._rpc_span(span, code, count)
         if batch is None:
@@ -515,6 +563,23 @@ class Gate:
         if state is not None and state.flags & FLAG_SUSPENDED:
             return PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED
 
+        # 0'. With cluster credit: a rate token and daily credit this host holds, or the lookup
+        # is set aside (or refused) before anything is spent.
+        cs = self._cs
+        rate_ok = False
+        if cs is not None:
+            assert state is not None and profile is not None
+            rate_ok = cs.rate_tokens > 0 and now_ms < cs.rate_expiry_ms
+            daily_ok = cs.daily > 0 and now_ms < cs.lease_expiry_ms
+            short = 0
+            if not rate_ok and not profile.shadow & SHADOW_RATE:
+                short = tr.O_RATE
+            elif not daily_ok and not profile.shadow & SHADOW_DAILY:
+                short = tr.O_DAILY
+            if short and self._mode != rules.CREDIT_OPEN:
+                return self._without_credit(short, today, now)
+            self._saved_rate = (state.tat_ms, cs.rate_tokens)
+
         # 1. Rate (GCRA) counts every attempt, valid or not, so floods of garbage are throttled.
         if state is not None:
             assert profile is not None
@@ -529,6 +594,8 @@ class Gate:
                     lookup.would_deny = tr.WD_RATE
             else:
                 state.tat_ms = tat + profile.interval_ms
+            if cs is not None and rate_ok:
+                cs.rate_tokens -= 1
 
         if whole is not None:
             code, payload = INVALID_ARGUMENT, whole
@@ -546,7 +613,26 @@ class Gate:
                 and payload.decision == DECISION_NO_MATCH
             )
             self._guard(practitioner, state, profile, bad, now_ms, lookup)
+            if cs is not None:
+                # For the global guard: reported with the host's next call to Redis.
+                cs.outcomes_bits = ((cs.outcomes_bits << 1) | int(bad)) & tr.MASK64
+                cs.outcomes_len = min(cs.outcomes_len + 1, 64)
+                self.last_bad += int(bad)
         return code, payload
+
+    def _without_credit(
+        self, outcome: int, today: int, now: float
+    ) -> tuple[int, pb.CheckCoverageResponse | bytes]:
+        """A lookup this host holds no credit for, as self._mode says: set aside, refused as
+        the limit refuses, or refused for want of the shared quota backend."""
+        if self._mode == rules.CREDIT_SPEND:
+            return rules.SHORT, b""
+        if self._mode == rules.CREDIT_BACKEND:
+            return rules.UNAVAILABLE, rules.QUOTA_BACKEND_UNAVAILABLE
+        if outcome == tr.O_RATE:
+            return RESOURCE_EXHAUSTED, rules.quota_status(rules.REASON_RATE, 1)
+        reason = rules.REASON_DAILY if outcome == tr.O_DAILY else rules.REASON_DISTINCT
+        return RESOURCE_EXHAUSTED, rules.quota_status(reason, rules.day_retry_seconds(today, now))
 
     def _guard(
         self,
@@ -652,6 +738,21 @@ class Gate:
                     lookup.would_deny = tr.WD_DAILY
             fp = fingerprint(storage_key)
             full = state.distinct_count >= profile.distinct_limit
+            cs = self._cs
+            lease_ok = False
+            if cs is not None:
+                now_ms = int(now * 1000)
+                lease_ok = now_ms < cs.lease_expiry_ms
+                # A beneficiary new to this host needs a distinct slot of the cluster's.
+                if (
+                    not (cs.distinct > 0 and lease_ok)
+                    and not profile.shadow & SHADOW_DISTINCT
+                    and self._mode != rules.CREDIT_OPEN
+                    and not self._quota.seen_or_add(practitioner.slot, fp, may_add=False)[0]
+                ):
+                    if self._mode == rules.CREDIT_SPEND:
+                        state.tat_ms, cs.rate_tokens = self._saved_rate
+                    return self._without_credit(tr.O_DISTINCT, today, now)
             seen, added = self._quota.seen_or_add(
                 practitioner.slot,
                 fp,
@@ -668,6 +769,16 @@ class Gate:
             state.daily_count = min(state.daily_count + 1, 0xFFFFFFFF)
             if added:
                 state.distinct_count += 1
+            if cs is not None:
+                if cs.daily > 0 and lease_ok:
+                    cs.daily -= 1
+                cs.used = min(cs.used + 1, 0xFFFFFFFF)
+                if added:
+                    if cs.distinct > 0 and lease_ok:
+                        cs.distinct -= 1
+                    if cs.ring_len < CREDIT_RING:
+                        assert self._credit is not None
+                        self._credit.push(practitioner.slot, cs, fp)
 
         # 5. Read the store: one LMDB get.
         self.store_reads += 1

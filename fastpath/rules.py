@@ -590,6 +590,14 @@ REASON_ROLE = "ROLE_NOT_ALLOWED"
 REASON_DEADLINE = "DEADLINE_EXCEEDED"
 REASON_BACKLOG = "AUDIT_BACKLOG"
 REASON_CANCELLED = "CANCELLED"
+REASON_BACKEND = "QUOTA_BACKEND_UNAVAILABLE"
+
+# With [cluster]: how a gate treats a lookup its host holds no credit for (fastpath.quota's credit
+# file). SPEND: set it aside (code SHORT, nothing counted) so that the server fetches credit and
+# asks again; LIMIT: Redis granted what it could, refuse as the limit refuses; BACKEND: Redis is
+# unreachable, refuse QUOTA_BACKEND_UNAVAILABLE; OPEN: fail-open (an explicit opt-in): admit.
+CREDIT_SPEND, CREDIT_LIMIT, CREDIT_BACKEND, CREDIT_OPEN = 0, 1, 2, 3
+SHORT = -1  # the code of a lookup set aside for want of credit (never sent to a client)
 
 DOMAIN_OUT_OF_SCOPE = error_info_status(
     PERMISSION_DENIED, REASON_DOMAIN, "this care domain is outside the practitioner's profession"
@@ -613,6 +621,12 @@ AUDIT_BACKLOG = status_bytes(
     "the audit trail is behind; retry shortly",
     error_details_pb2.ErrorInfo(reason=REASON_BACKLOG, domain=ERROR_DOMAIN),
     error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=5)),
+)
+QUOTA_BACKEND_UNAVAILABLE = status_bytes(
+    UNAVAILABLE,
+    "the shared quota backend is unreachable and this host's credit is spent; retry shortly",
+    error_details_pb2.ErrorInfo(reason=REASON_BACKEND, domain=ERROR_DOMAIN),
+    error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2)),
 )
 DEADLINE_PASSED = error_info_status(
     DEADLINE_EXCEEDED, REASON_DEADLINE, "the call's deadline had passed before it was decided"

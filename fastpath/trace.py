@@ -45,6 +45,7 @@ OUTCOMES = (
     rules.REASON_DEADLINE,
     rules.REASON_BACKLOG,
     rules.REASON_CANCELLED,
+    rules.REASON_BACKEND,
 )
 (
     O_COVERED,
@@ -63,6 +64,7 @@ OUTCOMES = (
     O_DEADLINE,
     O_BACKLOG,
     O_CANCELLED,
+    O_BACKEND,
 ) = range(len(OUTCOMES))
 N_OUTCOMES = len(OUTCOMES)
 DECISION_OUTCOMES = {

@@ -438,3 +438,167 @@ def test_a_corrupted_guard_window_length_is_mended_alike(
     finally:
         for f in files:
             f.close()
+
+
+# -- several hosts: spending cluster credit, differential ------------------------------------------
+
+credit_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("call"),
+            st.sampled_from(["check", "check_item", "check_batch"]),
+            st.one_of(
+                st.lists(st.sampled_from(REQUESTS), min_size=1, max_size=4),
+                st.sampled_from(RAW_MESSAGES),
+            ),
+            st.sampled_from([0, 0, 0, 1, 2, 3]),  # rules.CREDIT_SPEND .. CREDIT_OPEN
+        ),
+        st.tuples(
+            st.just("grant"),
+            st.integers(0, 4),  # daily
+            st.integers(0, 3),  # distinct
+            st.integers(0, 4),  # rate tokens
+            st.sampled_from([500, 5000, 60_000]),  # lease, ms
+        ),
+        st.tuples(st.just("clock"), st.sampled_from([0.3, 2.5, 20.0, 86400.0])),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(profile=profiles, steps=credit_steps, traced=st.booleans())
+def test_cluster_credit_is_spent_identically_in_c_and_python(
+    cython_gate_module: ModuleType,
+    python_gate_module: ModuleType,
+    rights_env: RightsStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    profile: QuotaProfile,
+    steps: list[tuple[Any, ...]],
+    traced: bool,
+) -> None:
+    """Both gates spend a host's cluster credit alike: what is set aside (SHORT) and what is
+    refused in each credit mode, the tokens, leases and their expiry on the gate's clock, the
+    report ring and outcomes, and every byte of both files."""
+    from fastpath.quota import CreditFile
+
+    tmp = tmp_path_factory.mktemp("credit")
+    files = [QuotaFile(tmp / f"q{i}", 4) for i in range(2)]
+    credits = [CreditFile(tmp / f"c{i}", 4) for i in range(2)]
+    gates: list[Any] = []
+    try:
+        gates += [
+            m.Gate(
+                rights_env.env,
+                rights_env.db,
+                rights_env.keys,
+                quota=f,
+                credit=c,
+                trace=traced,
+                trace_seed=7,
+                max_batch_items=3,
+            )
+            for m, f, c in zip(
+                (cython_gate_module, python_gate_module), files, credits, strict=True
+            )
+        ]
+        p = practitioner(profile, slot=2, domains=rules.ALL_DOMAINS & ~(1 << 5))
+        now = float(NOW)
+        for step in steps:
+            today = TODAY + int((now - NOW) // 86400)
+            if step[0] == "clock":
+                now += step[1]
+                continue
+            if step[0] == "grant":
+                _, daily, distinct, tokens, lease = step
+                for f, c in zip(files, credits, strict=True):
+                    f.lock(p.slot)
+                    try:
+                        state = c.read(p.slot)
+                        c.roll_day(state, today)
+                        state.daily += daily
+                        state.distinct += distinct
+                        state.rate_tokens += tokens
+                        state.lease_expiry_ms = int(now * 1000) + lease
+                        state.rate_expiry_ms = int(now * 1000) + min(lease, 1000)
+                        c.write(p.slot, state)
+                    finally:
+                        f.unlock(p.slot)
+                continue
+            _, method, requests, mode = step
+            if isinstance(requests, bytes):
+                args = requests
+            elif method == "check_batch":
+                args = pb.CheckCoverageBatchRequest(
+                    items=[pb.CheckCoverageRequest.FromString(r) for r in requests]
+                ).SerializeToString()
+            else:
+                args = requests[0]
+            results = [getattr(g, method)(p, args, today, now, credit_mode=mode) for g in gates]
+            assert results[0] == results[1], (method, mode)
+            assert gates[0].short == gates[1].short
+            assert gates[0].last_bad == gates[1].last_bad
+            if traced:
+                spans = [masked_spans(g.take_spans()) for g in gates]
+                assert spans[0] == spans[1], method
+                assert gates[0].lookup_counts() == gates[1].lookup_counts()
+            assert gates[0].suspensions == gates[1].suspensions
+            assert gates[0].store_reads == gates[1].store_reads
+            assert files[0].map[:] == files[1].map[:]
+            assert credits[0].map[:] == credits[1].map[:]
+    finally:
+        for g in gates:
+            g.close()
+        for f in (*files, *credits):
+            f.close()
+
+
+def test_a_lookup_without_credit_is_set_aside_then_refused_as_the_mode_says(
+    gate_module: ModuleType, rights_env: RightsStore, tmp_path: Path
+) -> None:
+    from fastpath.quota import CreditFile
+
+    quota, credit = QuotaFile(tmp_path / "q", 8), CreditFile(tmp_path / "c", 8)
+    gate = gate_module.Gate(rights_env.env, rights_env.db, rights_env.keys, quota=quota,
+                            credit=credit)  # fmt: skip
+    try:
+        p = practitioner()
+        assert gate.check(p, covered_request(), TODAY, NOW) == (rules.SHORT, b"")
+        state = quota.read(p.slot)  # nothing spent
+        assert gate.short == [0] and state.day == TODAY
+        assert (state.tat_ms, state.daily_count, state.window_len) == (0, 0, 0)
+        assert gate.check(p, covered_request(), TODAY, NOW, credit_mode=rules.CREDIT_BACKEND) == (
+            rules.UNAVAILABLE,
+            rules.QUOTA_BACKEND_UNAVAILABLE,
+        )
+        code, payload = gate.check(p, covered_request(), TODAY, NOW, credit_mode=rules.CREDIT_LIMIT)
+        assert code == rules.RESOURCE_EXHAUSTED and reason_of(payload) == rules.REASON_RATE
+        assert gate.check(p, covered_request(), TODAY, NOW, credit_mode=rules.CREDIT_OPEN)[0] == (
+            rules.OK
+        )
+        # Credit granted: spent, and what was spent is there to report.
+        quota.lock(p.slot)
+        state = credit.read(p.slot)
+        state.daily, state.distinct, state.rate_tokens = 2, 1, 5
+        state.lease_expiry_ms = state.rate_expiry_ms = NOW * 1000 + 60_000
+        credit.write(p.slot, state)
+        quota.unlock(p.slot)
+        batch = pb.CheckCoverageBatchRequest(
+            items=[pb.CheckCoverageRequest.FromString(covered_request(i)) for i in (1, 1, 2)]
+        ).SerializeToString()
+        code, payload = gate.check_batch(p, batch, TODAY, NOW)
+        assert code == rules.OK and gate.short == [2]  # a third lookup, with daily credit spent
+        items = pb.CheckCoverageBatchResponse.FromString(payload).items
+        assert [i.decision for i in items[:2]] == [rules.DECISION_COVERED] * 2
+        assert items[2] == pb.CheckCoverageResponse()
+        state = credit.read(p.slot)
+        assert (state.daily, state.distinct, state.rate_tokens) == (0, 0, 3)
+        assert state.used == 3 and state.ring_len == 2  # the OPEN one too; two new people
+        assert state.outcomes_len == 3 and state.outcomes_bits == 0
+    finally:
+        gate.close()
+        quota.close()
+        credit.close()

@@ -103,6 +103,7 @@ _OK = rules.OK
 _INVALID_ARGUMENT = rules.INVALID_ARGUMENT
 _PERMISSION_DENIED = rules.PERMISSION_DENIED
 _UNAVAILABLE = rules.UNAVAILABLE
+_SHORT = rules.SHORT
 _RESOURCE_EXHAUSTED = rules.RESOURCE_EXHAUSTED
 
 
@@ -137,7 +138,7 @@ if (quota.SHADOW_RATE, quota.SHADOW_DAILY, quota.SHADOW_DISTINCT, quota.SHADOW_G
     quota.HEADER_SIZE != QUOTA_HEADER_SIZE or quota.LOCK_ENTRY != CG_LOCK_ENTRY
 ) or rules.PRACTITIONER_VIEW.size + quota.PROFILE_VIEW.size != sizeof(View) or (
     rules.AMC_VIEW_ENTRY != AMC_VIEW_ENTRY
-):
+) or quota.CREDIT_ENTRY != sizeof(cg_credit) or quota.CREDIT_RING != CG_CREDIT_RING:
     raise ImportError("fastpath._gate_c is out of date with fastpath.quota")
 
 
@@ -155,7 +156,14 @@ cdef enum:
     O_DAILY = 8
     O_DISTINCT = 9
     O_QUOTA_STATE = 10
-    N_OUTCOMES = 16
+    O_BACKEND = 16
+    N_OUTCOMES = 17
+    # _count_lookup: a new beneficiary this host holds no cluster distinct credit for.
+    CREDIT_SHORT = 100
+    CREDIT_SPEND = 0
+    CREDIT_LIMIT = 1
+    CREDIT_BACKEND = 2
+    CREDIT_OPEN = 3
     N_PROFESSIONS = 11
     WD_NONE = 0
     WD_RATE = 1
@@ -174,9 +182,12 @@ cdef enum:
 if (
     (_trace.O_COVERED, _trace.O_NOT_COVERED, _trace.O_NO_MATCH, _trace.O_INVALID,
      _trace.O_DOMAIN, _trace.O_AMC, _trace.O_SUSPENDED, _trace.O_RATE, _trace.O_DAILY,
-     _trace.O_DISTINCT, _trace.O_QUOTA_STATE, _trace.N_OUTCOMES, _trace.N_PROFESSIONS)
+     _trace.O_DISTINCT, _trace.O_QUOTA_STATE, _trace.O_BACKEND, _trace.N_OUTCOMES,
+     _trace.N_PROFESSIONS)
     != (O_COVERED, O_NOT_COVERED, O_NO_MATCH, O_INVALID, O_DOMAIN, O_AMC, O_SUSPENDED,
-        O_RATE, O_DAILY, O_DISTINCT, O_QUOTA_STATE, N_OUTCOMES, N_PROFESSIONS)
+        O_RATE, O_DAILY, O_DISTINCT, O_QUOTA_STATE, O_BACKEND, N_OUTCOMES, N_PROFESSIONS)
+    or (rules.CREDIT_SPEND, rules.CREDIT_LIMIT, rules.CREDIT_BACKEND, rules.CREDIT_OPEN)
+    != (CREDIT_SPEND, CREDIT_LIMIT, CREDIT_BACKEND, CREDIT_OPEN)
     or (_trace.WD_RATE, _trace.WD_DAILY, _trace.WD_DISTINCT, _trace.WD_GUARD)
     != (WD_RATE, WD_DAILY, WD_DISTINCT, WD_GUARD)
     or (_trace.METHOD_UNARY, _trace.METHOD_BATCH, _trace.METHOD_STREAM)

@@ -11,6 +11,13 @@ cdef struct Caller:
     cg_slot* slot
     unsigned char* locks
     long long slot_index        # -1: no quota state to take (quotas off)
+    # With [cluster]: this host's credit for the slot (NULL: one host), how to treat a lookup
+    # it holds none for (rules.CREDIT_*), and the rate as it was before this lookup spent it.
+    cg_credit* credit
+    int mode
+    bint rate_ok
+    long long saved_tat
+    uint32_t saved_tokens
     long long now_ms
     long long interval_ms
     long long tolerance_ms
@@ -35,7 +42,7 @@ cdef struct Caller:
 
 
 cdef bint _caller_view(object practitioner, Caller* c, bint closed, bint quotas_on,
-                       long long slots) except -1:
+                       long long slots, long long credit_slots) except -1:
     """Fill `c` from the practitioner's packed view. True when quotas are on (or the gate is
     `closed`) and the caller's state cannot be reached: the call must then be refused."""
     cdef View v
@@ -51,6 +58,8 @@ cdef bint _caller_view(object practitioner, Caller* c, bint closed, bint quotas_
     if not quotas_on:
         return False
     if v.slot < 0 or not v.has_profile or v.slot >= slots:
+        return True
+    if credit_slots >= 0 and v.slot >= credit_slots:
         return True
     c.interval_ms = v.interval_ms
     c.tolerance_ms = v.tolerance_ms
@@ -80,9 +89,10 @@ cdef bint _amc_in(bytes view, const unsigned char* amc, Py_ssize_t n) except -1:
 # -- the slot, locked for the whole call
 
 cdef int _lock_slot(Caller* c, object today, object now, unsigned char* quota_map,
-                    unsigned char* locks) except -1:
+                    unsigned char* locks, unsigned char* credit_map) except -1:
     """Take the caller's quota slot (c.slot_index >= 0) in the mapped quota file for the whole
-    call, rolled to `today`: quota.QuotaFile.lock, read and roll_day."""
+    call, rolled to `today`: quota.QuotaFile.lock, read and roll_day; and its cluster credit
+    (credit_map not NULL), rolled too: quota.CreditFile.read and roll_day."""
     cdef int rc
     cdef uint32_t day
     cdef int overflow = 0
@@ -110,6 +120,10 @@ cdef int _lock_slot(Caller* c, object today, object now, unsigned char* quota_ma
     c.locks = locks
     c.slot = <cg_slot*>(quota_map + QUOTA_HEADER_SIZE + c.slot_index * sizeof(cg_slot))
     cg_roll_day(c.slot, day)
+    if credit_map != NULL:
+        c.credit = <cg_credit*>(credit_map + QUOTA_HEADER_SIZE
+                                + c.slot_index * sizeof(cg_credit))
+        cg_credit_roll_day(c.credit, day)
     return 0
 
 
@@ -117,6 +131,22 @@ cdef inline void _unlock_slot(Caller* c) noexcept:
     if c.slot != NULL:
         cg_slot_unlock(c.locks, c.slot_index)
         c.slot = NULL
+        c.credit = NULL
+
+
+cdef inline int _credit_short(Caller* c) noexcept nogil:
+    """0'. With cluster credit: the outcome (O_RATE, O_DAILY) of a lookup this host holds no
+    valid rate token or daily credit for, or 0. Notes the rate as it was, for a set-aside."""
+    cdef cg_credit* credit = c.credit
+    c.rate_ok = credit.rate_tokens > 0 and c.now_ms < credit.rate_expiry_ms
+    c.saved_tat = c.slot.tat_ms
+    c.saved_tokens = credit.rate_tokens
+    if not c.rate_ok and not c.shadow & SHADOW_RATE:
+        return O_RATE
+    if not (credit.daily > 0 and c.now_ms < credit.lease_expiry_ms) and (
+            not c.shadow & SHADOW_DAILY):
+        return O_DAILY
+    return 0
 
 
 # -- the quota steps of a decision (numbered as in Gate._decide)
@@ -141,17 +171,24 @@ cdef inline long long _spend_rate(Caller* c) noexcept nogil:
         c.would_deny = WD_RATE
     else:
         slot.tat_ms = tat + c.interval_ms
+    if c.credit != NULL and c.rate_ok:
+        c.credit.rate_tokens -= 1
     return 0
 
 
 cdef int _count_lookup(Caller* c, const unsigned char* storage_key) noexcept nogil:
     """4. Daily lookups and distinct beneficiaries (fingerprinted by their storage key): check
     both, then count both. Returns the outcome of a refusal (O_DAILY, O_DISTINCT), counting
-    nothing, or 0 when counted (a shadowed refusal is counted, noted in c.would_deny)."""
+    nothing, or 0 when counted (a shadowed refusal is counted, noted in c.would_deny). With
+    cluster credit, CREDIT_SHORT for a beneficiary new to this host that it holds no distinct
+    credit for (the rate restored when c.mode sets such a lookup aside)."""
     cdef cg_slot* slot = c.slot
+    cdef cg_credit* credit = c.credit
     cdef uint64_t fp = 0
     cdef int added = 0
+    cdef int unused = 0
     cdef bint seen, full, may_add
+    cdef bint lease_ok = False
     if slot == NULL:
         return 0
     if slot.daily_count >= c.daily_limit:
@@ -164,6 +201,15 @@ cdef int _count_lookup(Caller* c, const unsigned char* storage_key) noexcept nog
     if fp == 0:
         fp = 1
     full = slot.distinct_count >= c.distinct_limit
+    if credit != NULL:
+        lease_ok = c.now_ms < credit.lease_expiry_ms
+        # A beneficiary new to this host needs a distinct slot of the cluster's.
+        if (not (credit.distinct > 0 and lease_ok) and not c.shadow & SHADOW_DISTINCT
+                and c.mode != CREDIT_OPEN and not cg_seen_or_add(slot, fp, 0, &unused)):
+            if c.mode == CREDIT_SPEND:
+                slot.tat_ms = c.saved_tat
+                credit.rate_tokens = c.saved_tokens
+            return CREDIT_SHORT
     may_add = ((not full) or (c.shadow & SHADOW_DISTINCT) != 0) and (
         slot.distinct_count < _MAX_DISTINCT_LIMIT)
     seen = cg_seen_or_add(slot, fp, may_add, &added)
@@ -177,7 +223,24 @@ cdef int _count_lookup(Caller* c, const unsigned char* storage_key) noexcept nog
         slot.daily_count += 1
     if added:
         slot.distinct_count += 1
+    if credit != NULL:
+        if credit.daily > 0 and lease_ok:
+            credit.daily -= 1
+        if credit.used < UINT32_MAX:
+            credit.used += 1
+        if added:
+            if credit.distinct > 0 and lease_ok:
+                credit.distinct -= 1
+            if credit.ring_len < CG_CREDIT_RING:
+                credit.ring[credit.ring_len] = fp
+                credit.ring_len += 1
     return 0
+
+
+cdef inline void _credit_outcome(Caller* c, bint bad) noexcept nogil:
+    """For the global guard: this outcome, reported with the host's next call to Redis."""
+    c.credit.outcomes_bits = (c.credit.outcomes_bits << 1) | (1 if bad else 0)
+    c.credit.outcomes_len = c.credit.outcomes_len + 1 if c.credit.outcomes_len < 64 else 64
 
 
 cdef bint _guard(Caller* c, bint bad) noexcept nogil:
