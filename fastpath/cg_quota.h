@@ -115,13 +115,11 @@ typedef struct {
 
 _Static_assert(sizeof(cg_credit) == 64 + 8 * CG_CREDIT_RING, "credit entry layout");
 
-/* Credit of another day is void; the epoch stays (fastpath.quota.CreditFile.roll_day). */
+/* Credit of another day is void, and so is its epoch (fastpath.quota.CreditFile.roll_day). */
 static void cg_credit_roll_day(cg_credit *c, uint32_t today) {
     if (c->day != today) {
-        uint64_t epoch = c->epoch;
         memset(c, 0, 64);
         c->day = today;
-        c->epoch = epoch;
     }
 }
 

@@ -453,7 +453,8 @@ class QuotaFile:
 #   40 u64 outcomes_bits    newest in bit 0; 1 = NO_MATCH or invalid
 #   48 u32 ring_len         new beneficiaries (fingerprints) not yet reported
 #   52 u32 reserved
-#   56 u64 epoch            the Redis state this credit came from (a change: it was lost)
+#   56 u64 epoch            the Redis day state this credit came from (a change within the day:
+#                           Redis lost it, and this host reports its whole day again)
 #   64 u64[CREDIT_RING] ring
 
 CREDIT_MAGIC = b"CGCREDT1"
@@ -530,12 +531,12 @@ class CreditFile:
         )  # fmt: skip
 
     def roll_day(self, state: CreditState, today: int) -> None:
-        """Credit of another day is void (Redis keys credit by day too); the epoch stays."""
+        """Credit of another day is void (Redis keys credit by day too), and so is the epoch of
+        the Redis state it came from."""
         if state.day != today:
-            epoch = state.epoch
             for name in CreditState.__dataclass_fields__:
                 setattr(state, name, 0)
-            state.day, state.epoch = today, epoch
+            state.day = today
 
     def ring(self, slot: int, state: CreditState) -> list[int]:
         start = self.offset(slot) + 64

@@ -63,41 +63,62 @@ def admin_key(practitioner_id: str) -> str:
 
 # Credit: report what this host spent, reclaim expired leases of others, grant new blocks.
 # KEYS: quota hash, today's beneficiary set, admin hash.
-# ARGV: host, day, (unused), daily_limit, distinct_limit, interval_ms, tolerance_ms, lease_ms,
-#       want_daily, want_distinct, want_rate, used, returned_daily, returned_distinct,
-#       members_wanted (1: return the whole set when distinct slots are short), then pseudonyms.
+# ARGV: host, day, rebuild (1: `used` and the pseudonyms are the host's whole day, sent because
+#       the state it reported to was lost), daily_limit, distinct_limit, interval_ms,
+#       tolerance_ms, lease_ms, want_daily, want_distinct, want_rate, used, returned_daily,
+#       returned_distinct, members_wanted (1: return the whole set when distinct slots are
+#       short), then pseudonyms.
 # Reply: {status, grant_daily, grant_distinct, grant_rate, redis_now_ms, suspended, used, scard,
-#         members...}. status: 0 ok, 1 the state was lost (the host held credit Redis forgot),
-#         2 the host's day is behind Redis's.
+#         epoch, members...}. status: 0 ok, 1 the state was lost (the host reports spending for a
+#         day Redis does not have), 2 the host's day is behind Redis's, 3 learning: the state
+#         was rebuilt after a loss and grants wait one lease for every host's totals.
 TAKE = """
 local q, set, adm = KEYS[1], KEYS[2], KEYS[3]
-local host, day = ARGV[1], ARGV[2]
+local host, day, rebuild = ARGV[1], ARGV[2], ARGV[3] == '1'
 local daily_limit, distinct_limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local interval, tolerance, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local want_d, want_s, want_r = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local used_delta, ret_d, ret_s = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local members_wanted = ARGV[15] == '1'
+local need, need_s = tonumber(ARGV[16]), tonumber(ARGV[17])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local suspended = tonumber(redis.call('HGET', adm, 'suspended') or '0')
 
 local cur_day = redis.call('HGET', q, 'day')
 if cur_day and tonumber(cur_day) > tonumber(day) then
-  return {2, 0, 0, 0, now, suspended, 0, 0}
+  return {2, 0, 0, 0, now, suspended, 0, 0, 0}
 end
 local held = redis.call('HGET', q, 'L:' .. host)
 if cur_day ~= day then
   -- A host reporting spending for a day Redis does not have was granted credit Redis forgot:
   -- the state was lost (a restart without AOF, FLUSHALL, a failover that lost writes).
-  if used_delta > 0 or ret_d > 0 or ret_s > 0 or #ARGV > 15 then
-    return {1, 0, 0, 0, now, suspended, 0, 0}
+  if (used_delta > 0 or ret_d > 0 or ret_s > 0 or #ARGV > 17) and not rebuild then
+    return {1, 0, 0, 0, now, suspended, 0, 0, 0}
   end
   if cur_day then
     redis.call('DEL', q)
   end
-  redis.call('HSET', q, 'day', day, 'used', 0, 'tat', 0)
+  redis.call('HSET', q, 'day', day, 'used', 0, 'tat', 0, 'epoch', now)
+  if rebuild then
+    -- Rebuilt after a loss: no grant until every host had a lease's time to report its day.
+    redis.call('HSET', q, 'learn_until', now + lease)
+  end
   redis.call('EXPIRE', q, 3 * 86400)
   held = false
+end
+local epoch = redis.call('HGET', q, 'epoch')
+if rebuild then
+  -- A host's whole day, once per state: what it reported to the lost one is counted again.
+  if redis.call('HGET', q, 'R:' .. host) == epoch then
+    used_delta = 0
+    for i = #ARGV, 18, -1 do ARGV[i] = nil end
+  else
+    redis.call('HSET', q, 'R:' .. host, epoch)
+    if not redis.call('HGET', q, 'learn_until') then
+      redis.call('HSET', q, 'learn_until', now + lease)
+    end
+  end
 end
 
 -- What this host spent and gives back.
@@ -113,11 +134,11 @@ if used_delta > 0 then
 end
 dec('L:' .. host, ret_d)
 dec('DL:' .. host, ret_s)
-for i = 16, #ARGV do
+for i = 18, #ARGV do
   redis.call('SADD', set, ARGV[i])
   dec('DL:' .. host, 1)
 end
-if #ARGV >= 16 then
+if #ARGV >= 18 then
   redis.call('EXPIRE', set, 3 * 86400)
 end
 
@@ -143,12 +164,22 @@ end
 
 local used = tonumber(redis.call('HGET', q, 'used'))
 local grant_d, grant_s, grant_r = 0, 0, 0
-if suspended == 0 then
+local learning = tonumber(redis.call('HGET', q, 'learn_until') or '0') > now
+if suspended == 0 and not learning then
+  -- Blocks shrink near the limit (a share of what is left per active host), so the end is
+  -- exact and a dead host strands little; `need` (this call's) is granted when there is room.
+  local hosts = 0
+  for k, _ in pairs(fields) do
+    if string.sub(k, 1, 2) == 'E:' then hosts = hosts + 1 end
+  end
+  if fields['E:' .. host] == nil then hosts = hosts + 1 end
   local avail = daily_limit - used - sum_l
-  grant_d = math.max(0, math.min(want_d, avail))
+  local share = math.max(need, math.floor(avail / (4 * hosts)), 1)
+  grant_d = math.max(0, math.min(want_d, share, avail))
   local scard = redis.call('SCARD', set)
   local avail_s = distinct_limit - scard - sum_dl
-  grant_s = math.max(0, math.min(want_s, avail_s))
+  local share_s = math.max(need_s, math.floor(avail_s / (4 * hosts)), 1)
+  grant_s = math.max(0, math.min(want_s, share_s, avail_s))
   local tat = tonumber(redis.call('HGET', q, 'tat') or '0')
   if tat < now then tat = now end
   while grant_r < want_r and tat - now <= tolerance do
@@ -161,7 +192,9 @@ if grant_d > 0 then redis.call('HINCRBY', q, 'L:' .. host, grant_d) end
 if grant_s > 0 then redis.call('HINCRBY', q, 'DL:' .. host, grant_s) end
 redis.call('HSET', q, 'E:' .. host, now + lease)
 
-local reply = {0, grant_d, grant_s, grant_r, now, suspended, used, redis.call('SCARD', set)}
+local status = learning and 3 or 0
+local reply = {status, grant_d, grant_s, grant_r, now, suspended, used, redis.call('SCARD', set),
+               epoch}
 if members_wanted and grant_s < want_s then
   local m = redis.call('SMEMBERS', set)
   for i = 1, #m do reply[#reply + 1] = m[i] end
@@ -358,12 +391,13 @@ class Backend:
         pid = request.practitioner_id
         keys = [quota_key(pid), members_key(pid, request.day), admin_key(pid)]
         args: list[Any] = [
-            self.host, request.day, "", request.daily_limit, request.distinct_limit,
-            request.interval_ms, request.tolerance_ms,
+            self.host, request.day, 1 if request.rebuild else 0, request.daily_limit,
+            request.distinct_limit, request.interval_ms, request.tolerance_ms,
             int(self.settings.credit_lease_seconds * 1000),
             request.want_daily, request.want_distinct, request.want_rate,
             request.used, request.returned_daily, request.returned_distinct,
-            1 if request.members_wanted else 0, *request.pseudonyms,
+            1 if request.members_wanted else 0, request.need_daily, request.need_distinct,
+            *request.pseudonyms,
         ]  # fmt: skip
         raw = await self._call(lambda: self._take(keys=keys, args=args))
         return CreditReply.from_redis(raw)
@@ -447,11 +481,14 @@ class CreditRequest:
     returned_distinct: int = 0
     members_wanted: bool = False
     pseudonyms: Sequence[int] = ()
+    need_daily: int = 0  # granted whole when there is room, whatever the share
+    need_distinct: int = 0
+    rebuild: bool = False
 
 
 @dataclass(frozen=True)
 class CreditReply:
-    status: int  # 0 ok, 1 state lost, 2 host's day behind
+    status: int  # 0 ok, 1 state lost, 2 host's day behind, 3 learning
     daily: int
     distinct: int
     rate: int
@@ -459,15 +496,16 @@ class CreditReply:
     suspended: bool
     used: int
     distinct_count: int
+    epoch: int
     members: tuple[int, ...]
 
-    OK, LOST, DAY_BEHIND = 0, 1, 2
+    OK, LOST, DAY_BEHIND, LEARNING = 0, 1, 2, 3
 
     @classmethod
     def from_redis(cls, raw: Sequence[Any]) -> CreditReply:
         values = [int(v) for v in raw]
         return cls(values[0], values[1], values[2], values[3], values[4], bool(values[5]),
-                   values[6], values[7], tuple(values[8:]))  # fmt: skip
+                   values[6], values[7], values[8], tuple(values[9:]))  # fmt: skip
 
 
 @dataclass(frozen=True)

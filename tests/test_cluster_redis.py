@@ -54,7 +54,9 @@ def test_two_hosts_spending_blocks_never_pass_the_daily_limit(redis_server: Redi
         for _ in range(400):
             i = rng.randrange(3)
             use = rng.randrange(held[i] + 1)
-            reply = await hosts[i].take(request(want_daily=rng.randrange(1, 20), used=use))
+            want = rng.randrange(1, 20)
+            reply = await hosts[i].take(request(want_daily=want, need_daily=rng.choice((0, want)),
+                                                used=use))  # fmt: skip
             held[i] += reply.daily - use
             spent += use
             assert reply.used + sum(held.values()) <= 100
@@ -75,10 +77,10 @@ def test_an_expired_lease_goes_back_to_the_others(redis_server: RedisServer) -> 
     async def run() -> tuple[int, int, int]:
         a = backend(redis_server, "a", credit_lease_seconds=0.3)
         b = backend(redis_server, "b", credit_lease_seconds=0.3)
-        got_a = (await a.take(request(want_daily=60))).daily
-        got_b = (await b.take(request(want_daily=60))).daily  # only 40 left
+        got_a = (await a.take(request(want_daily=60, need_daily=60))).daily
+        got_b = (await b.take(request(want_daily=60, need_daily=60))).daily  # only 40 left
         await asyncio.sleep(0.5)  # a dies holding 60: its lease ends
-        again = (await b.take(request(want_daily=60, used=got_b))).daily
+        again = (await b.take(request(want_daily=60, need_daily=60, used=got_b))).daily
         await a.close()
         await b.close()
         return got_a, got_b, again
@@ -92,12 +94,13 @@ def test_a_repeat_beneficiary_gives_its_slot_back_and_the_set_is_shared(
     async def run() -> list[Any]:
         a, b = backend(redis_server, "a"), backend(redis_server, "b")
         out = []
-        out.append(await a.take(request(want_distinct=6)))  # 6 slots
-        out.append(await b.take(request(want_distinct=6)))  # 4 left
+        out.append(await a.take(request(want_distinct=6, need_distinct=6)))  # 6 slots
+        out.append(await b.take(request(want_distinct=6, need_distinct=6)))  # 4 left
         # a spent 3 slots on 3 people; b spent 2 on people a had already seen, 1 on a new one.
         out.append(await a.take(request(pseudonyms=(11, 12, 13), returned_distinct=3)))
         out.append(await b.take(request(pseudonyms=(11, 12, 14), returned_distinct=1,
-                                        want_distinct=10, members_wanted=True)))  # fmt: skip
+                                        want_distinct=10, need_distinct=10,
+                                        members_wanted=True)))  # fmt: skip
         await a.close()
         await b.close()
         return out
@@ -159,7 +162,40 @@ def test_a_lost_state_is_reported_and_a_behind_day_refused(redis_server: RedisSe
         await a.close()
         return lost, fresh, behind
 
-    assert asyncio.run(run()) == (cl.CreditReply.LOST, cl.CreditReply.OK, cl.CreditReply.DAY_BEHIND)
+    assert asyncio.run(run()) == (
+        cl.CreditReply.LOST,
+        cl.CreditReply.OK,
+        cl.CreditReply.DAY_BEHIND,
+    )
+
+
+def test_a_rebuild_after_a_loss_counts_every_host_once_and_grants_wait(
+    redis_server: RedisServer,
+) -> None:
+    """State loss: each host reports its whole day once (rebuild); no grant for a lease."""
+
+    async def run() -> list[cl.CreditReply]:
+        a = backend(redis_server, "a", credit_lease_seconds=0.4)
+        b = backend(redis_server, "b", credit_lease_seconds=0.4)
+        await a.take(request(want_daily=30, need_daily=30))
+        await b.take(request(want_daily=30, need_daily=30))
+        redis_server.client().flushall()
+        out = [await a.take(request(used=20))]  # lost
+        out.append(await a.take(request(rebuild=True, used=25, pseudonyms=(1, 2))))
+        out.append(await a.take(request(rebuild=True, used=25, pseudonyms=(1, 2))))  # once
+        out.append(await b.take(request(rebuild=True, used=30, pseudonyms=(2, 3),
+                                        want_daily=10, need_daily=10)))  # fmt: skip
+        await asyncio.sleep(0.5)
+        out.append(await b.take(request(want_daily=100, need_daily=100)))
+        await a.close()
+        await b.close()
+        return out
+
+    lost, first, again, other, later = asyncio.run(run())
+    assert lost.status == cl.CreditReply.LOST
+    assert first.status == again.status == other.status == cl.CreditReply.LEARNING
+    assert other.daily == 0 and other.used == 55 and other.distinct_count == 3
+    assert later.status == cl.CreditReply.OK and later.daily == 45  # 100 - 55
 
 
 def test_a_frozen_redis_opens_the_circuit_fast(redis_server: RedisServer) -> None:
