@@ -607,9 +607,12 @@ def connect_sync(url: str, timeout: float) -> Any:
     return redis.Redis.from_url(url, **common)
 
 
-def apply_change(store: Any, entry: dict[str, str], host: str) -> bool:
-    """Apply one admin stream entry to this host's store; False when it was this host's own
-    (already applied) or names a practitioner this host does not know."""
+def apply_change(
+    store: Any, entry: dict[str, str], host: str, reinstate: Callable[[int], None] | None = None
+) -> bool:
+    """Apply one admin stream entry to this host's store (and, for a reinstatement, lift the
+    guard's flag in this host's quota slot with `reinstate(slot)`); False when it was this
+    host's own (already applied) or names a practitioner this host does not know."""
     from service.store import CredentialRecord, StoreError
 
     if entry.get("origin") == host:
@@ -619,8 +622,10 @@ def apply_change(store: Any, entry: dict[str, str], host: str) -> bool:
         if op == "practitioner":
             changes = json.loads(entry["changes"])
             event = {**json.loads(entry.get("event", "{}")), "via": f"cluster ({entry['origin']})"}
-            store.update_practitioner(pid, event=event, **{
+            record = store.update_practitioner(pid, event=event, **{
                 k: v for k, v in changes.items() if k in PRACTITIONER_FIELDS})  # fmt: skip
+            if changes.get("status") == "active" and reinstate is not None and record.slot >= 0:
+                reinstate(record.slot)
         elif op == "token":
             with contextlib.suppress(StoreError):  # already there
                 store.add_credential(CredentialRecord.from_bytes(entry["credential"].encode()))
@@ -645,7 +650,13 @@ def apply_change(store: Any, entry: dict[str, str], host: str) -> bool:
     return True
 
 
-async def follow_admin(backend: Backend, store: Any, cursor_path: Any, stop: asyncio.Event) -> None:
+async def follow_admin(
+    backend: Backend,
+    store: Any,
+    cursor_path: Any,
+    stop: asyncio.Event,
+    reinstate: Callable[[int], None] | None = None,
+) -> None:
     """Apply the admin stream to `store` from the saved cursor until `stop`."""
     try:
         after = cursor_path.read_text().strip() or "0"
@@ -658,7 +669,7 @@ async def follow_admin(backend: Backend, store: Any, cursor_path: Any, stop: asy
             await asyncio.sleep(0.5)
             continue
         for entry_id, entry in entries:
-            apply_change(store, entry, backend.host)
+            apply_change(store, entry, backend.host, reinstate)
             after = entry_id
         if entries:
             tmp = cursor_path.with_suffix(".tmp")
@@ -685,10 +696,21 @@ def run_sync(data_dir: str, settings: ClusterSettings, store_settings: Any) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         backend = Backend(replace(settings, timeout_ms=max(settings.timeout_ms, 200)))
+
+        def reinstate(slot: int) -> None:
+            from fastpath.quota import QuotaFile
+            from service.quotas import quota_path
+
+            quota = QuotaFile(quota_path(Path(data_dir)), slot + 1)
+            try:
+                quota.reinstate(slot)
+            finally:
+                quota.close()
+
         with Store(Path(data_dir), store_settings) as store:
             log.info("cluster sync: applying every host's admin changes from %s as host %s",
                      redacted(settings.redis), backend.host)  # fmt: skip
-            await follow_admin(backend, store, directory / "admin.cursor", stop)
+            await follow_admin(backend, store, directory / "admin.cursor", stop, reinstate)
         await backend.close()
 
     asyncio.run(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import Practitioner, rules
-from fastpath.quota import FLAG_SUSPENDED, SHADOW_RULES, QuotaFile, QuotaProfile
+from fastpath.quota import FLAG_SUSPENDED, SHADOW_RULES, CreditFile, QuotaFile, QuotaProfile
 from service.config import Config
 from service.store import PractitionerRecord
 
@@ -31,6 +31,14 @@ def open_quota_file(data_dir: Path, config: Config, slots_needed: int = 0) -> Qu
     """The shared state, with room for at least `slots_needed` practitioners."""
     slots = max(config.quota.slots, slots_needed)
     return QuotaFile(quota_path(data_dir), -(-slots // SLOT_STEP) * SLOT_STEP)
+
+
+CREDIT_FILE = "credit"
+
+
+def open_credit_file(data_dir: Path, slots: int) -> CreditFile:
+    """This host's cluster credit per slot (with [cluster]), beside the state file."""
+    return CreditFile(Path(data_dir) / QUOTA_SUBDIR / CREDIT_FILE, slots)
 
 
 def profile_for(config: Config, profession: str, overrides: dict[str, Any] | None) -> QuotaProfile:

@@ -48,12 +48,15 @@ import fastpath
 from covergate.v1 import covergate_pb2
 from fastpath import Keys, Practitioner, rules
 from fastpath import trace as tr
+from fastpath.quota import CreditFile, QuotaFile
 from service import telemetry as otel
 from service.attestation import AttestationVerifier
 from service.auth import Authenticator, AuthFailure, peer_certificate
 from service.clock import ParisClock
+from service.cluster import BackendUnavailable
 from service.config import Config, PepperError, ServerSettings, load_pepper
-from service.quotas import PractitionerFactory, open_quota_file
+from service.credit import GUARD_FIRED, GUARD_UNAVAILABLE, CreditAgent
+from service.quotas import PractitionerFactory, open_credit_file, open_quota_file
 from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
@@ -67,6 +70,7 @@ _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
 
 NOT_LOADED = rules.DATA_NOT_LOADED
+GUARD_REASON = "harvest guard: too many NO_MATCH or invalid lookups"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,12 @@ class CovergateHandlers:
         self._settings = options.config.server
         # Opened after fork, like LMDB: every worker maps the same file and locks slots in it.
         self.quota = open_quota_file(options.data_dir, options.config, store.quota_slots_used())
+        # With [cluster]: this host's credit per slot, and the worker's agent for Redis.
+        self.credit_file: CreditFile | None = None
+        self.credit: CreditAgent | None = None
+        if options.config.cluster.enabled and options.config.quota.enabled:
+            self.credit_file = open_credit_file(options.data_dir, self.quota.slots)
+            self.credit = CreditAgent(options.config.cluster, self._credit_files)
         self._auth = Authenticator(store, options.config.auth, PractitionerFactory(options.config))
         # Client certificates exist only with --client-ca; otherwise skip the auth context.
         self._mtls = options.tls is not None and options.tls.client_ca is not None
@@ -131,8 +141,13 @@ class CovergateHandlers:
         self._verifier: AttestationVerifier | None = None
         self.health = grpc_health.aio.HealthServicer()
         self.last_call_started = 0.0
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- readiness --------------------------------------------------------------------------------
+
+    def _credit_files(self) -> tuple[QuotaFile, CreditFile]:
+        assert self.credit_file is not None
+        return self.quota, self.credit_file
 
     def _grow_quota(self) -> None:
         """Practitioners imported since start need more slots: map the grown file again."""
@@ -143,6 +158,9 @@ class CovergateHandlers:
         self.quota = open_quota_file(
             self._options.data_dir, self._options.config, self._store.quota_slots_used()
         )
+        if self.credit_file is not None:
+            self.credit_file.close()
+            self.credit_file = open_credit_file(self._options.data_dir, self.quota.slots)
         assert self._keys is not None  # a gate exists, so the keys were loaded
         self.gate = self._new_gate(self._keys)
 
@@ -155,6 +173,7 @@ class CovergateHandlers:
             attestation_ttl=self._settings.attestation_ttl_seconds,
             quota=self.quota if self._options.config.quota.enabled else None,
             trace=self.telemetry is not None,
+            credit=self.credit_file,
         )
         if self.telemetry is not None:
             self.telemetry.watch(gate)
@@ -254,11 +273,18 @@ class CovergateHandlers:
         gate = self.gate
         decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         today, now = self._clock.now()
+        trace = None
+        if telemetry is not None and metadata:
+            trace = otel.trace_context(metadata)
         if telemetry is None:
             code, payload = decide(caller, request, today, now)
         else:
-            trace = otel.trace_context(metadata) if metadata else None
             code, payload = decide(caller, request, today, now, trace=trace)
+        if self.credit is not None:
+            code, payload = await self._with_credit(index, caller, request, today, now, trace,
+                                                    code, payload)  # fmt: skip
+            gate = self.gate
+        if telemetry is not None:
             telemetry.record_rpc(method, time.perf_counter() - started)
             try:
                 telemetry.record(gate)
@@ -316,6 +342,18 @@ class CovergateHandlers:
                     response = gate.check_item(
                         caller, request, today, now, trace=(trace_id, stream_span)
                     )
+                if self.credit is not None:
+                    item_code, response = await self._with_credit(
+                        tr.METHOD_STREAM, caller, request, today, now,
+                        (trace_id, stream_span) if telemetry is not None else None, rules.OK,
+                        response,
+                    )  # fmt: skip
+                    gate = self.gate
+                    if item_code != rules.OK:
+                        # The global guard fired, or cannot be asked: the stream ends here.
+                        code = item_code
+                        await _abort(context, item_code, response)
+                if telemetry is not None:
                     try:
                         telemetry.record(gate)
                     except SpoolFull:
@@ -348,6 +386,76 @@ class CovergateHandlers:
                     )
                 )
                 telemetry.record_rpc("CheckCoverageStream", elapsed)
+
+    # -- several hosts ([cluster]) ---------------------------------------------------------------
+
+    async def _with_credit(
+        self,
+        method: int,
+        caller: Practitioner,
+        request: bytes,
+        today: int,
+        now: float,
+        trace: tuple[bytes, bytes] | None,
+        code: int,
+        payload: bytes,
+    ) -> tuple[int, bytes]:
+        """After a gate call with cluster credit: the lookups it set aside asked again once
+        credit is fetched, and the global harvest guard asked before a bad answer leaves."""
+        agent = self.credit
+        assert agent is not None
+        gate = self.gate
+        short, bad = list(gate.short), gate.last_bad
+        if short:
+            mode = await agent.refill(caller, today, len(short))
+            gate = self.gate  # (replaced while waiting, if practitioners were added)
+            kw: dict[str, Any] = {"credit_mode": mode}
+            if trace is not None:
+                kw["trace"] = trace
+            if method == tr.METHOD_STREAM:
+                code, payload = rules.OK, gate.check_item(caller, request, today, now, **kw)
+            elif method == tr.METHOD_UNARY:
+                code, payload = gate.check(caller, request, today, now, **kw)
+            elif code == rules.SHORT:  # a batch refused whole, set aside whole
+                code, payload = gate.check_batch(caller, request, today, now, **kw)
+            else:
+                code, payload = self._retry_items(gate, caller, request, payload, short, today,
+                                                  now, kw)  # fmt: skip
+            bad += gate.last_bad
+        agent.seen(caller, today)
+        if bad:
+            verdict = await agent.guard(caller, today)
+            if verdict == GUARD_FIRED:
+                self.gate.suspensions.append(caller.practitioner_id)
+                self.persist_suspensions()
+                return rules.PERMISSION_DENIED, rules.PRACTITIONER_SUSPENDED
+            if verdict == GUARD_UNAVAILABLE:
+                return rules.UNAVAILABLE, rules.QUOTA_BACKEND_UNAVAILABLE
+        return code, payload
+
+    @staticmethod
+    def _retry_items(
+        gate: Any,
+        caller: Practitioner,
+        request: bytes,
+        payload: bytes,
+        short: list[int],
+        today: int,
+        now: float,
+        kw: dict[str, Any],
+    ) -> tuple[int, bytes]:
+        """A batch's items set aside, asked again as a batch of their own, answers put back in
+        place."""
+        asked = covergate_pb2.CheckCoverageBatchRequest.FromString(request)
+        retry = covergate_pb2.CheckCoverageBatchRequest(items=[asked.items[i] for i in short])
+        code, retried = gate.check_batch(caller, retry.SerializeToString(), today, now, **kw)
+        if code != rules.OK:
+            return code, retried
+        answers = covergate_pb2.CheckCoverageBatchResponse.FromString(payload)
+        again = covergate_pb2.CheckCoverageBatchResponse.FromString(retried)
+        for i, answer in zip(short, again.items, strict=True):
+            answers.items[i].CopyFrom(answer)
+        return rules.OK, answers.SerializeToString()
 
     # -- refusals before any gate, still traced ----------------------------------------------------
 
@@ -405,6 +513,18 @@ class CovergateHandlers:
         if not child:
             telemetry.record_rpc(tr.METHODS[method], elapsed)
 
+    async def _share_suspension(self, practitioner_id: str) -> None:
+        assert self.credit is not None
+        for _ in range(20):  # Redis may be away for a while: the local suspension holds anyway
+            try:
+                await self.credit.backend.admin(
+                    "suspend", practitioner_id, reason=GUARD_REASON, by="harvest guard",
+                    origin=self.credit.backend.host,
+                )  # fmt: skip
+                return
+            except BackendUnavailable:
+                await asyncio.sleep(0.5)
+
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
         by `practitioner reinstate`); True if `practitioner_id` is among them."""
@@ -414,11 +534,16 @@ class CovergateHandlers:
             self.telemetry.suspended(len(suspended))
         for pid in sorted(suspended):
             log.warning("harvest guard suspended practitioner %s", pid)
+            if self.credit is not None:
+                # Every host: the flag credit replies carry, and each store's record.
+                task = asyncio.get_running_loop().create_task(self._share_suspension(pid))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             with contextlib.suppress(KeyError):  # removed from the store since
                 self._store.update_practitioner(
                     pid,
                     status="suspended",
-                    suspension_reason="harvest guard: too many NO_MATCH or invalid lookups",
+                    suspension_reason=GUARD_REASON,
                 )
         return practitioner_id in suspended
 
@@ -525,6 +650,10 @@ async def run_worker(
     await server.start()
     if telemetry is not None:
         telemetry.start()
+    if handlers.credit is not None:
+        with contextlib.suppress(Exception):
+            await handlers.credit.backend.init_epoch()
+        handlers.credit.start()
     readiness = asyncio.create_task(handlers.watch_readiness())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -546,8 +675,12 @@ async def run_worker(
     await server.stop(max(0.0, deadline - time.monotonic()))
     if telemetry is not None:
         await telemetry.shutdown()  # the last spans and metrics, before the gate goes
+    if handlers.credit is not None:
+        await handlers.credit.close()  # what was spent reported, the rest given back
     if handlers.gate is not None:
         handlers.gate.close()
+    if handlers.credit_file is not None:
+        handlers.credit_file.close()
     handlers.quota.flush()
     handlers.quota.close()
     store.close()

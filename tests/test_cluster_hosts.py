@@ -96,7 +96,7 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> fl
 def cluster(tmp_path: Path) -> Iterator[tuple[Dataset, RedisServer, list[Host]]]:
     (tmp_path / "ds").mkdir()
     (tmp_path / "redis").mkdir()
-    ds = build_dataset(tmp_path / "ds", extra_beneficiaries=10)
+    ds = build_dataset(tmp_path / "ds", extra_beneficiaries=90)
     cli("practitioner", "quota", PHARMACIST_ID, "--set", "rate_per_minute=100000",
         "--set", "burst=100000", data_dir=ds.data_dir)  # fmt: skip
     redis = RedisServer(tmp_path / "redis")
@@ -187,3 +187,156 @@ def test_a_host_that_lost_redis_keeps_enforcing_what_it_knew(
     assert proc.returncode == 1 and "changed on this host only" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert outcome(b.stub(), token, ds) == "PRACTITIONER_SUSPENDED"
+
+
+# -- one set of limits over every host ---------------------------------------------------------
+
+
+def _people(ds: Dataset) -> list[Any]:
+    return [r.identity for r in ds.rights if r.domain == "PHAR" and r.amc_number == PHARMACY_AMC]
+
+
+def _hammer(
+    hosts: list[Host],
+    token: str,
+    ds: Dataset,
+    people: list[Any],
+    *,
+    stop_after: int = 40,
+    calls: int = 10**9,
+) -> list[tuple[str, str, int]]:
+    """One thread per host, one connection each, calls until `stop_after` refusals in a row
+    (or `calls` calls): [(host, outcome, person index)]."""
+    import random
+    import threading
+
+    results: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+
+    def run(host: Host, seed: int) -> None:
+        rng = random.Random(seed)
+        stub = host.stub()
+        refused = made = 0
+        while refused < stop_after and made < calls:
+            made += 1
+            i = rng.randrange(len(people))
+            request = pb.CheckCoverageRequest(
+                **people[i].fields(), amc_number=PHARMACY_AMC, domain=pb.CARE_DOMAIN_PHARMACY
+            )
+            try:
+                stub.CheckCoverage(request, metadata=(("authorization", f"Bearer {token}"),),
+                                   timeout=10)  # fmt: skip
+                outcome_ = "OK"
+                refused = 0
+            except grpc.RpcError as exc:
+                outcome_ = _reason(exc)
+                refused += 1
+            with lock:
+                results.append((host.name, outcome_, i))
+
+    threads = [threading.Thread(target=run, args=(h, n)) for n, h in enumerate(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def _known(host: Host, token: str) -> bool:
+    """Whether `host` knows the token, asked without a lookup (a practitioner's token on the
+    claims service: refused for its role once known)."""
+    assert host.server is not None
+    stub = pb_grpc.AttestationServiceStub(host.server.channel())
+    try:
+        stub.VerifyAttestation(
+            pb.VerifyAttestationRequest(), metadata=(("authorization", f"Bearer {token}"),),
+            timeout=5,
+        )  # fmt: skip
+    except grpc.RpcError as exc:
+        return _reason(exc) == "ROLE_NOT_ALLOWED"
+    return False
+
+
+def _cluster_token(a: Host, hosts: list[Host]) -> str:
+    token = a.cli("token", "create", PHARMACIST_ID).stdout.strip().splitlines()[-1]
+    for host in hosts:
+        until(lambda h=host: _known(h, token), f"the token on {host.name}")
+    return token
+
+
+def test_three_hosts_admit_exactly_the_daily_limit(
+    cluster: tuple[Dataset, RedisServer, list[Host]],
+) -> None:
+    ds, redis, hosts = cluster
+    hosts[0].cli("practitioner", "quota", PHARMACIST_ID, "--set", "daily_limit=150")
+    for host in hosts:
+        host.serve()
+    token = _cluster_token(hosts[0], hosts)
+    results = _hammer(hosts, token, ds, _people(ds)[:1])  # one person: the daily limit decides
+    answered = [r for r in results if r[1] == "OK"]
+    refused = {r[1] for r in results if r[1] != "OK"}
+    assert len(answered) == 150
+    assert refused == {"DAILY_LIMIT"}
+    assert {r[0] for r in answered} == {h.name for h in hosts}  # every host served some
+    calls = int(redis.client().info("stats")["total_commands_processed"])
+    print(f"{len(results)} calls, {len(answered)} answered; Redis commands: {calls}")
+
+
+def test_three_hosts_admit_exactly_the_distinct_limit_and_never_refuse_a_repeat(
+    cluster: tuple[Dataset, RedisServer, list[Host]],
+) -> None:
+    ds, _redis, hosts = cluster
+    hosts[0].cli("practitioner", "quota", PHARMACIST_ID, "--set", "distinct_limit=12",
+                 "--set", "daily_limit=1000000")  # fmt: skip
+    for host in hosts:
+        host.serve()
+    token = _cluster_token(hosts[0], hosts)
+    people = _people(ds)[:40]
+    results = _hammer(hosts, token, ds, people, calls=250)
+    answered_people = {i for _, o, i in results if o == "OK"}
+    assert len(answered_people) == 12
+    # A repeat beneficiary is never refused at the cap: once answered anywhere, always answered.
+    first_answer = {}
+    for n, (_, o, i) in enumerate(results):
+        if o == "OK":
+            first_answer.setdefault(i, n)
+    for n, (host, o, i) in enumerate(results):
+        if o != "OK" and i in first_answer and first_answer[i] < n:
+            raise AssertionError(f"{host} refused a repeat beneficiary: {o}")
+    assert {o for _, o, _ in results if o != "OK"} == {"DISTINCT_LIMIT"}
+
+
+def test_a_guesser_spread_over_three_hosts_is_suspended_everywhere(
+    cluster: tuple[Dataset, RedisServer, list[Host]],
+) -> None:
+    """Guesses (valid but unknown identities), round robin over the three hosts: suspended
+    within 50 lookups in all, and no NO_MATCH is answered anywhere after that."""
+    import random
+
+    from harness import make_identity
+
+    _ds, _redis, hosts = cluster
+    for host in hosts:
+        host.serve()
+    token = _cluster_token(hosts[0], hosts)
+    rng = random.Random(3)
+    stubs = [h.stub() for h in hosts]
+    outcomes = []
+    for n in range(120):
+        who = make_identity(rng)
+        request = pb.CheckCoverageRequest(
+            **who.fields(), amc_number=PHARMACY_AMC, domain=pb.CARE_DOMAIN_PHARMACY
+        )
+        try:
+            response = stubs[n % 3].CheckCoverage(
+                request, metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
+            outcomes.append(pb.Decision.Name(response.decision))
+        except grpc.RpcError as exc:
+            outcomes.append(_reason(exc))
+    fired = outcomes.index("PRACTITIONER_SUSPENDED")
+    assert fired <= 50, outcomes[:60]
+    assert set(outcomes[fired:]) == {"PRACTITIONER_SUSPENDED"}
+    for host in hosts:
+        until(lambda h=host: "suspended" in h.cli("practitioner", "show", PHARMACIST_ID).stdout,
+              f"the suspension in {host.name}'s store")  # fmt: skip
