@@ -95,7 +95,7 @@ static int cg_seen_or_add(cg_slot *s, uint64_t fp, int may_add, int *added) {
 
 /* This host's credit per slot, with [cluster] (fastpath.quota.CreditFile): spent by the gate
  * under the slot's mutex. */
-#define CG_CREDIT_RING 120
+#define CG_CREDIT_RING 118
 
 typedef struct {
     uint32_t day;
@@ -111,9 +111,10 @@ typedef struct {
     uint32_t reserved;
     uint64_t epoch;
     uint64_t ring[CG_CREDIT_RING];
+    uint32_t totals[4]; /* the host's totals as Redis granted them: the gates never touch them */
 } cg_credit;
 
-_Static_assert(sizeof(cg_credit) == 64 + 8 * CG_CREDIT_RING, "credit entry layout");
+_Static_assert(sizeof(cg_credit) == 64 + 8 * CG_CREDIT_RING + 16, "credit entry layout");
 
 /* Credit of another day is void, and so is its epoch (fastpath.quota.CreditFile.roll_day). */
 static void cg_credit_roll_day(cg_credit *c, uint32_t today) {

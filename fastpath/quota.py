@@ -456,10 +456,15 @@ class QuotaFile:
 #   56 u64 epoch            the Redis day state this credit came from (a change within the day:
 #                           Redis lost it, and this host reports its whole day again)
 #   64 u64[CREDIT_RING] ring
+#   1008 u32 totals_day     the day of the two totals below (the gates never touch them):
+#   1012 u32 granted        daily credit Redis granted this host that day, in all, and
+#   1016 u32 distinct_granted  distinct slots; a host reports its own totals too, so a retried
+#   1020 u32 reserved          or repeated report changes nothing
 
 CREDIT_MAGIC = b"CGCREDT1"
-CREDIT_RING = 120
-CREDIT_ENTRY = 64 + 8 * CREDIT_RING
+CREDIT_RING = 118
+CREDIT_ENTRY = 64 + 8 * CREDIT_RING + 16
+_CREDIT_TOTALS = struct.Struct("<III")
 _CREDIT_HEAD = struct.Struct("<IIIIqqIIQIIQ")
 
 
@@ -544,6 +549,18 @@ class CreditFile:
             int.from_bytes(self.map[start + 8 * i : start + 8 * i + 8], "little")
             for i in range(min(state.ring_len, CREDIT_RING))
         ]
+
+    def totals(self, slot: int, today: int) -> tuple[int, int]:
+        """(granted, distinct granted) today, as this host last heard from Redis."""
+        day, granted, distinct = _CREDIT_TOTALS.unpack_from(
+            self.map, self.offset(slot) + 64 + 8 * CREDIT_RING
+        )
+        return (granted, distinct) if day == today else (0, 0)
+
+    def set_totals(self, slot: int, today: int, granted: int, distinct_granted: int) -> None:
+        at = self.offset(slot) + 64 + 8 * CREDIT_RING
+        cap = 0xFFFFFFFF
+        _CREDIT_TOTALS.pack_into(self.map, at, today, min(granted, cap), min(distinct_granted, cap))
 
     def push(self, slot: int, state: CreditState, fp: int) -> None:
         """A new beneficiary to report (the gate never admits more than the ring holds)."""

@@ -61,26 +61,35 @@ def admin_key(practitioner_id: str) -> str:
 
 # -- the scripts -----------------------------------------------------------------------------------
 
-# Credit: report what this host spent, reclaim expired leases of others, grant new blocks.
+# Credit, in one call per practitioner: this host's totals for the day (idempotent: a call retried
+# after a timeout, or applied though its reply was lost, changes nothing), the expired leases of
+# silent hosts given back, new blocks granted. Per host h the hash keeps G:h (daily credit granted
+# today, in all), U:h (lookups it used), DG:h and DU:h (distinct slots granted, new beneficiaries
+# it used them on) and E:h (its lease's end). The set holds the day's beneficiaries (pseudonyms).
+#   sum(G:h) <= daily_limit          SCARD + sum(DG:h - DU:h) <= distinct_limit
 # KEYS: quota hash, today's beneficiary set, admin hash.
-# ARGV: host, day, rebuild (1: `used` and the pseudonyms are the host's whole day, sent because
-#       the state it reported to was lost), daily_limit, distinct_limit, interval_ms,
-#       tolerance_ms, lease_ms, want_daily, want_distinct, want_rate, used, returned_daily,
-#       returned_distinct, members_wanted (1: return the whole set when distinct slots are
-#       short), then pseudonyms.
-# Reply: {status, grant_daily, grant_distinct, grant_rate, redis_now_ms, suspended, used, scard,
-#         epoch, members...}. status: 0 ok, 1 the state was lost (the host reports spending for a
-#         day Redis does not have), 2 the host's day is behind Redis's, 3 learning: the state
-#         was rebuilt after a loss and grants wait one lease for every host's totals.
+# ARGV: 1 host, 2 day, 3 rebuild (1: the state this host reported to was lost; its totals are the
+#       whole day), 4 daily_limit, 5 distinct_limit, 6 interval_ms, 7 tolerance_ms, 8 lease_ms,
+#       9 want_daily, 10 want_distinct, 11 want_rate, 12 used (U, the host's total),
+#       13 granted (G as the host knows it), 14 distinct used (DU), 15 distinct granted (DG as
+#       known), 16 members_wanted (the whole set when distinct slots are short), 17 need_daily,
+#       18 need_distinct, 19 give back (1: G = U and DG = DU: the host stops holding credit),
+#       20... pseudonyms of new beneficiaries.
+# Reply: {status, G, DG, rate tokens granted, redis_now_ms, suspended, day's used (sum of U),
+#         scard, epoch, members...}. status: 0 ok, 1 lost (the host holds credit for a day Redis
+#         does not have), 2 the host's day is behind Redis's, 3 learning (rebuilt after a loss:
+#         grants wait one lease for every host's totals).
 TAKE = """
 local q, set, adm = KEYS[1], KEYS[2], KEYS[3]
 local host, day, rebuild = ARGV[1], ARGV[2], ARGV[3] == '1'
 local daily_limit, distinct_limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local interval, tolerance, lease = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local want_d, want_s, want_r = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local used_delta, ret_d, ret_s = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-local members_wanted = ARGV[15] == '1'
-local need, need_s = tonumber(ARGV[16]), tonumber(ARGV[17])
+local u_total, g_known = tonumber(ARGV[12]), tonumber(ARGV[13])
+local du_total, dg_known = tonumber(ARGV[14]), tonumber(ARGV[15])
+local members_wanted = ARGV[16] == '1'
+local need, need_s = tonumber(ARGV[17]), tonumber(ARGV[18])
+local give_back = ARGV[19] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local suspended = tonumber(redis.call('HGET', adm, 'suspended') or '0')
@@ -89,98 +98,75 @@ local cur_day = redis.call('HGET', q, 'day')
 if cur_day and tonumber(cur_day) > tonumber(day) then
   return {2, 0, 0, 0, now, suspended, 0, 0, 0}
 end
-local held = redis.call('HGET', q, 'L:' .. host)
 if cur_day ~= day then
-  -- A host reporting spending for a day Redis does not have was granted credit Redis forgot:
-  -- the state was lost (a restart without AOF, FLUSHALL, a failover that lost writes).
-  if (used_delta > 0 or ret_d > 0 or ret_s > 0 or #ARGV > 17) and not rebuild then
+  if (g_known > 0 or dg_known > 0) and not rebuild then
     return {1, 0, 0, 0, now, suspended, 0, 0, 0}
   end
-  if cur_day then
-    redis.call('DEL', q)
-  end
-  redis.call('HSET', q, 'day', day, 'used', 0, 'tat', 0, 'epoch', now)
-  if rebuild then
-    -- Rebuilt after a loss: no grant until every host had a lease's time to report its day.
-    redis.call('HSET', q, 'learn_until', now + lease)
-  end
+  if cur_day then redis.call('DEL', q) end
+  redis.call('HSET', q, 'day', day, 'tat', 0, 'epoch', now)
   redis.call('EXPIRE', q, 3 * 86400)
-  held = false
+end
+if rebuild and not redis.call('HGET', q, 'learn_until') then
+  -- Rebuilt after a loss: no grant until every host had a lease's time to report its day.
+  redis.call('HSET', q, 'learn_until', now + lease)
 end
 local epoch = redis.call('HGET', q, 'epoch')
-if rebuild then
-  -- A host's whole day, once per state: what it reported to the lost one is counted again.
-  if redis.call('HGET', q, 'R:' .. host) == epoch then
-    used_delta = 0
-    for i = #ARGV, 18, -1 do ARGV[i] = nil end
-  else
-    redis.call('HSET', q, 'R:' .. host, epoch)
-    if not redis.call('HGET', q, 'learn_until') then
-      redis.call('HSET', q, 'learn_until', now + lease)
-    end
-  end
-end
 
--- What this host spent and gives back.
-local function dec(field, by)
-  if by <= 0 then return end
-  local v = tonumber(redis.call('HGET', q, field) or '0') - by
-  if v < 0 then v = 0 end
-  redis.call('HSET', q, field, v)
-end
-if used_delta > 0 then
-  redis.call('HINCRBY', q, 'used', used_delta)
-  dec('L:' .. host, used_delta)
-end
-dec('L:' .. host, ret_d)
-dec('DL:' .. host, ret_s)
-for i = 18, #ARGV do
-  redis.call('SADD', set, ARGV[i])
-  dec('DL:' .. host, 1)
-end
-if #ARGV >= 18 then
-  redis.call('EXPIRE', set, 3 * 86400)
-end
+local function num(field) return tonumber(redis.call('HGET', q, field) or '0') end
+-- This host's totals: only ever up (a late or repeated report changes nothing).
+local u = math.max(num('U:' .. host), u_total)
+local du = math.max(num('DU:' .. host), du_total)
+local g = math.max(num('G:' .. host), u)    -- used past its grant (fail-open): counted
+local dg = math.max(num('DG:' .. host), du)
+for i = 20, #ARGV do redis.call('SADD', set, ARGV[i]) end
+if #ARGV >= 20 then redis.call('EXPIRE', set, 3 * 86400) end
+if give_back then g, dg = u, du end
+redis.call('HSET', q, 'U:' .. host, u, 'DU:' .. host, du, 'G:' .. host, g, 'DG:' .. host, dg,
+           'E:' .. host, now + lease)
+redis.call('HDEL', q, 'M:' .. host)
 
--- Expired leases of other hosts go back to everyone.
+-- A silent host's expired lease goes back once seen expired for a second with no call from it:
+-- after Redis itself was away, every live host reports within its interval first.
 local all = redis.call('HGETALL', q)
-local sum_l, sum_dl = 0, 0
-local fields = {}
-for i = 1, #all, 2 do fields[all[i]] = all[i + 1] end
-for k, v in pairs(fields) do
+local f = {}
+for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
+local sum_g, out_s, used, hosts = 0, 0, 0, 0
+for k, v in pairs(f) do
   if string.sub(k, 1, 2) == 'E:' then
     local h = string.sub(k, 3)
+    local hu, hdu = tonumber(f['U:' .. h] or '0'), tonumber(f['DU:' .. h] or '0')
+    local hg, hdg = tonumber(f['G:' .. h] or '0'), tonumber(f['DG:' .. h] or '0')
     if h ~= host and tonumber(v) < now then
-      redis.call('HDEL', q, 'L:' .. h, 'DL:' .. h, 'E:' .. h)
-      fields['L:' .. h] = nil
-      fields['DL:' .. h] = nil
+      local marked = f['M:' .. h]
+      if marked == nil then
+        redis.call('HSET', q, 'M:' .. h, now)
+      elseif now - tonumber(marked) > 1000 and (hg > hu or hdg > hdu) then
+        hg, hdg = hu, hdu
+        redis.call('HSET', q, 'G:' .. h, hg, 'DG:' .. h, hdg)
+      end
     end
+    hosts = hosts + 1
+    sum_g = sum_g + hg
+    out_s = out_s + (hdg - hdu)
+    used = used + hu
   end
-end
-for k, v in pairs(fields) do
-  if string.sub(k, 1, 2) == 'L:' then sum_l = sum_l + tonumber(v) end
-  if string.sub(k, 1, 3) == 'DL:' then sum_dl = sum_dl + tonumber(v) end
 end
 
-local used = tonumber(redis.call('HGET', q, 'used'))
-local grant_d, grant_s, grant_r = 0, 0, 0
-local learning = tonumber(redis.call('HGET', q, 'learn_until') or '0') > now
+local grant_r, gs = 0, 0
+local learning = tonumber(f['learn_until'] or '0') > now
 if suspended == 0 and not learning then
-  -- Blocks shrink near the limit (a share of what is left per active host), so the end is
-  -- exact and a dead host strands little; `need` (this call's) is granted when there is room.
-  local hosts = 0
-  for k, _ in pairs(fields) do
-    if string.sub(k, 1, 2) == 'E:' then hosts = hosts + 1 end
-  end
-  if fields['E:' .. host] == nil then hosts = hosts + 1 end
-  local avail = daily_limit - used - sum_l
+  -- Blocks shrink near the limit (a share of what is left per active host), so the end is exact
+  -- and a host that dies strands little; a call's `need` is granted whole when there is room.
+  local avail = daily_limit - sum_g
   local share = math.max(need, math.floor(avail / (4 * hosts)), 1)
-  grant_d = math.max(0, math.min(want_d, share, avail))
+  local gd = math.max(0, math.min(want_d, share, avail))
   local scard = redis.call('SCARD', set)
-  local avail_s = distinct_limit - scard - sum_dl
+  local avail_s = distinct_limit - scard - out_s
   local share_s = math.max(need_s, math.floor(avail_s / (4 * hosts)), 1)
-  grant_s = math.max(0, math.min(want_s, share_s, avail_s))
-  local tat = tonumber(redis.call('HGET', q, 'tat') or '0')
+  gs = math.max(0, math.min(want_s, share_s, avail_s))
+  g, dg = g + gd, dg + gs
+  redis.call('HSET', q, 'G:' .. host, g, 'DG:' .. host, dg)
+  local tat = tonumber(f['tat'] or '0')
   if tat < now then tat = now end
   while grant_r < want_r and tat - now <= tolerance do
     tat = tat + interval
@@ -188,14 +174,11 @@ if suspended == 0 and not learning then
   end
   redis.call('HSET', q, 'tat', tat)
 end
-if grant_d > 0 then redis.call('HINCRBY', q, 'L:' .. host, grant_d) end
-if grant_s > 0 then redis.call('HINCRBY', q, 'DL:' .. host, grant_s) end
-redis.call('HSET', q, 'E:' .. host, now + lease)
 
 local status = learning and 3 or 0
-local reply = {status, grant_d, grant_s, grant_r, now, suspended, used, redis.call('SCARD', set),
-               epoch}
-if members_wanted and grant_s < want_s then
+local reply = {status, g, dg, grant_r, now, suspended, used, redis.call('SCARD', set), epoch}
+if members_wanted and gs < want_s then
+  -- Short of distinct slots: everyone seen today, so that a repeat beneficiary needs none.
   local m = redis.call('SMEMBERS', set)
   for i = 1, #m do reply[#reply + 1] = m[i] end
 end
@@ -204,9 +187,11 @@ return reply
 
 # The harvest guard over every host: this call's outcomes (and the goods this host had not yet
 # reported) join the practitioner's global window; a trip sets the suspension flag every credit
-# reply carries (the caller then records it in the admin stream for every host's store).
-# KEYS: guard window, admin hash. ARGV: outcomes ("0" good, "1" bad, oldest first), window,
-# min_lookups, bad_percent, shadow (1: trace only), reason.
+# reply carries (the caller then records it in the admin stream for every host's store). Each
+# sender numbers its reports: one retried after a timeout is not counted twice.
+# KEYS: guard hash (window w, S:<sender> last number), admin hash.
+# ARGV: outcomes ("0" good, "1" bad, oldest first), window, min_lookups, bad_percent, shadow
+# (1: trace only), reason, sender, number.
 # Reply: {fired (1/0), index in ARGV[1] of the outcome on which it fired (0-based) or -1,
 #         suspended, window length, bad count}.
 GUARD = """
@@ -214,21 +199,25 @@ local g, adm = KEYS[1], KEYS[2]
 local outcomes, window = ARGV[1], tonumber(ARGV[2])
 local min_lookups, percent = tonumber(ARGV[3]), tonumber(ARGV[4])
 local shadow = ARGV[5] == '1'
+local sender, number = ARGV[7], tonumber(ARGV[8])
 local suspended = tonumber(redis.call('HGET', adm, 'suspended') or '0')
-local w = redis.call('GET', g) or ''
+local w = redis.call('HGET', g, 'w') or ''
 local fired_at = -1
-for i = 1, #outcomes do
-  w = w .. string.sub(outcomes, i, i)
-  if #w > window then w = string.sub(w, #w - window + 1) end
-  if suspended == 0 and fired_at < 0 and #w >= min_lookups then
-    local _, bad = string.gsub(w, '1', '')
-    if bad * 100 >= percent * #w and not shadow then
-      fired_at = i - 1
-      suspended = 1
+if tonumber(redis.call('HGET', g, 'S:' .. sender) or '0') < number then
+  for i = 1, #outcomes do
+    w = w .. string.sub(outcomes, i, i)
+    if #w > window then w = string.sub(w, #w - window + 1) end
+    if suspended == 0 and fired_at < 0 and #w >= min_lookups then
+      local _, bad = string.gsub(w, '1', '')
+      if bad * 100 >= percent * #w and not shadow then
+        fired_at = i - 1
+        suspended = 1
+      end
     end
   end
+  redis.call('HSET', g, 'w', w, 'S:' .. sender, number)
+  redis.call('EXPIRE', g, 3 * 86400)
 end
-redis.call('SET', g, w, 'EX', 3 * 86400)
 local _, bad = string.gsub(w, '1', '')
 if fired_at >= 0 then
   redis.call('HSET', adm, 'suspended', 1, 'reason', ARGV[6])
@@ -352,6 +341,7 @@ class Backend:
         self._guard = self.client.register_script(GUARD)
         self.calls = 0  # round trips made (for "Redis calls per 1,000 lookups")
         self.epoch = ""
+        self.sender = f"{self.host}/{os.getpid()}"
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -395,19 +385,22 @@ class Backend:
             request.distinct_limit, request.interval_ms, request.tolerance_ms,
             int(self.settings.credit_lease_seconds * 1000),
             request.want_daily, request.want_distinct, request.want_rate,
-            request.used, request.returned_daily, request.returned_distinct,
+            request.used, request.granted, request.distinct_used, request.distinct_granted,
             1 if request.members_wanted else 0, request.need_daily, request.need_distinct,
-            *request.pseudonyms,
+            1 if request.give_back else 0, *request.pseudonyms,
         ]  # fmt: skip
         raw = await self._call(lambda: self._take(keys=keys, args=args))
         return CreditReply.from_redis(raw)
 
     async def guard(
         self, practitioner_id: str, outcomes: str, window: int, min_lookups: int, percent: int,
-        shadow: bool,
+        shadow: bool, number: int,
     ) -> GuardReply:  # fmt: skip
+        """The outcomes join the global window; `number` (increasing per sender) makes a retry
+        harmless."""
         keys = [guard_key(practitioner_id), admin_key(practitioner_id)]
-        args = [outcomes, window, min_lookups, percent, 1 if shadow else 0, GUARD_REASON]
+        args = [outcomes, window, min_lookups, percent, 1 if shadow else 0, GUARD_REASON,
+                self.sender, number]  # fmt: skip
         raw = await self._call(lambda: self._guard(keys=keys, args=args))
         return GuardReply(bool(int(raw[0])), int(raw[1]), bool(int(raw[2])), int(raw[3]),
                           int(raw[4]))  # fmt: skip
@@ -467,31 +460,35 @@ class Backend:
 
 @dataclass(frozen=True)
 class CreditRequest:
+    """A host's totals for one practitioner's day, and what it asks for (TAKE's arguments)."""
+
     practitioner_id: str
     day: int
     daily_limit: int
     distinct_limit: int
     interval_ms: int
     tolerance_ms: int
+    used: int = 0  # lookups this host counted today, in all
+    granted: int = 0  # daily credit granted to this host today, as it knows it
+    distinct_used: int = 0  # beneficiaries new to this host today, in all
+    distinct_granted: int = 0
     want_daily: int = 0
     want_distinct: int = 0
     want_rate: int = 0
-    used: int = 0
-    returned_daily: int = 0
-    returned_distinct: int = 0
-    members_wanted: bool = False
-    pseudonyms: Sequence[int] = ()
     need_daily: int = 0  # granted whole when there is room, whatever the share
     need_distinct: int = 0
+    members_wanted: bool = False
+    give_back: bool = False
     rebuild: bool = False
+    pseudonyms: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
 class CreditReply:
     status: int  # 0 ok, 1 state lost, 2 host's day behind, 3 learning
-    daily: int
-    distinct: int
-    rate: int
+    granted: int  # daily credit granted to this host today, in all
+    distinct_granted: int
+    rate: int  # rate tokens granted now
     redis_now_ms: int
     suspended: bool
     used: int

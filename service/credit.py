@@ -1,20 +1,26 @@
 """One worker's side of the cluster's shared quotas ([cluster], service.cluster): credit fetched for
-what the gate set aside, what it spent reported, and the global harvest guard asked before a bad
-answer leaves the host.
+what the gate set aside, this host's totals reported, and the global harvest guard asked before a
+bad answer leaves the host.
 
 The gate spends the host's credit in the shared quota slot (fastpath.quota.CreditFile) under the
 slot's mutex, with no Redis call. A lookup it holds no credit for is set aside (SHORT): this module
 takes a block for the practitioner (one Redis round trip, coalesced per slot), and the server asks
 the gate again in the mode the reply calls for: LIMIT when Redis answered, BACKEND when it did not
 (the host has spent what it held: UNAVAILABLE, QUOTA_BACKEND_UNAVAILABLE), OPEN with the explicit
-fail-open opt-in. A background task reports what was spent every report interval and gives unused
-credit back after a while without lookups.
+fail-open opt-in. A background task reports this host's totals every report interval and gives
+unused credit back after a while without lookups.
+
+What a host reports is its totals for the day (lookups counted, new beneficiaries), read from its
+slot, and what it was granted as it knows it: a report that times out but was applied, or is sent
+twice, changes nothing. Only the beneficiaries themselves (pseudonyms, for the day's set: adding
+one twice is harmless) and the guard's outcomes (numbered) travel as deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -39,26 +45,22 @@ log = logging.getLogger("covergate.credit")
 GUARD_OK, GUARD_FIRED, GUARD_UNAVAILABLE = 0, 1, 2
 
 
-@dataclass
-class Drained:
-    """What a slot had spent and not reported, taken out of it (put back if Redis fails)."""
-
-    used: int = 0
-    ring: list[int] = field(default_factory=list)
-    outcomes: str = ""  # "0" good, "1" bad, oldest first
-    returned_daily: int = 0
-    returned_distinct: int = 0
-    epoch: int = 0
-    rate_tokens: int = 0  # valid ones still held (not reported: for sizing a refill)
-
-    def empty(self) -> bool:
-        return not (self.used or self.ring or self.outcomes or self.returned_daily
-                    or self.returned_distinct)  # fmt: skip
-
-
 def _outcomes(bits: int, n: int) -> str:
     """The credit file's outcome bits (newest in bit 0) as the guard script reads them."""
     return "".join("1" if bits >> i & 1 else "0" for i in range(n - 1, -1, -1))
+
+
+@dataclass
+class Snapshot:
+    """A slot's totals for the day, and the deltas taken out of it (put back if Redis fails)."""
+
+    used: int = 0
+    distinct_used: int = 0
+    granted: int = 0
+    distinct_granted: int = 0
+    held_daily: int = 0
+    rate_tokens: int = 0  # valid ones still held
+    ring: list[int] = field(default_factory=list)
 
 
 class CreditAgent:
@@ -75,13 +77,16 @@ class CreditAgent:
         self._files = files
         self.backend = backend if backend is not None else Backend(settings)
         self.touched: dict[int, tuple[Practitioner, int, float]] = {}  # slot: (who, day, last)
+        self._reported: dict[int, tuple[int, int, int]] = {}  # slot: (day, used, distinct)
+        self._guard_pending: dict[int, tuple[int, str]] = {}  # slot: (number, outcomes)
+        self._numbers = itertools.count(1)
         self._inflight: dict[int, asyncio.Future[int]] = {}
         self._rebuild: set[int] = set()
-        self.reported = 0  # lookups reported to Redis, for "Redis calls per 1,000 lookups"
         self._task: asyncio.Task[None] | None = None
         self._lease_ms = int(settings.credit_lease_seconds * 1000)
         self._rate_ms = int(settings.rate_lease_seconds * 1000)
         self._idle = max(1.0, 4 * settings.report_interval_seconds)
+        self.lookups_reported = 0  # for "Redis calls per 1,000 lookups"
 
     @property
     def degraded(self) -> bool:
@@ -101,113 +106,108 @@ class CreditAgent:
         finally:
             quota.unlock(slot)
 
-    def _drain(self, slot: int, today: int, *, idle: bool = False) -> Drained:
-        with self._locked(slot) as (_quota, credit):
+    def _snapshot(self, slot: int, today: int, *, give_back: bool = False) -> Snapshot:
+        """The slot's totals, and its new beneficiaries taken out of the ring."""
+        with self._locked(slot) as (quota, credit):
+            state = quota.read(slot)
+            quota.roll_day(slot, state, today)
+            quota.write(slot, state)
             cs = credit.read(slot)
             credit.roll_day(cs, today)
-            bits = cs.outcomes_bits
-            drained = Drained(
-                used=cs.used,
-                ring=credit.ring(slot, cs),
-                outcomes=_outcomes(bits, cs.outcomes_len),
-                epoch=cs.epoch,
+            granted, distinct_granted = credit.totals(slot, today)
+            snap = Snapshot(
+                used=state.daily_count, distinct_used=state.distinct_count, granted=granted,
+                distinct_granted=distinct_granted, held_daily=cs.daily,
                 rate_tokens=cs.rate_tokens if cs.rate_expiry_ms > time.time() * 1000 else 0,
-            )
-            cs.used = cs.ring_len = cs.outcomes_len = cs.outcomes_bits = 0
-            if idle:
-                drained.returned_daily, drained.returned_distinct = cs.daily, cs.distinct
+                ring=credit.ring(slot, cs),
+            )  # fmt: skip
+            cs.ring_len = 0
+            if give_back:
                 cs.daily = cs.distinct = 0
             credit.write(slot, cs)
-        return drained
+        return snap
 
-    def _undrain(self, slot: int, today: int, drained: Drained) -> None:
-        """Redis did not take it: back into the slot, to go with the next report."""
+    def _put_back(self, slot: int, today: int, ring: list[int]) -> None:
+        """Redis did not answer: the new beneficiaries go with the next call."""
         with self._locked(slot) as (_quota, credit):
             cs = credit.read(slot)
             if cs.day != today:
-                return  # another day: what was spent yesterday can no longer be reported
-            cs.used += drained.used
-            cs.daily += drained.returned_daily
-            cs.distinct += drained.returned_distinct
-            for fp in drained.ring:
+                return
+            for fp in ring:
                 if cs.ring_len < CREDIT_RING:
                     credit.push(slot, cs, fp)
-            older = drained.outcomes[-64:]
-            bits = int(older or "0", 2)
-            cs.outcomes_bits = ((bits << cs.outcomes_len) | cs.outcomes_bits) & ((1 << 64) - 1)
-            cs.outcomes_len = min(64, cs.outcomes_len + len(older))
             credit.write(slot, cs)
 
-    def _day_totals(self, slot: int) -> tuple[int, list[int]]:
-        """This host's whole day for the slot: lookups, and every beneficiary in its table."""
+    def _table(self, slot: int) -> list[int]:
+        """Every beneficiary this host saw today (its whole day, for a rebuild)."""
         with self._locked(slot) as (quota, _credit):
-            state = quota.read(slot)
             base = quota.offset(slot) + SLOT_HEAD
             table = quota.map[base : base + 8 * DISTINCT_CAPACITY]
-        fps = [int.from_bytes(table[i : i + 8], "little") for i in range(0, len(table), 8)]
-        return state.daily_count, [fp for fp in fps if fp]
+        fps = (int.from_bytes(table[i : i + 8], "little") for i in range(0, len(table), 8))
+        return [fp for fp in fps if fp]
 
     def _apply(self, slot: int, today: int, reply: CreditReply, started_ms: int) -> None:
         with self._locked(slot) as (quota, credit):
+            state = quota.read(slot)
+            quota.roll_day(slot, state, today)
             cs = credit.read(slot)
             credit.roll_day(cs, today)
-            cs.daily += reply.daily
-            cs.distinct += reply.distinct
+            # What is left of the grants: granted in all, less what this host has used.
+            cs.daily = max(0, reply.granted - state.daily_count)
+            cs.distinct = max(0, reply.distinct_granted - state.distinct_count)
+            credit.set_totals(slot, today, reply.granted, reply.distinct_granted)
             cs.lease_expiry_ms = started_ms + self._lease_ms  # Redis's ends later than this
             if reply.rate:
                 cs.rate_tokens = reply.rate  # older tokens are dropped: each is spent within L
                 cs.rate_expiry_ms = started_ms + self._rate_ms
-            if cs.epoch and cs.epoch != reply.epoch:
+            if cs.epoch and cs.epoch != reply.epoch and reply.status != CreditReply.LEARNING:
                 self._rebuild.add(slot)  # Redis lost the state this host reported to
             cs.epoch = reply.epoch
             credit.write(slot, cs)
             for fp in reply.members:
                 # Everyone seen today anywhere: a repeat beneficiary needs no distinct slot.
                 quota.seen_or_add(slot, fp or 1, True)
-            if reply.suspended:
-                state = quota.read(slot)
-                if not state.flags & FLAG_SUSPENDED:
-                    state.flags |= FLAG_SUSPENDED
-                    quota.write(slot, state)
+            if reply.suspended and not state.flags & FLAG_SUSPENDED:
+                state.flags |= FLAG_SUSPENDED
+            quota.write(slot, state)
 
     # -- Redis ---------------------------------------------------------------------------------
 
-    def _request(
-        self, who: Practitioner, today: int, drained: Drained, **more: Any
-    ) -> CreditRequest:
+    async def _take(
+        self, who: Practitioner, today: int, snap: Snapshot, *, give_back: bool = False,
+        **wants: Any,
+    ) -> CreditReply:  # fmt: skip
+        """One credit call with this host's totals (and the rebuild a lost state calls for)."""
+        slot = who.slot
         profile = who.quota
         assert profile is not None
-        return CreditRequest(
-            practitioner_id=who.practitioner_id, day=today, daily_limit=profile.daily_limit,
-            distinct_limit=profile.distinct_limit, interval_ms=profile.interval_ms,
-            tolerance_ms=profile.tolerance_ms, used=drained.used,
-            returned_daily=drained.returned_daily, returned_distinct=drained.returned_distinct,
-            pseudonyms=tuple(drained.ring), **more,
-        )  # fmt: skip
-
-    async def _take(self, who: Practitioner, today: int, drained: Drained,
-                    **more: Any) -> CreditReply:  # fmt: skip
-        """One credit call, and the rebuild it may call for (the state was lost)."""
-        slot = who.slot
-        started_ms = int(time.time() * 1000)
         rebuild = slot in self._rebuild
-        if rebuild:
-            used, fps = self._day_totals(slot)
-            drained = Drained(used=used, ring=fps)
-        reply = await self.backend.take(self._request(who, today, drained, rebuild=rebuild, **more))
-        if not rebuild and reply.status != CreditReply.LOST:
-            self.reported += drained.used
+        pseudonyms = self._table(slot) if rebuild else snap.ring
+
+        def request(rebuild: bool, pseudonyms: list[int]) -> CreditRequest:
+            return CreditRequest(
+                practitioner_id=who.practitioner_id, day=today, daily_limit=profile.daily_limit,
+                distinct_limit=profile.distinct_limit, interval_ms=profile.interval_ms,
+                tolerance_ms=profile.tolerance_ms, used=snap.used,
+                granted=0 if rebuild else snap.granted, distinct_used=snap.distinct_used,
+                distinct_granted=0 if rebuild else snap.distinct_granted, give_back=give_back,
+                rebuild=rebuild, pseudonyms=tuple(pseudonyms), **wants,
+            )  # fmt: skip
+
+        started_ms = int(time.time() * 1000)
+        reply = await self.backend.take(request(rebuild, pseudonyms))
         if reply.status == CreditReply.LOST:
             log.warning("Redis lost the quota state of a practitioner: rebuilding from this host")
-            self._rebuild.add(slot)
-            used, fps = self._day_totals(slot)
-            reply = await self.backend.take(
-                self._request(who, today, Drained(used=used, ring=fps), rebuild=True, **more)
-            )
+            reply = await self.backend.take(request(True, self._table(slot)))
+            rebuild = True
         if reply.status != CreditReply.DAY_BEHIND:
-            if rebuild or reply.status == CreditReply.LEARNING:
+            if rebuild:
                 self._rebuild.discard(slot)
             self._apply(slot, today, reply, started_ms)
+            previous = self._reported.get(slot, (today, 0, 0))
+            if previous[0] == today:
+                self.lookups_reported += max(0, snap.used - previous[1])
+            self._reported[slot] = (today, snap.used, snap.distinct_used)
         return reply
 
     async def refill(self, who: Practitioner, today: int, need: int) -> int:
@@ -218,11 +218,9 @@ class CreditAgent:
             return await asyncio.shield(pending)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = future
+        mode = self._no_backend_mode()
         try:
             mode = await self._refill(who, today, need)
-        except BaseException:
-            mode = self._no_backend_mode()
-            raise
         finally:
             self._inflight.pop(slot, None)
             future.set_result(mode)
@@ -233,59 +231,68 @@ class CreditAgent:
         assert profile is not None
         block = self.settings.block_max
         per_lease = profile.rate_per_minute * self.settings.rate_lease_seconds / 60
-        drained = self._drain(who.slot, today)
+        snap = self._snapshot(who.slot, today)
         # Rate tokens only when short of them: each is taken from the global GCRA, and unused
         # ones are thrown away when new ones come.
-        want_rate = 0 if drained.rate_tokens >= need else max(need, int(per_lease) + 1)
+        want_rate = 0 if snap.rate_tokens >= need else max(need, int(per_lease) + 1)
         try:
             reply = await self._take(
-                who, today, drained,
+                who, today, snap,
                 want_daily=max(2 * need, block), need_daily=need,
                 want_distinct=min(max(2 * need, block), CREDIT_RING),
                 need_distinct=min(need, CREDIT_RING),
                 want_rate=want_rate, members_wanted=True,
             )  # fmt: skip
         except BackendUnavailable:
-            self._undrain(who.slot, today, drained)
+            self._put_back(who.slot, today, snap.ring)
             return self._no_backend_mode()
         self.touched[who.slot] = (who, today, time.monotonic())
         if reply.status in (CreditReply.LEARNING, CreditReply.DAY_BEHIND):
             return self._no_backend_mode()
         return rules.CREDIT_LIMIT
 
-    async def guard(self, who: Practitioner, today: int) -> int:
-        """The global harvest guard on the outcomes not yet reported (this call's bad ones among
-        them), before the call is answered: GUARD_OK, GUARD_FIRED (refuse it, suspended), or
-        GUARD_UNAVAILABLE (fail closed: NO_MATCH answers need the guard)."""
+    async def _send_guard(self, who: Practitioner, today: int) -> tuple[int, bool]:
+        """The slot's guard outcomes not yet reported, to the global window: (verdict,
+        suspended). A report that failed is sent again with its number."""
         profile = who.quota
         assert profile is not None
         slot = who.slot
-        drained = Drained()
-        with self._locked(slot) as (_quota, credit):
-            cs = credit.read(slot)
-            credit.roll_day(cs, today)
-            bits, n = cs.outcomes_bits, cs.outcomes_len
-            cs.outcomes_bits = cs.outcomes_len = 0
-            credit.write(slot, cs)
-        drained.outcomes = _outcomes(bits, n)
-        if not drained.outcomes:
-            return GUARD_OK
+        pending = self._guard_pending.pop(slot, None)
+        if pending is None:
+            with self._locked(slot) as (_quota, credit):
+                cs = credit.read(slot)
+                credit.roll_day(cs, today)
+                bits, n = cs.outcomes_bits, cs.outcomes_len
+                cs.outcomes_bits = cs.outcomes_len = 0
+                credit.write(slot, cs)
+            if not n:
+                return GUARD_OK, False
+            pending = (next(self._numbers), _outcomes(bits, n))
+        number, outcomes = pending
         try:
             reply = await self.backend.guard(
-                who.practitioner_id, drained.outcomes, profile.guard_window,
-                profile.guard_min_lookups, profile.guard_bad_percent,
-                bool(profile.shadow & SHADOW_GUARD),
+                who.practitioner_id, outcomes, profile.guard_window, profile.guard_min_lookups,
+                profile.guard_bad_percent, bool(profile.shadow & SHADOW_GUARD), number,
             )  # fmt: skip
         except BackendUnavailable:
-            self._undrain(slot, today, drained)
-            return GUARD_OK if self.settings.fail_open else GUARD_UNAVAILABLE
+            self._guard_pending[slot] = pending
+            return GUARD_UNAVAILABLE, False
         if reply.fired or reply.suspended:
             with self._locked(slot) as (quota, _credit):
                 state = quota.read(slot)
                 state.flags |= FLAG_SUSPENDED
                 quota.write(slot, state)
-            return GUARD_FIRED
-        return GUARD_OK
+            return GUARD_FIRED, True
+        return GUARD_OK, False
+
+    async def guard(self, who: Practitioner, today: int) -> int:
+        """The global harvest guard on the outcomes not yet reported (this call's bad ones among
+        them), before the call is answered: GUARD_OK, GUARD_FIRED (refuse it, suspended), or
+        GUARD_UNAVAILABLE (fail closed: NO_MATCH answers need the guard; fail-open admits)."""
+        verdict, _ = await self._send_guard(who, today)
+        if verdict == GUARD_UNAVAILABLE and self.settings.fail_open:
+            return GUARD_OK
+        return verdict
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -295,46 +302,36 @@ class CreditAgent:
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.report_interval_seconds)
-            with contextlib.suppress(Exception):
+            try:
                 await self.report()
+            except Exception:  # a report must never take the worker down
+                log.exception("cluster report failed; retrying at the next interval")
 
     async def report(self) -> None:
-        """What each touched slot spent, to Redis; unused credit back after a while idle."""
+        """Each touched slot's totals to Redis when they moved; unused credit back after a
+        while idle."""
         now = time.monotonic()
         for slot, (who, day, last) in list(self.touched.items()):
             idle = now - last > self._idle
-            drained = self._drain(slot, day, idle=idle)
-            if drained.empty() and slot not in self._rebuild:
-                if idle:
-                    del self.touched[slot]
-                continue
-            outcomes, drained.outcomes = drained.outcomes, ""
-            try:
-                await self._take(who, day, drained)
-                if outcomes:
-                    profile = who.quota
-                    assert profile is not None
-                    reply = await self.backend.guard(
-                        who.practitioner_id, outcomes, profile.guard_window,
-                        profile.guard_min_lookups, profile.guard_bad_percent,
-                        bool(profile.shadow & SHADOW_GUARD),
-                    )  # fmt: skip
-                    if reply.fired or reply.suspended:
-                        with self._locked(slot) as (quota, _credit):
-                            state = quota.read(slot)
-                            state.flags |= FLAG_SUSPENDED
-                            quota.write(slot, state)
-            except BackendUnavailable:
-                drained.outcomes = outcomes
-                self._undrain(slot, day, drained)
-            if idle:
+            snap = self._snapshot(slot, day, give_back=idle)
+            moved = self._reported.get(slot) != (day, snap.used, snap.distinct_used)
+            holds = snap.granted > snap.used or snap.distinct_granted > snap.distinct_used
+            if moved or snap.ring or slot in self._rebuild or (idle and holds):
+                try:
+                    await self._take(who, day, snap, give_back=idle)
+                except BackendUnavailable:
+                    self._put_back(slot, day, snap.ring)
+                    continue
+            with contextlib.suppress(BackendUnavailable):
+                await self._send_guard(who, day)
+            if idle and slot not in self._guard_pending:
                 self.touched.pop(slot, None)
 
     def seen(self, who: Practitioner, today: int) -> None:
         self.touched[who.slot] = (who, today, time.monotonic())
 
     async def close(self) -> None:
-        """Report what was spent and give the rest back (a worker stopping)."""
+        """Report the totals and give the rest back (a worker stopping)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
