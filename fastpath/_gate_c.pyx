@@ -127,6 +127,8 @@ cdef class Gate:
     # outcomes were bad for the guard (the server reports those to the global guard).
     cdef public list short
     cdef public long long last_bad
+    # Set by the server while its host cannot reach the cluster's Redis: lookup spans say so.
+    cdef public bint cluster_degraded
     cdef readonly Py_ssize_t max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
@@ -176,6 +178,7 @@ cdef class Gate:
             self._credit_slots = credit.slots
         self.short = []
         self.last_bad = 0
+        self.cluster_degraded = False
 
     def __dealloc__(self):
         PyMem_Free(self._spans.framed.data)
@@ -250,6 +253,7 @@ cdef class Gate:
             if traced:
                 # Held for the call: t.who points into these bytes.
                 _who = _begin_trace(&t, trace, now, practitioner, &self._trace_state)
+                t.degraded = self.cluster_degraded
                 _new_span_id(&self._trace_state, span_id)
             amcs = practitioner.amc_view
             if self._view(practitioner, &c):
@@ -330,6 +334,7 @@ cdef class Gate:
             if traced:
                 # Held for the call: t.who points into these bytes.
                 _who = _begin_trace(&t, trace, now, practitioner, &self._trace_state)
+                t.degraded = self.cluster_degraded
                 _new_span_id(&self._trace_state, rpc_span)
             amcs = practitioner.amc_view
             if self._view(practitioner, &c):

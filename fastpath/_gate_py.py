@@ -86,6 +86,8 @@ class Gate:
         # its outcomes were bad for the guard (the server reports those to the global guard).
         self.short: list[int] = []
         self.last_bad = 0
+        # Set by the server while its host cannot reach the cluster's Redis: lookup spans say so.
+        self.cluster_degraded = False
         # Closed (replaced): every call refuses. A closed gate never means "no quotas".
         self._closed = False
         self._rights_db = rights_db
@@ -448,7 +450,9 @@ class Gate:
         who, profession = tr.practitioner_attributes(
             practitioner.practitioner_id, practitioner.profession
         )
-        return _Span(method, trace_id, self.new_span_id(), parent, who, profession, start, t0)
+        span = _Span(method, trace_id, self.new_span_id(), parent, who, profession, start, t0)
+        span.degraded = self.cluster_degraded
+        return span
 
     def _rpc_span(self, span: _Span, code: int, items: int) -> None:
         """A batch's SERVER span, parent of its lookup spans."""
@@ -511,6 +515,8 @@ class Gate:
         parts.append(tr.GUARD_ATTRS[lookup.guard_fired])
         if lookup.would_deny:
             parts.append(tr.WOULD_DENY_ATTRS[lookup.would_deny])
+        if span.degraded:
+            parts.append(tr.DEGRADED_ATTR)
         end = span.start + time.perf_counter_ns() - span.t0
         if span.method == tr.METHOD_BATCH:
             parent, span_id = span.span_id, self.new_span_id()
@@ -833,7 +839,9 @@ class Gate:
 class _Span:
     """One traced call: its method, trace and span ids, the caller's attributes and its clock."""
 
-    __slots__ = ("method", "parent", "profession", "span_id", "start", "t0", "trace_id", "who")
+    __slots__ = (
+        "degraded", "method", "parent", "profession", "span_id", "start", "t0", "trace_id", "who",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -854,6 +862,7 @@ class _Span:
         self.profession = profession
         self.start = start
         self.t0 = t0
+        self.degraded = False
 
 
 class _Lookup:

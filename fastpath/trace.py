@@ -337,6 +337,9 @@ OUTCOME_ATTRS = tuple(
 )
 WOULD_DENY_ATTRS = (b"", *(attr_str(K_WOULD_DENY, r) for r in WOULD_DENY[1:]))
 GUARD_ATTRS = (attr_bool(K_GUARD_FIRED, False), attr_bool(K_GUARD_FIRED, True))
+# With [cluster]: on every lookup answered while the host cannot reach Redis (it spends the
+# credit it holds), so the backend shows which answers were given degraded.
+DEGRADED_ATTR = attr_bool("covergate.cluster.degraded", True)
 RPC_ATTRS = tuple(
     attr_str("rpc.system", "grpc") + attr_str("rpc.service", SERVICE) + attr_str("rpc.method", m)
     for m in METHODS

@@ -65,6 +65,8 @@ from service.store import Store
 log = logging.getLogger("covergate.server")
 
 COVERAGE_SERVICE = "covergate.v1.CoverageService"
+# With [cluster]: a health service of its own, NOT_SERVING while the host runs degraded.
+CLUSTER_SERVICE = "covergate.cluster"
 ATTESTATION_SERVICE = "covergate.v1.AttestationService"
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -273,6 +275,8 @@ class CovergateHandlers:
         gate = self.gate
         decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         today, now = self._clock.now()
+        if self.credit is not None:
+            gate.cluster_degraded = self.credit.degraded
         trace = None
         if telemetry is not None and metadata:
             trace = otel.trace_context(metadata)
@@ -336,6 +340,8 @@ class CovergateHandlers:
                     await _abort(context, r.code, r.status)
                 gate = self.gate
                 today, now = clock.now()
+                if self.credit is not None:
+                    gate.cluster_degraded = self.credit.degraded
                 if telemetry is None:
                     response = gate.check_item(caller, request, today, now)
                 else:
@@ -388,6 +394,20 @@ class CovergateHandlers:
                 telemetry.record_rpc("CheckCoverageStream", elapsed)
 
     # -- several hosts ([cluster]) ---------------------------------------------------------------
+
+    async def watch_cluster(self) -> None:
+        """Health service CLUSTER_SERVICE: NOT_SERVING while this host cannot reach Redis (it
+        answers on the credit it holds, then refuses QUOTA_BACKEND_UNAVAILABLE)."""
+        assert self.credit is not None
+        shown = None
+        while True:
+            degraded = self.credit.degraded
+            if degraded != shown:
+                shown = degraded
+                status = (health_pb2.HealthCheckResponse.NOT_SERVING if degraded
+                          else health_pb2.HealthCheckResponse.SERVING)  # fmt: skip
+                await self.health.set(CLUSTER_SERVICE, status)
+            await asyncio.sleep(0.2)
 
     async def _with_credit(
         self,
@@ -650,10 +670,20 @@ async def run_worker(
     await server.start()
     if telemetry is not None:
         telemetry.start()
+    cluster_watch = None
     if handlers.credit is not None:
         with contextlib.suppress(Exception):
             await handlers.credit.backend.init_epoch()
         handlers.credit.start()
+        cluster_watch = asyncio.create_task(handlers.watch_cluster())
+        if telemetry is not None:
+            telemetry.watch_cluster(handlers.credit)
+        if options.config.cluster.fail_open and index == 0:
+            log.warning(
+                "[cluster] fail_open = true: while Redis is unreachable, hosts admit lookups "
+                "they hold no credit for; each still enforces every limit on its own, so a "
+                "practitioner may get up to (number of hosts) x each limit until Redis is back"
+            )
     readiness = asyncio.create_task(handlers.watch_readiness())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -665,6 +695,8 @@ async def run_worker(
     await stopping.wait()
     log.info("worker %d draining (grace %.0fs)", index, settings.shutdown_grace_seconds)
     readiness.cancel()
+    if cluster_watch is not None:
+        cluster_watch.cancel()
     await handlers.health.enter_graceful_shutdown()
     # grpc.aio hands calls to the loop one at a time; calls it has received but not yet started
     # would be CANCELLED by stop(), and a client cannot tell whether they ran. Keep serving until

@@ -402,6 +402,7 @@ class Telemetry:
         self._gates: list[Any] = []
         self._retired_counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
         self._meter_provider: Any = None
+        self._meter: Any = None
         self._task: asyncio.Task[None] | None = None
 
     # -- wiring ----------------------------------------------------------------------------------
@@ -418,6 +419,7 @@ class Telemetry:
         from opentelemetry.metrics import CallbackOptions, Observation
 
         self._meter_provider, meter = meter_provider(dict(self.resource.attributes))
+        self._meter = meter
 
         def lookups(_options: CallbackOptions) -> Iterable[Observation]:
             counts = self.lookup_counts()
@@ -456,6 +458,28 @@ class Telemetry:
         meter.create_observable_counter(
             "covergate.spool.dropped", [single(lambda: self.dropped_spans)], unit="{span}",
             description='Spans not kept because the audit spool was full (when_full = "drop")',
+        )  # fmt: skip
+
+    def watch_cluster(self, agent: Any) -> None:
+        """With [cluster]: whether the host runs degraded, and Redis calls against lookups."""
+        if self._meter is None:
+            return
+        from opentelemetry.metrics import Observation
+
+        def single(value: Any) -> Any:
+            return lambda _options: [Observation(value())]
+
+        self._meter.create_observable_gauge(
+            "covergate.cluster.degraded", [single(lambda: int(agent.degraded))],
+            description="1 while this host cannot reach the cluster's Redis",
+        )  # fmt: skip
+        self._meter.create_observable_counter(
+            "covergate.cluster.redis_calls", [single(lambda: agent.backend.calls)],
+            unit="{call}", description="Round trips to the cluster's Redis",
+        )  # fmt: skip
+        self._meter.create_observable_counter(
+            "covergate.cluster.lookups_reported", [single(lambda: agent.lookups_reported)],
+            unit="{lookup}", description="Lookups this worker reported to Redis",
         )  # fmt: skip
 
     def watch(self, gate: Any) -> None:

@@ -387,12 +387,17 @@ def test_redis_frozen_or_killed_never_hangs_and_never_over_admits(
         assert {o for _, o, _ in during} <= {"OK", "QUOTA_BACKEND_UNAVAILABLE"}
         assert "QUOTA_BACKEND_UNAVAILABLE" in {o for _, o, _ in during}
         assert max(timings) < 2.0  # never a hang (the deadline is 100 ms; CI hosts are slow)
+        # The host says it runs degraded: its cluster health, while its default stays SERVING.
+        assert hosts[1].server is not None
+        until(lambda: hosts[1].server.health("covergate.cluster") == 2, "degraded health")
+        assert hosts[1].server.health() == 1
         print(f"{break_redis.__name__}: slowest call {max(timings) * 1000:.0f} ms, "
               f"median {sorted(timings)[len(timings) // 2] * 1000:.1f} ms")  # fmt: skip
         mend_redis()
         back = until(lambda: outcome(stub, token, ds) == "OK", "service after Redis is back")
         answered += 1
         print(f"{mend_redis.__name__}: answered again after {back:.2f} s")
+        until(lambda: hosts[1].server.health("covergate.cluster") == 1, "health back")
     answered += _ok(_hammer(hosts, token, ds, people, stop_reason="DAILY_LIMIT"))
     assert answered == 300
 
@@ -448,3 +453,55 @@ def test_a_host_killed_holding_credit_gives_it_back_when_its_lease_ends(
     time.sleep(1.2)  # ... and a second later it is given back
     answered += _ok(_hammer([b, c], token, ds, people, stop_reason="DAILY_LIMIT"))
     assert answered == 100
+
+
+@pytest.mark.parametrize("cluster", ["rate_lease_seconds = 1.0\n"], indirect=True)
+def test_the_rate_over_three_hosts_stays_within_r_times_w_plus_l_plus_burst(
+    cluster: tuple[Dataset, RedisServer, list[Host]],
+) -> None:
+    """A practitioner at 600/min with a burst of 10 hammering three hosts: over the run and
+    over every window of it, admitted <= r * (w + L) + burst, with L the rate lease (1 s)."""
+    ds, _redis, hosts = cluster
+    hosts[0].cli("practitioner", "quota", PHARMACIST_ID, "--set", "rate_per_minute=600",
+                 "--set", "burst=10")  # fmt: skip
+    for host in hosts:
+        host.serve()
+    token = _cluster_token(hosts[0], hosts)
+    people = _people(ds)[:1]
+    started = time.monotonic()
+    stamps: list[float] = []
+    import threading
+
+    lock = threading.Lock()
+
+    def run(host: Host) -> None:
+        stub = host.stub()
+        request = pb.CheckCoverageRequest(
+            **people[0].fields(), amc_number=PHARMACY_AMC, domain=pb.CARE_DOMAIN_PHARMACY
+        )
+        while time.monotonic() - started < 6.0:
+            try:
+                stub.CheckCoverage(request, metadata=(("authorization", f"Bearer {token}"),),
+                                   timeout=10)  # fmt: skip
+            except grpc.RpcError as exc:
+                assert _reason(exc) == "RATE_LIMITED"
+                continue
+            with lock:
+                stamps.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    rate, lease, burst = 10.0, 1.0, 10
+    worst = 0.0
+    for i, first in enumerate(stamps):
+        for j in range(i, len(stamps)):
+            w = stamps[j] - first
+            allowed = rate * (w + lease) + burst
+            worst = max(worst, (j - i + 1) / allowed)
+    print(f"{len(stamps)} admitted in 6 s over 3 hosts; worst window used {worst:.0%} of "
+          "r*(w+L)+burst")  # fmt: skip
+    assert worst <= 1.0
+    assert len(stamps) >= rate * 6 * 0.5  # and the rate is not starved either

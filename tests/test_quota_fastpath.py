@@ -537,6 +537,8 @@ def test_cluster_credit_is_spent_identically_in_c_and_python(
                 ).SerializeToString()
             else:
                 args = requests[0]
+            for g in gates:  # the lookup spans of a host without Redis say so
+                g.cluster_degraded = mode == rules.CREDIT_BACKEND
             results = [getattr(g, method)(p, args, today, now, credit_mode=mode) for g in gates]
             assert results[0] == results[1], (method, mode)
             assert gates[0].short == gates[1].short

@@ -5,6 +5,7 @@
 cdef tuple _DOMAIN_ATTRS = _trace.DOMAIN_ATTRS
 cdef tuple _OUTCOME_ATTRS = _trace.OUTCOME_ATTRS
 cdef tuple _WOULD_DENY_ATTRS = _trace.WOULD_DENY_ATTRS
+cdef bytes _DEGRADED_ATTR = _trace.DEGRADED_ATTR
 cdef tuple _GUARD_ATTRS = _trace.GUARD_ATTRS
 cdef tuple _RPC_ATTRS = _trace.RPC_ATTRS
 cdef tuple _NAMES = _trace.NAMES
@@ -32,6 +33,7 @@ cdef struct TraceCall:
     const char* who             # the practitioner's encoded attributes
     Py_ssize_t who_size
     int profession
+    bint degraded               # [cluster] without Redis: every lookup span says so
 
 
 cdef inline long long _monotonic_ns() noexcept nogil:
@@ -250,6 +252,8 @@ cdef int _put_lookup_span(Buf* s, TraceCall* t, const Request* r, const Caller* 
     _put_bytes(s, <bytes>_GUARD_ATTRS[1 if c.guard_fired else 0])
     if c.would_deny:
         _put_bytes(s, <bytes>_WOULD_DENY_ATTRS[c.would_deny])
+    if t.degraded:
+        _put_bytes(s, _DEGRADED_ATTR)
     if c.guard_fired:
         for i in range(2):
             tail = <bytes>_GUARD_EVENTS_TAIL[i]
