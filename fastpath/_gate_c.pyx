@@ -129,6 +129,9 @@ cdef class Gate:
     cdef public long long last_bad
     # Set by the server while its host cannot reach the cluster's Redis: lookup spans say so.
     cdef public bint cluster_degraded
+    # The rights generation this gate reads (service.snapshots), on every span.
+    cdef readonly object generation
+    cdef bytes _generation_attr
     cdef readonly Py_ssize_t max_batch_items
     cdef public object attestation_ttl
     # Store reads performed, for tests proving which refusals never touch the store.
@@ -145,7 +148,8 @@ cdef class Gate:
 
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
                  attestation_ttl=7 * 86400, quota=None,  # no-cython-lint
-                 trace=False, trace_seed=None, credit=None):  # (`quota`: callers' keyword)
+                 trace=False, trace_seed=None, credit=None,  # (`quota`: callers' keyword)
+                 generation=0):
         rules.require_upb()
         if credit is not None and quota is None:
             raise ValueError("cluster credit needs the quota file it is locked with")
@@ -179,6 +183,8 @@ cdef class Gate:
         self.short = []
         self.last_bad = 0
         self.cluster_degraded = False
+        self.generation = generation
+        self._generation_attr = _trace.generation_attr(generation)
 
     def __dealloc__(self):
         PyMem_Free(self._spans.framed.data)
@@ -253,6 +259,9 @@ cdef class Gate:
             if traced:
                 # Held for the call: t.who points into these bytes.
                 _who = _begin_trace(&t, trace, now, practitioner, &self._trace_state)
+                _who = _who + self._generation_attr
+                t.who = PyBytes_AS_STRING(_who)
+                t.who_size = PyBytes_GET_SIZE(_who)
                 t.degraded = self.cluster_degraded
                 _new_span_id(&self._trace_state, span_id)
             amcs = practitioner.amc_view
@@ -334,6 +343,9 @@ cdef class Gate:
             if traced:
                 # Held for the call: t.who points into these bytes.
                 _who = _begin_trace(&t, trace, now, practitioner, &self._trace_state)
+                _who = _who + self._generation_attr
+                t.who = PyBytes_AS_STRING(_who)
+                t.who_size = PyBytes_GET_SIZE(_who)
                 t.degraded = self.cluster_degraded
                 _new_span_id(&self._trace_state, rpc_span)
             amcs = practitioner.amc_view

@@ -71,8 +71,12 @@ class Gate:
         trace: bool = False,
         trace_seed: int | None = None,
         credit: CreditFile | None = None,
+        generation: int = 0,
     ) -> None:
         rules.require_upb()
+        # The rights generation this gate reads (service.snapshots), on every span.
+        self.generation = generation
+        self._generation_attr = tr.generation_attr(generation)
         if credit is not None and quota is None:
             raise ValueError("cluster credit needs the quota file it is locked with")
         self._env = env
@@ -450,6 +454,7 @@ class Gate:
         who, profession = tr.practitioner_attributes(
             practitioner.practitioner_id, practitioner.profession
         )
+        who += self._generation_attr
         span = _Span(method, trace_id, self.new_span_id(), parent, who, profession, start, t0)
         span.degraded = self.cluster_degraded
         return span

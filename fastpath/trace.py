@@ -360,6 +360,16 @@ def guard_events(time_ns: int) -> bytes:
     )
 
 
+K_GENERATION = "covergate.dataset.generation"
+
+
+@lru_cache(maxsize=64)
+def generation_attr(generation: int) -> bytes:
+    """The rights generation a span was answered from (0: the host's own store, no snapshot),
+    written after the practitioner's attributes in every span."""
+    return attr_int(K_GENERATION, generation)
+
+
 @lru_cache(maxsize=4096)
 def practitioner_attributes(practitioner_id: str, profession: str) -> tuple[bytes, int]:
     """The practitioner's two attributes, encoded, and its profession's metric index."""

@@ -972,6 +972,166 @@ def _epilog(*examples: str) -> str:
     return "examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n" + EXIT_STATUS_HELP
 
 
+# -- rights snapshots ------------------------------------------------------------------------------
+
+
+def _outside_data_dir(args: argparse.Namespace, path: Path, what: str) -> None:
+    data = data_dir(args).resolve()
+    if path.resolve() == data or data in path.resolve().parents:
+        raise CliError(f"keep the {what} outside the data dir ({data}): a copied data dir must "
+                       "not carry it", EXIT_USAGE)  # fmt: skip
+
+
+def cmd_snapshot_keygen(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    path = Path(args.key)
+    _outside_data_dir(args, path, "signing key")
+    if path.exists():
+        raise CliError(f"{path} exists: choose another file (a key is never overwritten)")
+    public = snapshots.generate_key(path)
+    print(f"signing key written to {path} (mode 0600; keep it off the hosts)")
+    print("every host's config:")
+    print(f'[snapshots]\npublic_key = "{public}"')
+    return EXIT_OK
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    key_path = Path(args.signing_key)
+    _outside_data_dir(args, key_path, "signing key")
+    out = Path(args.out)
+    with open_existing_store(args) as store:
+        try:
+            key = snapshots.load_signing_key(key_path)
+            started = time.monotonic()
+            manifest = snapshots.create(store, out, key, args.generation)
+        except snapshots.SnapshotError as exc:
+            raise CliError(str(exc)) from None
+    (out / "latest.tmp").write_text(f"{manifest.generation}\n")
+    os.replace(out / "latest.tmp", out / "latest")
+    print(f"generation {manifest.generation} in {out / str(manifest.generation)}: "
+          f"{manifest.beneficiaries} beneficiaries, {manifest.rights_rows} rights rows, "
+          f"{manifest.size} bytes, dataset {manifest.dataset_id}, signed "
+          f"({time.monotonic() - started:.1f} s)")  # fmt: skip
+    return EXIT_OK
+
+
+def _snapshot_config(args: argparse.Namespace) -> tuple[Any, str]:
+    """([snapshots] settings, this host's pepper fingerprint)."""
+    from fastpath.rules import Keys
+    from service.config import PepperError, load_pepper
+
+    config = load_config(args.config)
+    if not config.snapshots.public_key:
+        raise CliError("[snapshots] public_key is not set in the config: put there the line "
+                       "`covergate snapshot keygen` printed", EXIT_USAGE)  # fmt: skip
+    try:
+        pepper = load_pepper(data_dir(args), getattr(args, "pepper_file", None))
+    except PepperError as exc:
+        raise CliError(f"{exc}") from None
+    return config, Keys(pepper).fingerprint
+
+
+def cmd_snapshot_fetch(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    config, fingerprint = _snapshot_config(args)
+    source = args.source or config.snapshots.source
+    if not source:
+        raise CliError("say where from: SOURCE, or [snapshots] source in the config", EXIT_USAGE)
+    started = time.monotonic()
+    try:
+        manifest = snapshots.fetch(source, data_dir(args), config.snapshots.public_key,
+                                   fingerprint, args.generation)  # fmt: skip
+    except snapshots.SnapshotError as exc:
+        raise CliError(f"refused, this host keeps serving generation "
+                       f"{snapshots.active(data_dir(args))}: {exc}") from None  # fmt: skip
+    print(f"generation {manifest.generation} ready on this host (checked: size, sha256, "
+          f"signature, schema, pepper; {time.monotonic() - started:.1f} s)")  # fmt: skip
+    return EXIT_OK
+
+
+def _cluster_client(args: argparse.Namespace) -> Any:
+    config = load_config(args.config)
+    if not config.cluster.enabled:
+        return None
+    from service import cluster
+
+    return cluster.connect_sync(config.cluster.redis, max(config.cluster.timeout_ms / 1000, 2.0))
+
+
+def cmd_snapshot_activate(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    client = _cluster_client(args)
+    try:
+        if client is None:
+            snapshots.set_active(data_dir(args), args.generation)
+            print(f"this host serves generation {args.generation} from its next call")
+            return EXIT_OK
+        try:
+            hosts = snapshots.activate_everywhere(client, args.generation, args.wait)
+        finally:
+            client.close()
+    except snapshots.SnapshotError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"the cluster's Redis did not answer ({exc}): nothing activated") from None
+    print(f"generation {args.generation} active on {len(hosts)} host(s): {', '.join(hosts)} "
+          "(each switches within a second)")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_snapshot_rollback(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    client = _cluster_client(args)
+    try:
+        if client is None:
+            current = snapshots.active(data_dir(args))
+            args.generation = snapshots.previous(data_dir(args), current)
+        else:
+            try:
+                args.generation = snapshots.cluster_previous(
+                    client, snapshots.cluster_active(client)
+                )
+            finally:
+                client.close()
+    except snapshots.SnapshotError as exc:
+        raise CliError(str(exc)) from None
+    print(f"rolling back to generation {args.generation}")
+    return cmd_snapshot_activate(args)
+
+
+def cmd_snapshot_status(args: argparse.Namespace) -> int:
+    from service import snapshots
+
+    client = _cluster_client(args)
+    if client is None:
+        directory = data_dir(args)
+        print(f"this host: active {snapshots.active(directory)}, "
+              f"installed {snapshots.installed(directory) or 'none'}")  # fmt: skip
+        return EXIT_OK
+    try:
+        statuses = snapshots.hosts(client)
+        active = snapshots.cluster_active(client)
+    except OSError as exc:
+        raise CliError(f"the cluster's Redis did not answer ({exc})") from None
+    finally:
+        client.close()
+    print(f"cluster active generation: {active or 'none (each host its own store)'}")
+    now = time.time()
+    for host, status in sorted(statuses.items()):
+        age = now - status.get("seen", 0)
+        state = "live" if age <= snapshots.LIVE_SECONDS else f"silent for {age:.0f} s"
+        print(f"  {host:24} active {status.get('active', 0):<4} ready {status.get('ready', [])} "
+              f"{'waiting for ' + str(status['wanted']) if status.get('wanted') else ''} "
+              f"({state})")  # fmt: skip
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     data_options = _Parser(add_help=False)
     group = data_options.add_argument_group("data options")
@@ -1195,6 +1355,53 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="NAME",
                 help="drop an override, back to the profession's default (repeatable)",
             )
+
+    # snapshot
+    p = command(
+        "snapshot",
+        "build, fetch, check, activate and roll back signed generations of the rights",
+        ["covergate snapshot keygen ~/covergate-signing.pem",
+         "covergate snapshot create /srv/snapshots --signing-key ~/covergate-signing.pem",
+         "covergate snapshot fetch /srv/snapshots        # on every host",
+         "covergate snapshot activate 7                 # once every host is ready",
+         "covergate snapshot rollback",
+         "covergate snapshot status"],
+    )  # fmt: skip
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = command("keygen", "make an Ed25519 signing key (outside any data dir); print the public "
+                "key for the hosts' config", ["covergate snapshot keygen ~/covergate-signing.pem"],
+                [data_options], subs=actions, func=cmd_snapshot_keygen)  # fmt: skip
+    k.add_argument("key", metavar="KEYFILE", help="where to write the private key (mode 0600)")
+    k = command("create", "write this data dir's rights as the next generation in OUT, signed",
+                ["covergate snapshot create /srv/snapshots --signing-key ~/covergate-signing.pem"],
+                [data_options], subs=actions, func=cmd_snapshot_create)  # fmt: skip
+    k.add_argument("out", metavar="OUT", help="directory of generations (OUT/<N>/, OUT/latest)")
+    k.add_argument("--signing-key", required=True, metavar="KEYFILE",
+                   help="the Ed25519 private key from `snapshot keygen`")  # fmt: skip
+    k.add_argument("--generation", type=int, metavar="N",
+                   help="its number (default: one past the highest in OUT)")  # fmt: skip
+    k = command("fetch", "download a generation, check it (size, sha256, signature, schema, "
+                "pepper), install it read-only; a host that refuses it keeps serving",
+                ["covergate snapshot fetch /srv/snapshots",
+                 "covergate snapshot fetch https://snapshots.internal/covergate --generation 7"],
+                [data_options], subs=actions, func=cmd_snapshot_fetch)  # fmt: skip
+    k.add_argument("source", metavar="SOURCE", nargs="?",
+                   help="directory or http(s) URL (default: [snapshots] source)")  # fmt: skip
+    k.add_argument("--generation", type=int, metavar="N", help="default: the source's latest")
+    k = command("activate", "serve generation N: on every live host once all have it ready "
+                "([cluster]), else on this host", ["covergate snapshot activate 7"],
+                [data_options], subs=actions, func=cmd_snapshot_activate)  # fmt: skip
+    k.add_argument("generation", type=int, metavar="N", help="the generation to serve")
+    k.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for every host to have it ready")  # fmt: skip
+    k = command("rollback", "serve the generation that was active before the current one",
+                ["covergate snapshot rollback"], [data_options], subs=actions,
+                func=cmd_snapshot_rollback)  # fmt: skip
+    k.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for every host to have it ready")  # fmt: skip
+    command("status", "every host's ready and active generations ([cluster]), or this host's",
+            ["covergate snapshot status"], [data_options], subs=actions,
+            func=cmd_snapshot_status)  # fmt: skip
 
     # status
     command(

@@ -674,9 +674,16 @@ async def follow_admin(
             os.replace(tmp, cursor_path)
 
 
-def run_sync(data_dir: str, settings: ClusterSettings, store_settings: Any) -> None:
+def run_sync(
+    data_dir: str,
+    settings: ClusterSettings,
+    store_settings: Any,
+    snapshot_settings: Any = None,
+    pepper_file: str | None = None,
+) -> None:
     """The cluster sync process of a host (started by `covergate serve` with [cluster]): applies
-    every host's admin changes to this host's store."""
+    every host's admin changes to this host's store, and serves the cluster's active rights
+    generation (service.snapshots)."""
     import signal
     from pathlib import Path
 
@@ -704,10 +711,27 @@ def run_sync(data_dir: str, settings: ClusterSettings, store_settings: Any) -> N
             finally:
                 quota.close()
 
+        jobs = []
+        if snapshot_settings is not None and snapshot_settings.public_key:
+            from fastpath.rules import Keys
+            from service import snapshots
+            from service.config import PepperError, load_pepper
+
+            try:
+                fingerprint = Keys(load_pepper(Path(data_dir), pepper_file)).fingerprint
+            except PepperError as exc:
+                log.error("rights snapshots not followed: %s", exc)
+            else:
+                jobs.append(snapshots.follow_active(
+                    backend, Path(data_dir), snapshot_settings.public_key, fingerprint,
+                    snapshot_settings.source, stop,
+                ))  # fmt: skip
         with Store(Path(data_dir), store_settings) as store:
             log.info("cluster sync: applying every host's admin changes from %s as host %s",
                      redacted(settings.redis), backend.host)  # fmt: skip
-            await follow_admin(backend, store, directory / "admin.cursor", stop, reinstate)
+            await asyncio.gather(
+                follow_admin(backend, store, directory / "admin.cursor", stop, reinstate), *jobs
+            )
         await backend.close()
 
     asyncio.run(main())

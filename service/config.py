@@ -106,6 +106,15 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class SnapshotSettings:
+    # The Ed25519 public key (base64) a fetched generation's manifest must verify with; its
+    # private half stays outside every data dir (`covergate snapshot keygen`).
+    public_key: str = ""
+    # Where generations are fetched from: a directory or an http(s) URL holding <N>/ and `latest`.
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class StoreSettings:
     map_size: int = 32 << 30  # virtual: the file only grows as data is written
     max_readers: int = 2048
@@ -153,6 +162,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)
     profession_domains: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: dict(DEFAULT_PROFESSION_DOMAINS)
     )
@@ -263,7 +273,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     unknown = set(raw) - {
-        "server", "store", "auth", "quota", "telemetry", "cluster", "professions",
+        "server", "store", "auth", "quota", "telemetry", "cluster", "snapshots", "professions",
     }  # fmt: skip
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -302,6 +312,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         quota=_section(QuotaSettings, raw.get("quota", {}), "quota"),
         telemetry=_section(TelemetrySettings, raw.get("telemetry", {}), "telemetry"),
         cluster=_section(ClusterSettings, raw.get("cluster", {}), "cluster"),
+        snapshots=_section(SnapshotSettings, raw.get("snapshots", {}), "snapshots"),
         profession_domains=domains,
         profession_quotas=quotas,
     )

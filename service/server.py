@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import lmdb
 from google.rpc import status_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,6 +50,7 @@ from covergate.v1 import covergate_pb2
 from fastpath import Keys, Practitioner, rules
 from fastpath import trace as tr
 from fastpath.quota import CreditFile, QuotaFile
+from service import snapshots
 from service import telemetry as otel
 from service.attestation import AttestationVerifier
 from service.auth import Authenticator, AuthFailure, peer_certificate
@@ -60,7 +62,7 @@ from service.quotas import PractitionerFactory, open_credit_file, open_quota_fil
 from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
-from service.store import Store
+from service.store import DB_RIGHTS, Store
 
 log = logging.getLogger("covergate.server")
 
@@ -139,6 +141,11 @@ class CovergateHandlers:
         self._mtls = options.tls is not None and options.tls.client_ca is not None
         self._clock = ParisClock()
         self.gate: Any = None
+        # The rights the gate reads: the store's own, or the active snapshot generation's.
+        self.generation = 0
+        self._rights_env: Any = store.env
+        self._rights_db: Any = store.rights_db
+        self._stale = False  # the cluster activated a generation this host does not have yet
         self._keys: Keys | None = None
         self._verifier: AttestationVerifier | None = None
         self.health = grpc_health.aio.HealthServicer()
@@ -168,34 +175,58 @@ class CovergateHandlers:
 
     def _new_gate(self, keys: Keys) -> Any:
         gate = fastpath.Gate(
-            self._store.env,
-            self._store.rights_db,
+            self._rights_env,
+            self._rights_db,
             keys,
             max_batch_items=self._settings.max_batch_items,
             attestation_ttl=self._settings.attestation_ttl_seconds,
             quota=self.quota if self._options.config.quota.enabled else None,
             trace=self.telemetry is not None,
             credit=self.credit_file,
+            generation=self.generation,
         )
         if self.telemetry is not None:
             self.telemetry.watch(gate)
         return gate
 
+    def _open_rights(self, generation: int) -> tuple[Any, Any, str | None, dict[str, Any] | None]:
+        """(env, rights db, pepper fingerprint, dataset) of `generation` (0: the store's own)."""
+        if not generation:
+            return (self._store.env, self._store.rights_db, self._store.pepper_fingerprint(),
+                    self._store.dataset())  # fmt: skip
+        directory = snapshots.root_of(self._options.data_dir) / str(generation)
+        manifest = snapshots.Manifest.from_json((directory / snapshots.MANIFEST_FILE).read_text())
+        env = snapshots.open_readonly(directory)
+        # Opened outside any transaction: a handle opened in a read-only one dies with it.
+        db = env.open_db(DB_RIGHTS, create=False)
+        dataset = {"dataset_id": manifest.dataset_id, "generation": generation}
+        return env, db, manifest.pepper_fingerprint, dataset
+
     def try_open_data(self) -> bool:
-        """Open the gate once rights are loaded and the pepper matches them."""
+        """Open the gate once rights are loaded (the store's, or the active snapshot
+        generation's) and the pepper matches them."""
         if self.gate is not None:
             return True
-        if self._store.dataset() is None:
+        generation = snapshots.active(self._options.data_dir)
+        try:
+            env, db, fingerprint, dataset = self._open_rights(generation)
+        except (OSError, snapshots.SnapshotError, lmdb.Error) as exc:
+            log.error("cannot serve generation %d: %s", generation, exc)
+            return False
+        if dataset is None:
             return False
         try:
             keys = Keys(load_pepper(self._options.data_dir, self._options.pepper_file))
         except PepperError as exc:
             log.error("cannot serve: %s", exc)
             return False
-        if self._store.pepper_fingerprint() != keys.fingerprint:
+        if fingerprint != keys.fingerprint:
             log.error("cannot serve: the pepper is not the one the data was imported with")
+            if generation:
+                env.close()
             return False
         self._keys = keys
+        self.generation, self._rights_env, self._rights_db = generation, env, db
         self.gate = self._new_gate(keys)
         if not self._options.config.quota.enabled:
             log.warning("QUOTAS AND THE HARVEST GUARD ARE DISABLED ([quota] enabled = false)")
@@ -209,12 +240,54 @@ class CovergateHandlers:
             await asyncio.sleep(self._settings.readiness_poll_seconds)
         for service in ("", COVERAGE_SERVICE, ATTESTATION_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        dataset = self._store.dataset() or {}
+        dataset = self._open_rights(0)[3] if not self.generation else {}
         log.info(
             "serving dataset %s with the %s fast path",
-            dataset.get("dataset_id", "?"),
+            (dataset or {}).get("dataset_id", f"generation {self.generation}"),
             fastpath.IMPLEMENTATION,
         )
+        await self.watch_generation()
+
+    async def watch_generation(self) -> None:
+        """Between calls, switch to the generation DIR/snapshots/active names; serve nothing
+        while the cluster's active generation is one this host does not have yet."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        while True:
+            await asyncio.sleep(0.25)
+            directory = self._options.data_dir
+            stale = snapshots.wanted(directory) > self.generation
+            if stale != self._stale:
+                self._stale = stale
+                status = health_pb2.HealthCheckResponse.NOT_SERVING if stale else serving
+                for service in ("", COVERAGE_SERVICE):
+                    await self.health.set(service, status)
+            generation = snapshots.active(directory)
+            if generation != self.generation:
+                self.swap_rights(generation)
+
+    def swap_rights(self, generation: int) -> None:
+        """Serve `generation` from the next call on; the old environment is closed at once (a
+        gate call never spans an await, so none is using it)."""
+        try:
+            env, db, fingerprint, _ = self._open_rights(generation)
+        except (OSError, snapshots.SnapshotError, lmdb.Error) as exc:
+            log.error("cannot switch to generation %d: %s", generation, exc)
+            return
+        assert self._keys is not None
+        if fingerprint != self._keys.fingerprint:
+            log.error("not switching to generation %d: made with another pepper", generation)
+            if generation:
+                env.close()
+            return
+        old_env, old_gate = self._rights_env, self.gate
+        self.generation, self._rights_env, self._rights_db = generation, env, db
+        if self.telemetry is not None:
+            self.telemetry.retire(old_gate)
+        self.gate = self._new_gate(self._keys)
+        old_gate.close()
+        if old_env is not self._store.env:
+            old_env.close()
+        log.info("serving rights generation %d", generation)
 
     # -- the common prologue ----------------------------------------------------------------------
 
@@ -235,7 +308,7 @@ class CovergateHandlers:
         caller = self._auth.authenticate(metadata, role, certificate)
         if isinstance(caller, AuthFailure):
             raise Refusal(caller.code, caller.status, caller.practitioner)
-        if self.gate is None:
+        if self.gate is None or self._stale:
             raise Refusal(rules.UNAVAILABLE, NOT_LOADED, caller)
         if caller.slot >= self.quota.slots:
             self._grow_quota()
@@ -378,6 +451,7 @@ class CovergateHandlers:
             if telemetry is not None:
                 elapsed = time.perf_counter() - started
                 who, _ = tr.practitioner_attributes(caller.practitioner_id, caller.profession)
+                who += tr.generation_attr(self.generation)
                 self._add_span(
                     tr.rpc_span(
                         trace_id,
@@ -513,6 +587,7 @@ class CovergateHandlers:
         if not trace_id:
             trace_id = self._new_trace_id()
         attributes, profession = tr.practitioner_attributes(who.practitioner_id, who.profession)
+        attributes += tr.generation_attr(self.generation)
         elapsed = time.perf_counter() - started
         end_ns = time.time_ns()
         self._add_span(
@@ -1010,7 +1085,14 @@ def _start_cluster_sync(ctx: Any, options: ServeOptions) -> Any:
         return None
     proc = ctx.Process(
         target=_cluster_sync_process,
-        args=(str(options.data_dir), options.config.cluster, options.config.store, os.getpid()),
+        args=(
+            str(options.data_dir),
+            options.config.cluster,
+            options.config.store,
+            options.config.snapshots,
+            options.pepper_file,
+            os.getpid(),
+        ),
         name="covergate-cluster-sync",
     )
     proc.start()
@@ -1018,12 +1100,13 @@ def _start_cluster_sync(ctx: Any, options: ServeOptions) -> Any:
 
 
 def _cluster_sync_process(
-    data_dir: str, settings: Any, store_settings: Any, supervisor_pid: int
-) -> None:
+    data_dir: str, settings: Any, store_settings: Any, snapshot_settings: Any,
+    pepper_file: str | None, supervisor_pid: int,
+) -> None:  # fmt: skip
     from service.cluster import run_sync
 
     _die_with_supervisor(supervisor_pid)
-    run_sync(data_dir, settings, store_settings)
+    run_sync(data_dir, settings, store_settings, snapshot_settings, pepper_file)
 
 
 def _shipper_process(root: str, drain_seconds: float, supervisor_pid: int) -> None:

@@ -255,6 +255,9 @@ def fetch(
     if final.exists():
         manifest = check_installed(final, public_key, pepper_fingerprint)
         return manifest
+    for stale in root.glob(f".{n}.*"):
+        # A fetch killed mid-way left its download here: started again from scratch.
+        shutil.rmtree(stale, ignore_errors=True)
     manifest = Manifest.from_json(b"".join(_open_source(source, f"{n}/{MANIFEST_FILE}")))
     if manifest.generation != n:
         raise SnapshotError(f"the manifest of generation {n} says generation {manifest.generation}")
@@ -322,8 +325,8 @@ def _sample(directory: Path, manifest: Manifest) -> None:
 
     env = open_readonly(directory)
     try:
+        db = env.open_db(DB_RIGHTS, create=False)
         with env.begin() as txn:
-            db = env.open_db(DB_RIGHTS, txn=txn, create=False)
             entries = txn.stat(db)["entries"]
             if entries != manifest.beneficiaries:
                 raise SnapshotError(f"generation {manifest.generation}: {entries} beneficiaries, "
@@ -394,3 +397,127 @@ def previous(data_dir: Path, current: int) -> int:
     if not older:
         raise SnapshotError(f"no generation older than {current} is kept on this host")
     return older[-1]
+
+
+# -- several hosts: readiness and the active generation in Redis ----------------------------------
+#
+# Each host's cluster sync process heartbeats what it has installed and what it serves (HOSTS), and
+# mirrors the cluster's active generation (ACTIVE) into DIR/snapshots/active, fetching it from
+# `[snapshots] source` first when it lacks it. Until it has it, DIR/snapshots/wanted names it and
+# the workers serve nothing older: they answer UNAVAILABLE.
+
+HOSTS_KEY = "cg:snapshots:hosts"
+ACTIVE_KEY = "cg:snapshots:active"
+HISTORY_KEY = "cg:snapshots:history"
+WANTED_FILE = "wanted"
+LIVE_SECONDS = 5.0
+
+
+def wanted(data_dir: Path) -> int:
+    """The generation the cluster activated and this host does not have yet (0: none)."""
+    try:
+        return int((root_of(data_dir) / WANTED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def set_wanted(data_dir: Path, generation: int) -> None:
+    root = root_of(data_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if generation:
+        tmp = root / f"{WANTED_FILE}.tmp"
+        tmp.write_text(f"{generation}\n")
+        os.replace(tmp, root / WANTED_FILE)
+    else:
+        (root / WANTED_FILE).unlink(missing_ok=True)
+
+
+def host_status(data_dir: Path) -> dict[str, Any]:
+    return {"ready": installed(data_dir), "active": active(data_dir),
+            "wanted": wanted(data_dir), "seen": time.time()}  # fmt: skip
+
+
+def hosts(client: Any) -> dict[str, dict[str, Any]]:
+    """Every host's last heartbeat (sync client)."""
+    raw = client.hgetall(HOSTS_KEY)
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+
+def live(statuses: dict[str, dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    return {h: s for h, s in statuses.items() if now - s.get("seen", 0) <= LIVE_SECONDS}
+
+
+def cluster_active(client: Any) -> int:
+    raw = client.get(ACTIVE_KEY)
+    return int(raw) if raw else 0
+
+
+def activate_everywhere(client: Any, generation: int, wait_seconds: float) -> list[str]:
+    """Two-phase: wait until every live host reports `generation` ready, then make it the
+    active one (every host's sync process switches within a second). Returns the hosts."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        statuses = live(hosts(client))
+        missing = sorted(h for h, s in statuses.items() if generation not in s.get("ready", ()))
+        if statuses and not missing:
+            break
+        if time.monotonic() >= deadline:
+            if not statuses:
+                raise SnapshotError("no live host reports to the cluster: is `covergate serve` "
+                                    "running with [cluster]?")  # fmt: skip
+            raise SnapshotError(f"generation {generation} is not ready on {', '.join(missing)} "
+                                f"after {wait_seconds:.0f} s: fetch it there first")  # fmt: skip
+        time.sleep(0.2)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(ACTIVE_KEY, generation)
+    pipe.lpush(HISTORY_KEY, generation)
+    pipe.ltrim(HISTORY_KEY, 0, 99)
+    pipe.execute()
+    return sorted(statuses)
+
+
+def cluster_previous(client: Any, current: int) -> int:
+    for raw in client.lrange(HISTORY_KEY, 0, -1):
+        n = int(raw)
+        if n != current:
+            return n
+    raise SnapshotError("the cluster has no earlier active generation to go back to")
+
+
+async def follow_active(
+    backend: Any, data_dir: Path, public_key: str, pepper_fingerprint: str, source: str,
+    stop: Any,
+) -> None:  # fmt: skip
+    """The sync process's loop: heartbeat this host's generations, and serve the cluster's."""
+    import asyncio
+    import logging
+
+    log = logging.getLogger("covergate.snapshots")
+    client = backend.client
+    failed_at = 0.0
+    while not stop.is_set():
+        try:
+            await backend._call(lambda: client.hset(HOSTS_KEY, backend.host,
+                                                    json.dumps(host_status(data_dir))))  # fmt: skip
+            raw = await backend._call(lambda: client.get(ACTIVE_KEY))
+            target = int(raw) if raw else 0
+        except Exception:  # Redis away: keep serving what this host serves
+            await asyncio.sleep(0.5)
+            continue
+        if target and target != active(data_dir):
+            if target not in installed(data_dir):
+                set_wanted(data_dir, target)
+                if source and time.monotonic() - failed_at > 5:
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, fetch, source, data_dir, public_key, pepper_fingerprint, target
+                        )
+                    except SnapshotError as exc:
+                        failed_at = time.monotonic()
+                        log.error("cannot fetch the active generation %d: %s", target, exc)
+            if target in installed(data_dir):
+                set_active(data_dir, target)
+                set_wanted(data_dir, 0)
+                log.info("serving generation %d (activated for the cluster)", target)
+        await asyncio.sleep(0.5)
