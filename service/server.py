@@ -146,6 +146,7 @@ class CovergateHandlers:
         self._rights_env: Any = store.env
         self._rights_db: Any = store.rights_db
         self._stale = False  # the cluster activated a generation this host does not have yet
+        self._started = time.time()
         self._keys: Keys | None = None
         self._verifier: AttestationVerifier | None = None
         self.health = grpc_health.aio.HealthServicer()
@@ -207,6 +208,16 @@ class CovergateHandlers:
         generation's) and the pepper matches them."""
         if self.gate is not None:
             return True
+        config = self._options.config
+        if (
+            config.cluster.enabled
+            and config.snapshots.public_key
+            and time.time() - self._started < snapshots.STARTUP_WAIT_SECONDS
+            and not snapshots.checked_since(self._options.data_dir, self._started - 1)
+        ):
+            return False  # a host coming back serves nothing before it knows the active one
+        if snapshots.wanted(self._options.data_dir):
+            return False
         generation = snapshots.active(self._options.data_dir)
         try:
             env, db, fingerprint, dataset = self._open_rights(generation)

@@ -215,7 +215,7 @@ def _open_source(source: str, name: str) -> Iterator[bytes]:
         except OSError as exc:
             raise SnapshotError(f"cannot download {name} from the snapshot source: {exc}") from None
         with response:
-            yield from iter(lambda: response.read(1 << 20), b"")
+            yield from iter(lambda: response.read1(1 << 20), b"")
         return
     path = Path(source) / name
     try:
@@ -413,6 +413,24 @@ WANTED_FILE = "wanted"
 LIVE_SECONDS = 5.0
 
 
+CHECKED_FILE = "checked"
+STARTUP_WAIT_SECONDS = 5.0
+
+
+def mark_checked(data_dir: Path) -> None:
+    """The sync process has read the cluster's active generation (its time: the file's)."""
+    root = root_of(data_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (root / CHECKED_FILE).touch()
+
+
+def checked_since(data_dir: Path, since: float) -> bool:
+    try:
+        return (root_of(data_dir) / CHECKED_FILE).stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def wanted(data_dir: Path) -> int:
     """The generation the cluster activated and this host does not have yet (0: none)."""
     try:
@@ -505,6 +523,9 @@ async def follow_active(
         except Exception:  # Redis away: keep serving what this host serves
             await asyncio.sleep(0.5)
             continue
+        if target and target not in installed(data_dir):
+            set_wanted(data_dir, target)
+        mark_checked(data_dir)
         if target and target != active(data_dir):
             if target not in installed(data_dir):
                 set_wanted(data_dir, target)
@@ -520,4 +541,18 @@ async def follow_active(
                 set_active(data_dir, target)
                 set_wanted(data_dir, 0)
                 log.info("serving generation %d (activated for the cluster)", target)
+        elif target and source and time.monotonic() - failed_at > 5:
+            # Ready for a rollback too: the generation the cluster served before this one.
+            try:
+                history = await backend._call(lambda: client.lrange(HISTORY_KEY, 0, 9))
+                before = next((int(n) for n in history if int(n) != target), 0)
+                if before and before not in installed(data_dir):
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, fetch, source, data_dir, public_key, pepper_fingerprint, before
+                    )
+            except SnapshotError as exc:
+                failed_at = time.monotonic()
+                log.error("cannot fetch the previous generation for a rollback: %s", exc)
+            except Exception:  # Redis away: later
+                failed_at = time.monotonic()
         await asyncio.sleep(0.5)

@@ -45,17 +45,18 @@ class Host:
         shutil.copytree(ds.data_dir, self.data_dir)
         self.config = root / f"{self.name}.toml"
         if "timeout_ms" not in extra:
-            extra += "timeout_ms = 200\n"
+            extra = "timeout_ms = 200\n" + extra
         self.config.write_text(
             f'[cluster]\nredis = "{redis.url}"\nhost_id = "{self.name}"\n' + extra
         )
         self.address = address
         self.server: RunningServer | None = None
 
-    def serve(self, **env: str) -> RunningServer:
+    def serve(self, wait_serving: bool = True, **env: str) -> RunningServer:
         self.server = RunningServer(
-            self.data_dir, args=["--config", str(self.config)], listen_host=self.address, env=env
-        )
+            self.data_dir, args=["--config", str(self.config)], listen_host=self.address,
+            env=env, wait_serving=wait_serving,
+        )  # fmt: skip
         return self.server
 
     def cli(self, *args: str, check: bool = True) -> Any:

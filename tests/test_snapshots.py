@@ -162,3 +162,165 @@ def _until(predicate: Any, timeout: float = 20.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("timed out")
+
+
+# -- several hosts ---------------------------------------------------------------------------------
+
+
+def test_three_hosts_activate_and_roll_back_under_load_and_a_late_host_catches_up(
+    tmp_path: Path,
+) -> None:
+    """Three hosts on one Redis serve while generation 2 is fetched and activated and then rolled
+    back: no call fails. A host that was down during the activation fetches the active generation
+    when it comes back, and serves nothing older meanwhile. Spans carry the generation."""
+    import sys
+    import threading
+    import time
+
+    import grpc
+    from harness import RedisServer, Right, write_rights_csv
+    from test_cluster_hosts import HOSTS, Host
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from spans import attributes
+
+    from bench.otlp_receiver import OtlpReceiver
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "redis").mkdir()
+    ds = build_dataset(tmp_path / "ds", extra_beneficiaries=30)
+    cli("practitioner", "quota", "10001234567", "--set", "rate_per_minute=100000",
+        "--set", "burst=100000", data_dir=ds.data_dir)  # fmt: skip
+    key, public = _keys(tmp_path)
+    out = tmp_path / "snapshots"
+    cli("snapshot", "create", str(out), "--signing-key", str(key), data_dir=ds.data_dir)
+    admin = tmp_path / "admin"
+    shutil.copytree(ds.data_dir, admin)
+    rights = [r for r in ds.rights if r.identity != ds.not_covered]
+    rights.append(Right(ds.not_covered, PHARMACY_AMC, "PHAR"))
+    write_rights_csv(tmp_path / "rights2.csv", rights)
+    cli("import", "rights", str(tmp_path / "rights2.csv"), data_dir=admin)
+    cli("snapshot", "create", str(out), "--signing-key", str(key), data_dir=admin)  # 2
+
+    redis = RedisServer(tmp_path / "redis")
+    extra = f'\n[snapshots]\npublic_key = "{public}"\nsource = "{out}"\n'
+    hosts = [Host(ds, tmp_path, address, redis, extra) for address in HOSTS]
+    a, b, c = hosts
+    receiver = OtlpReceiver().start()
+    failures: list[str] = []
+    answers: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def load(host: Host) -> None:
+        stub = host.stub()
+        while not stop.is_set():
+            try:
+                response = stub.CheckCoverage(
+                    _request(ds.not_covered),
+                    metadata=(("authorization", f"Bearer {ds.tokens['pharmacist']}"),),
+                    timeout=10,
+                )
+                answers.append((host.name, pb.Decision.Name(response.decision)))
+            except grpc.RpcError as exc:
+                failures.append(f"{host.name}: {exc.code().name}")
+            time.sleep(0.005)
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    try:
+        for host in (a, b):
+            host.serve(**env)
+            assert host.cli("snapshot", "fetch", "--generation", "1").returncode == 0
+        a.cli("snapshot", "activate", "1")
+        threads = [threading.Thread(target=load, args=(h,)) for h in (a, b)]
+        for t in threads:
+            t.start()
+        for host in (a, b):
+            host.cli("snapshot", "fetch")  # the latest: 2
+        status = a.cli("snapshot", "status").stdout
+        assert "ready [1, 2]" in status and status.count("live") == 2
+        a.cli("snapshot", "activate", "2")  # c is down: not a live host
+        _until(lambda: {h for h, d in answers[-20:] if d == "DECISION_COVERED"} == {a.name, b.name})
+        # c comes back without generation 2: it fetches it, and serves nothing older meanwhile.
+        c.serve(wait_serving=False, **env)
+        _until(lambda: sn.active(c.data_dir) == 2, timeout=30)
+        _until(lambda: c.server.health() == 1)  # type: ignore[union-attr]
+        assert _decision(c.server, ds, ds.not_covered) == "DECISION_COVERED"  # type: ignore[arg-type]
+        assert "serving rights generation 1" not in c.server.log()  # type: ignore[union-attr]
+        # Rollback under load.
+        assert "generation 1" in b.cli("snapshot", "rollback").stdout
+        _until(lambda: all(d == "DECISION_NOT_COVERED" for _, d in answers[-10:]))
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failures == []
+        assert len(answers) > 100
+        assert _decision(c.server, ds, ds.not_covered) == "DECISION_NOT_COVERED"  # type: ignore[arg-type]
+        generations = {attributes(s).get("covergate.dataset.generation")
+                       for s in receiver.spans()}  # fmt: skip
+        assert {0, 1, 2} <= generations or {1, 2} <= generations
+    finally:
+        stop.set()
+        for host in hosts:
+            if host.server is not None:
+                host.server.stop()
+        receiver.stop()
+        redis.stop()
+
+
+def test_a_fetch_killed_mid_download_is_started_again_and_finishes(made: dict[str, Any]) -> None:
+    """The source serves slowly over HTTP; the first fetch is killed with SIGKILL half-way;
+    the next one starts again from scratch and installs the generation, leaving nothing behind."""
+    import functools
+    import http.server
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from harness import COVERGATE
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source: Any, outputfile: Any) -> None:
+            try:
+                while block := source.read(512):
+                    outputfile.write(block)
+                    time.sleep(0.05 if self.server.slow else 0)  # type: ignore[attr-defined]
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the fetch that was killed
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Slow, directory=str(made["out"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.slow = True  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    host = made["tmp"] / "host"
+    shutil.copytree(made["ds"].data_dir, host)
+    config = _config(made["tmp"], made["public"])
+    try:
+        proc = subprocess.Popen(
+            [COVERGATE, "snapshot", "fetch", url, "--config", str(config), "--data", str(host)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        partial: list[Path] = []
+        started = False
+        while time.monotonic() < deadline and not started:
+            partial = list((host / "snapshots").glob(".1.*/data.mdb"))
+            started = any(p.exists() and p.stat().st_size for p in partial)
+            time.sleep(0.02)
+        assert started, "the download never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert sn.installed(host) == []
+        server.slow = False  # type: ignore[attr-defined]
+        again = _fetch(made, host, url)  # type: ignore[arg-type]
+        assert again.returncode == 0, again.stderr
+        assert sn.installed(host) == [1]
+        assert not list((host / "snapshots").glob(".1.*"))
+    finally:
+        server.shutdown()
+        server.server_close()
