@@ -4,7 +4,9 @@ activated together, rolled back; a tampered, mis-signed, foreign or truncated co
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +137,43 @@ def test_one_host_activates_and_rolls_back_and_serves_a_read_only_copy(
     host = ds.data_dir
     assert _fetch(made, host, made["out"], "--generation", "1").returncode == 0
     assert _fetch(made, host, made["out"]).returncode == 0  # the latest: 2
-    for n in (1, 2):  # read-only files, as on a read-only mount
-        for f in (host / "snapshots" / str(n)).iterdir():
-            f.chmod(0o444)
-        (host / "snapshots" / str(n)).chmod(0o555)
+    mounted = []
+    for n in (1, 2):  # read-only mounts where the test may mount (root), else read-only files
+        directory = host / "snapshots" / str(n)
+        if _mount_read_only(directory):
+            mounted.append(directory)
+        else:
+            for f in directory.iterdir():
+                f.chmod(0o444)
+            directory.chmod(0o555)
+    try:
+        _serve_and_switch(made, host, ds)
+    finally:
+        for directory in mounted:
+            subprocess.run(["umount", str(directory)], check=False)
+
+
+def _mount_read_only(directory: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    bind = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True)
+    if bind.returncode:
+        return False
+    ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], capture_output=True)
+    if ro.returncode:
+        subprocess.run(["umount", str(directory)], check=False)
+        return False
+    probe = directory / "probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return True  # writes refused: a read-only mount
+    probe.unlink()
+    subprocess.run(["umount", str(directory)], check=False)
+    return False
+
+
+def _serve_and_switch(made: dict[str, Any], host: Path, ds: Dataset) -> None:
     with RunningServer(host, workers=2) as server:
         assert _decision(server, ds, ds.not_covered) == "DECISION_NOT_COVERED"
         cli("snapshot", "activate", "2", data_dir=host)
