@@ -100,8 +100,9 @@ def main() -> int:
             timings["activate"] = time.perf_counter() - started
             print(f"bench: activate: {timings['activate']:.2f} s", flush=True)
             ratios = []
-            for _ in range(args.rounds):
-                quiet = _load(h2load, port, frame, ds.token, args.seconds)
+            for round_ in range(args.rounds):
+                # Alternated order, so that the host warming up or slowing down cancels out.
+                quiet = _load(h2load, port, frame, ds.token, args.seconds) if round_ % 2 else 0
                 stop = threading.Event()
 
                 def flip(stop: threading.Event = stop) -> None:
@@ -116,6 +117,8 @@ def main() -> int:
                 busy = _load(h2load, port, frame, ds.token, args.seconds)
                 stop.set()
                 flipper.join()
+                if not round_ % 2:
+                    quiet = _load(h2load, port, frame, ds.token, args.seconds)
                 ratios.append(busy / quiet if quiet else 0.0)
                 print(f"bench: batch-100 calls: {quiet} quiet, {busy} while activating every "
                       f"0.5 s ({ratios[-1]:.2f}x)", flush=True)  # fmt: skip
