@@ -13,7 +13,22 @@ from typing import TYPE_CHECKING
 from fastpath import rules
 from fastpath.rules import Keys, Practitioner
 
-__all__ = ["IMPLEMENTATION", "Gate", "Keys", "Practitioner", "complete_spans", "rules"]
+__all__ = [
+    "IMPLEMENTATION",
+    "Gate",
+    "Keys",
+    "Practitioner",
+    "batch_items",
+    "complete_spans",
+    "rules",
+]
+
+
+def _batch_items(request: bytes, limit: int) -> int:
+    """rules.count_batch_items, -1 for None (the Cython module's batch_items)."""
+    counted = rules.count_batch_items(request, limit) if type(request) is bytes else None
+    return -1 if counted is None else counted
+
 
 _NO_EXTENSIONS = os.environ.get("COVERGATE_NO_EXTENSIONS", "") not in ("", "0")
 _REQUIRE_EXTENSIONS = os.environ.get("COVERGATE_REQUIRE_EXTENSIONS", "") not in ("", "0")
@@ -24,11 +39,15 @@ if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
 if TYPE_CHECKING or _NO_EXTENSIONS:
     from fastpath._gate_py import IMPLEMENTATION, Gate
     from fastpath.trace import complete_spans
+
+    batch_items = _batch_items
 else:
     try:
-        from fastpath._gate_c import IMPLEMENTATION, Gate, complete_spans
+        from fastpath._gate_c import IMPLEMENTATION, Gate, batch_items, complete_spans
     except ImportError:
         if _REQUIRE_EXTENSIONS:
             raise
         from fastpath._gate_py import IMPLEMENTATION, Gate
         from fastpath.trace import complete_spans
+
+        batch_items = _batch_items

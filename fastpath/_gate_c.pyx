@@ -662,3 +662,12 @@ cdef class Gate:
             _put_attestation(out, &self._hashes.mac, self._attestation_key, expires, r, care,
                              practitioner_id, tag)
         return None
+
+
+def batch_items(request, Py_ssize_t limit):
+    """rules.count_batch_items in C: the items of a serialized batch counted from its framing
+    (up to limit + 1), or -1 where the reference answers None."""
+    if type(request) is not bytes:
+        return -1
+    return _count_items(<const unsigned char*>PyBytes_AS_STRING(request),
+                        PyBytes_GET_SIZE(request), limit)

@@ -357,10 +357,16 @@ class CovergateHandlers:
                 self._refused(index, r, parent or (b"", b""), started, child=False)
             await _abort(context, r.code, r.status)
         gate = self.gate
-        decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         today, now = self._clock.now()
         if self.credit is not None:
+            if index == tr.METHOD_BATCH:
+                # Credit for the whole batch first, rather than set part of it aside.
+                need = fastpath.batch_items(request, gate.max_batch_items)
+                if 0 < need <= gate.max_batch_items and not self.credit.holds(caller, need):
+                    await self.credit.refill(caller, today, need)
+                    gate = self.gate
             gate.cluster_degraded = self.credit.degraded
+        decide = gate.check if index == tr.METHOD_UNARY else gate.check_batch
         trace = None
         if telemetry is not None and metadata:
             trace = otel.trace_context(metadata)
