@@ -339,6 +339,18 @@ class CreditAgent:
             if idle and slot not in self._guard_pending:
                 self.touched.pop(slot, None)
 
+    async def share_new(self, who: Practitioner, today: int) -> None:
+        """The beneficiaries this host just saw for the first time, into the day's set before
+        the answer leaves: another host then knows them as repeat beneficiaries at the cap."""
+        _quota, credit = self._files()
+        if not credit.read(who.slot).ring_len:
+            return
+        snap = self._snapshot(who.slot, today)
+        try:
+            await self._take(who, today, snap)
+        except BackendUnavailable:
+            self._put_back(who.slot, today, snap.ring)
+
     def holds(self, who: Practitioner, need: int) -> bool:
         """Whether this host holds the daily credit and rate tokens for `need` lookups now (read
         without the lock: a hint that saves a batch being set aside in part)."""

@@ -534,6 +534,7 @@ class CovergateHandlers:
                                                   now, kw)  # fmt: skip
             bad += gate.last_bad
         agent.seen(caller, today)
+        await agent.share_new(caller, today)
         if bad:
             verdict = await agent.guard(caller, today)
             if verdict == GUARD_FIRED:
