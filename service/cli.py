@@ -1113,6 +1113,9 @@ def cmd_snapshot_status(args: argparse.Namespace) -> int:
         directory = data_dir(args)
         print(f"this host: active {snapshots.active(directory)}, "
               f"installed {snapshots.installed(directory) or 'none'}")  # fmt: skip
+        last = snapshots.refusals(directory).get("last")
+        if last:
+            print(f"  {_refused_line(last)}")
         return EXIT_OK
     try:
         statuses = snapshots.hosts(client)
@@ -1129,7 +1132,15 @@ def cmd_snapshot_status(args: argparse.Namespace) -> int:
         print(f"  {host:24} active {status.get('active', 0):<4} ready {status.get('ready', [])} "
               f"{'waiting for ' + str(status['wanted']) if status.get('wanted') else ''} "
               f"({state})")  # fmt: skip
+        if status.get("refused"):
+            print(f"  {'':24} {_refused_line(status['refused'])}")
     return EXIT_OK
+
+
+def _refused_line(last: dict[str, Any]) -> str:
+    """The last copy a host refused, for `snapshot status`."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.get("at", 0)))
+    return f"last refused copy ({last.get('check')}, {when}): {last.get('reason')}"
 
 
 def build_parser() -> argparse.ArgumentParser:

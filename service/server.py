@@ -763,6 +763,8 @@ async def run_worker(
     await server.start()
     if telemetry is not None:
         telemetry.start()
+        if index == 0:  # one host's count, not one per worker
+            telemetry.watch_snapshots(options.data_dir)
     cluster_watch = None
     if handlers.credit is not None:
         with contextlib.suppress(Exception):

@@ -45,7 +45,17 @@ SAMPLE_READS = 64
 
 
 class SnapshotError(Exception):
-    """A snapshot that cannot be made, fetched, checked or activated: one line, no personal data."""
+    """A snapshot that cannot be made, fetched, checked or activated: one line, no personal data.
+    `check` names the fetch check that refused a copy (CHECKS), "" for other failures."""
+
+    def __init__(self, message: str, check: str = "") -> None:
+        super().__init__(message)
+        self.check = check
+
+
+# The checks a fetched copy must pass: the value of `covergate.snapshot.check` on the metric
+# covergate.snapshot.refused, and the key of DIR/snapshots/refused.json's counts.
+CHECKS = ("download", "manifest", "signature", "schema", "pepper", "size", "hash", "sample")
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,9 @@ class Manifest:
             raw = json.loads(text)
             return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
         except (ValueError, KeyError, TypeError) as exc:
-            raise SnapshotError("the manifest is not a covergate snapshot manifest") from exc
+            raise SnapshotError(
+                "the manifest is not a covergate snapshot manifest", "manifest"
+            ) from exc
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -213,7 +225,9 @@ def _open_source(source: str, name: str) -> Iterator[bytes]:
         try:
             response = urllib.request.urlopen(url, timeout=30)
         except OSError as exc:
-            raise SnapshotError(f"cannot download {name} from the snapshot source: {exc}") from None
+            raise SnapshotError(
+                f"cannot download {name} from the snapshot source: {exc}", "download"
+            ) from None
         with response:
             yield from iter(lambda: response.read1(1 << 20), b"")
         return
@@ -221,7 +235,7 @@ def _open_source(source: str, name: str) -> Iterator[bytes]:
     try:
         f = open(path, "rb")  # noqa: SIM115
     except OSError as exc:
-        raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}", "download") from None
     with f:
         yield from iter(lambda: f.read(1 << 20), b"")
 
@@ -247,7 +261,19 @@ def fetch(
 ) -> Manifest:  # fmt: skip
     """Download generation N (default: the source's latest) into DIR/snapshots/N after checking
     size, hash, signature, schema and pepper; test-open it read-only. A generation already
-    installed is checked again and kept."""
+    installed is checked again and kept. A copy refused by a check is counted in
+    DIR/snapshots/refused.json (the host's metric and `snapshot status` read it)."""
+    try:
+        return _fetch(source, data_dir, public_key, pepper_fingerprint, generation)
+    except SnapshotError as exc:
+        if exc.check:
+            record_refusal(data_dir, generation, exc)
+        raise
+
+
+def _fetch(
+    source: str, data_dir: Path, public_key: str, pepper_fingerprint: str, generation: int | None
+) -> Manifest:
     n = generation if generation is not None else latest_at(source)
     root = root_of(data_dir)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -260,7 +286,8 @@ def fetch(
         shutil.rmtree(stale, ignore_errors=True)
     manifest = Manifest.from_json(b"".join(_open_source(source, f"{n}/{MANIFEST_FILE}")))
     if manifest.generation != n:
-        raise SnapshotError(f"the manifest of generation {n} says generation {manifest.generation}")
+        raise SnapshotError(f"the manifest of generation {n} says generation {manifest.generation}",
+                            "manifest")  # fmt: skip
     _check_manifest(manifest, public_key, pepper_fingerprint)
     incoming = Path(tempfile.mkdtemp(prefix=f".{n}.", dir=root))
     try:
@@ -270,7 +297,9 @@ def fetch(
             for block in _open_source(source, f"{n}/{DATA_FILE}"):
                 size += len(block)
                 if size > manifest.size:
-                    raise SnapshotError(f"generation {n}: more bytes than its manifest says")
+                    raise SnapshotError(
+                        f"generation {n}: more bytes than its manifest says", "size"
+                    )
                 digest.update(block)
                 out.write(block)
             out.flush()
@@ -278,10 +307,13 @@ def fetch(
         if size != manifest.size:
             raise SnapshotError(
                 f"generation {n}: {size} bytes downloaded, the manifest says {manifest.size} "
-                "(truncated)"
+                "(truncated)",
+                "size",
             )
         if digest.hexdigest() != manifest.sha256:
-            raise SnapshotError(f"generation {n}: its hash is not the manifest's (corrupted)")
+            raise SnapshotError(
+                f"generation {n}: its hash is not the manifest's (corrupted)", "hash"
+            )
         (incoming / MANIFEST_FILE).write_text(manifest.to_json())
         _sample(incoming, manifest)
         _fsync_dir(incoming)
@@ -297,12 +329,13 @@ def fetch(
 def _check_manifest(manifest: Manifest, public_key: str, pepper_fingerprint: str) -> None:
     n = manifest.generation
     if not verify_signature(manifest, public_key):
-        raise SnapshotError(f"generation {n}: its signature does not verify with the public key")
+        raise SnapshotError(f"generation {n}: its signature does not verify with the public key",
+                            "signature")  # fmt: skip
     if manifest.schema_version != SNAPSHOT_SCHEMA:
         raise SnapshotError(f"generation {n}: snapshot schema {manifest.schema_version}, this "
-                            f"covergate reads {SNAPSHOT_SCHEMA}")  # fmt: skip
+                            f"covergate reads {SNAPSHOT_SCHEMA}", "schema")  # fmt: skip
     if manifest.pepper_fingerprint != pepper_fingerprint:
-        raise SnapshotError(f"generation {n}: made with another pepper than this host's")
+        raise SnapshotError(f"generation {n}: made with another pepper than this host's", "pepper")
 
 
 def check_installed(directory: Path, public_key: str, pepper_fingerprint: str) -> Manifest:
@@ -315,7 +348,8 @@ def check_installed(directory: Path, public_key: str, pepper_fingerprint: str) -
     data = directory / DATA_FILE
     if (not data.exists() or data.stat().st_size != manifest.size
             or _sha256(data) != manifest.sha256):  # fmt: skip
-        raise SnapshotError(f"generation {manifest.generation}: its data is not its manifest's")
+        raise SnapshotError(f"generation {manifest.generation}: its data is not its manifest's",
+                            "hash")  # fmt: skip
     return manifest
 
 
@@ -329,17 +363,21 @@ def _sample(directory: Path, manifest: Manifest) -> None:
         with env.begin() as txn:
             entries = txn.stat(db)["entries"]
             if entries != manifest.beneficiaries:
-                raise SnapshotError(f"generation {manifest.generation}: {entries} beneficiaries, "
-                                    f"the manifest says {manifest.beneficiaries}")  # fmt: skip
+                raise SnapshotError(
+                    f"generation {manifest.generation}: {entries} beneficiaries, the manifest "
+                    f"says {manifest.beneficiaries}",
+                    "sample",
+                )
             with txn.cursor(db) as cursor:
                 for i, (_key, value) in enumerate(cursor):
                     if i >= SAMPLE_READS:
                         break
                     if not value or value[0] != 1:
-                        raise SnapshotError(f"generation {manifest.generation}: unreadable rights")
+                        raise SnapshotError(f"generation {manifest.generation}: unreadable rights",
+                                            "sample")  # fmt: skip
     except lmdb.Error as exc:
         raise SnapshotError(
-            f"generation {manifest.generation}: not an LMDB store ({exc})"
+            f"generation {manifest.generation}: not an LMDB store ({exc})", "sample"
         ) from None
     finally:
         env.close()
@@ -452,7 +490,44 @@ def set_wanted(data_dir: Path, generation: int) -> None:
 
 def host_status(data_dir: Path) -> dict[str, Any]:
     return {"ready": installed(data_dir), "active": active(data_dir),
-            "wanted": wanted(data_dir), "seen": time.time()}  # fmt: skip
+            "wanted": wanted(data_dir), "seen": time.time(),
+            "refused": refusals(data_dir).get("last")}  # fmt: skip
+
+
+# -- refused copies: counted per check, the last one's reason kept ---------------------------------
+
+REFUSED_FILE = "refused.json"
+
+
+def refusals(data_dir: Path) -> dict[str, Any]:
+    """{"counts": {check: n}, "last": {"generation", "check", "reason", "at"}} ({} if none)."""
+    try:
+        raw = json.loads((root_of(data_dir) / REFUSED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def record_refusal(data_dir: Path, generation: int | None, exc: SnapshotError) -> None:
+    """Count a copy refused by a check (the CLI's fetch and the sync process's both come here,
+    under a lock on the file's directory). The reason is the one line the error says: no
+    personal data is ever in it."""
+    import fcntl
+
+    root = root_of(data_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        counts = dict(refusals(data_dir).get("counts") or {})
+        counts[exc.check] = int(counts.get(exc.check, 0)) + 1
+        record = {"counts": counts, "last": {"generation": generation, "check": exc.check,
+                                             "reason": str(exc), "at": time.time()}}  # fmt: skip
+        tmp = root / f"{REFUSED_FILE}.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, root / REFUSED_FILE)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def hosts(client: Any) -> dict[str, dict[str, Any]]:

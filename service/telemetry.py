@@ -482,6 +482,32 @@ class Telemetry:
             unit="{lookup}", description="Lookups this worker reported to Redis",
         )  # fmt: skip
 
+    def watch_snapshots(self, data_dir: Path) -> None:
+        """The host's rights generations: the one served, and the copies refused by a check,
+        by check (read from DIR/snapshots/, written by whoever fetched)."""
+        if self._meter is None:
+            return
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        from service import snapshots
+
+        def refused(_options: CallbackOptions) -> Iterable[Observation]:
+            counts = snapshots.refusals(data_dir).get("counts") or {}
+            for check, n in sorted(counts.items()):
+                yield Observation(int(n), {"covergate.snapshot.check": str(check)})
+
+        def generation(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(snapshots.active(data_dir))
+
+        self._meter.create_observable_counter(
+            "covergate.snapshot.refused", [refused], unit="{copy}",
+            description="Fetched rights generations refused by a check (size, hash, signature...)",
+        )  # fmt: skip
+        self._meter.create_observable_gauge(
+            "covergate.snapshot.generation", [generation],
+            description="The rights generation this host serves (0: its own store)",
+        )  # fmt: skip
+
     def watch(self, gate: Any) -> None:
         """A gate whose spans and counts this worker records."""
         self._gates.append(gate)

@@ -100,6 +100,49 @@ def test_a_damaged_or_foreign_copy_is_refused_and_the_old_one_keeps_serving(
                 "wrong pepper": "pepper"}[damage]  # fmt: skip
     assert expected in line, line
     assert sn.installed(host) == [] and not list((host / "snapshots").glob(".1.*"))
+    # Counted by check (the host's metric reads it), and said by `snapshot status`.
+    check = {"flipped byte": "hash", "truncated": "size", "bad signature": "signature",
+             "wrong pepper": "pepper"}[damage]  # fmt: skip
+    assert sn.refusals(host)["counts"] == {check: 1}
+    status = cli("snapshot", "status", data_dir=host).stdout
+    assert f"last refused copy ({check}," in status and expected in status
+
+
+def test_a_refused_copy_is_a_metric_of_the_serving_host(made: dict[str, Any]) -> None:
+    """A host serving with telemetry exports covergate.snapshot.refused by check after a refused
+    fetch, and its generation gauge; it keeps serving meanwhile."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.otlp_receiver import OtlpReceiver
+
+    ds, tmp = made["ds"], made["tmp"]
+    source = tmp / "copy"
+    shutil.copytree(made["out"], source)
+    raw = bytearray((source / "1" / "data.mdb").read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    (source / "1" / "data.mdb").write_bytes(bytes(raw))
+
+    def exported() -> dict[str, dict[str, int]]:
+        found: dict[str, dict[str, int]] = {}
+        for export in receiver.metric_exports():
+            for rm in export.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name.startswith("covergate.snapshot."):
+                            points = m.sum.data_points or m.gauge.data_points
+                            for p in points:
+                                label = ",".join(a.value.string_value for a in p.attributes)
+                                found.setdefault(m.name, {})[label] = p.as_int
+        return found
+
+    with OtlpReceiver() as receiver, RunningServer(ds.data_dir, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    }) as server:  # fmt: skip
+        assert _fetch(made, ds.data_dir, source).returncode == 1
+        _until(lambda: exported().get("covergate.snapshot.refused") == {"hash": 1})
+        assert exported()["covergate.snapshot.generation"] == {"": 0}
+        assert _decision(server, ds, ds.covered) == "DECISION_COVERED"
 
 
 def _request(who: Any) -> pb.CheckCoverageRequest:
