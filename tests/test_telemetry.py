@@ -93,10 +93,12 @@ def test_every_lookup_is_exported_with_its_attributes_and_no_personal_data(
     ds = dataset
     metadata = (("authorization", f"Bearer {ds.tokens['pharmacist']}"),)
     people = [r.identity for r in ds.rights if r.domain == "PHAR" and r.amc_number == PHARMACY_AMC]
-    unary = [_request(p, f"u-{i}", member_number=ds.member_number if p == ds.covered else "")
-             for i, p in enumerate(people[:12])]  # fmt: skip
-    batch = [_request(p, f"b-{i}") for i, p in enumerate(people[:25])]
-    stream = [_request(p, f"s-{i}") for i, p in enumerate(people[:9])]
+    unary = [
+        _request(p, f"rq-unary-{i:03d}", member_number=ds.member_number if p == ds.covered else "")
+        for i, p in enumerate(people[:12])
+    ]
+    batch = [_request(p, f"rq-batch-{i:03d}") for i, p in enumerate(people[:25])]
+    stream = [_request(p, f"rq-stream-{i:03d}") for i, p in enumerate(people[:9])]
     traceparent = f"00-{TRACE_HEX}-{PARENT_HEX}-01"
     with _serve(ds, receiver) as server, server.channel() as channel:
         stub = pb_grpc.CoverageServiceStub(channel)
@@ -166,7 +168,8 @@ def test_every_lookup_is_exported_with_its_attributes_and_no_personal_data(
     }
     assert {"covergate.lookups", "rpc.server.duration"} <= names
 
-    # Not one personal value of the dataset, nor a request_id, in anything exported.
+    # Not one personal value of the dataset, nor a request_id, in anything exported (the ids are
+    # 12 bytes or more: a 3-byte one once matched by chance inside random trace and span ids).
     raw = receiver.raw_traces() + b"".join(receiver.metric_requests)
     for right in ds.rights:
         i = right.identity
