@@ -151,7 +151,31 @@ def goal_value(goal: Goal, results: dict[str, Any]) -> float | None:
         if cell is None or missed_offered_rate(cell):
             return None  # no verdict from a cell that did not carry its load
         return cell["median"].get(f"{percentile}_ms")  # type: ignore[no-any-return]
+    if kind == "latency_ratio":
+        subject, baseline, scenario, percentile = key
+        cells = [_open_cell(results, v, scenario) for v in (subject, baseline)]
+        if any(c is None or missed_offered_rate(c) for c in cells):
+            return None
+        k = f"{percentile}_ms"
+        a, b = ([r.get(k) for r in c["rounds"]] for c in cells if c is not None)
+        return stats.paired_ratios(a, b)["ratio"]  # type: ignore[return-value]
+    if kind == "import":
+        imported = results.get("micro", {}).get("import") or {}
+        return imported.get("rows_per_s")  # type: ignore[no-any-return]
     raise ValueError(f"unknown goal source {goal.source}")
+
+
+def _goal_open_cells(goal: Goal, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The open-loop cells a latency goal reads."""
+    kind, *key = goal.source
+    if kind == "latency":
+        wanted = [(key[0], key[1])]
+    elif kind == "latency_ratio":
+        wanted = [(key[0], key[2]), (key[1], key[2])]
+    else:
+        return []
+    cells = (_open_cell(results, v, s) for v, s in wanted)
+    return [c for c in cells if c is not None]
 
 
 def _comparison(results: dict[str, Any], name: str, scenario: str) -> dict[str, Any] | None:
@@ -170,9 +194,8 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             comparison = _comparison(results, goal.source[1], goal.source[2])
             if comparison is not None and comparison.get("not_counted"):
                 excluded = f"not counted: {comparison['not_counted']}"
-        if goal.source[0] == "latency":
-            cell = _open_cell(results, goal.source[1], goal.source[2])
-            if cell is not None and missed_offered_rate(cell):
+        for cell in _goal_open_cells(goal, results):
+            if missed_offered_rate(cell):
                 m = cell["median"]
                 excluded = (
                     f"excluded: achieved {number(m.get('achieved_per_s'))} of "
@@ -744,7 +767,10 @@ def plot(results: dict[str, Any], prefix: Path) -> list[Path]:
             bars = ax.bar(xs, ys, width, label=k.replace("_ms", ""))
             for bar, hatch in zip(bars, hatches, strict=True):
                 bar.set_hatch(hatch)
-        ax.axhline(5.0, color="red", linestyle="--", linewidth=1, label="5 ms goal (p99)")
+        noop = _open_cell(results, "noop", "unary")
+        if noop is not None and noop["median"].get("p99_ms"):
+            ax.axhline(1.2 * noop["median"]["p99_ms"], color="red", linestyle="--", linewidth=1,
+                       label="unary p99 goal: 1.2x the no-op's")  # fmt: skip
         ax.set_xticks(range(len(labels)), labels)
         # Log scale: unary (a few ms) stays readable beside batches (tens of ms).
         ax.set_yscale("log")

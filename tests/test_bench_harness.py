@@ -330,6 +330,8 @@ def test_comparisons_and_goals_name_known_things() -> None:
             assert g.source[2] in comparison.scenarios
         if g.source[0] == "latency":
             assert (g.source[1], g.source[2]) in plan.OPEN_LOOP
+        if g.source[0] == "latency_ratio":
+            assert {(g.source[1], g.source[3]), (g.source[2], g.source[3])} <= set(plan.OPEN_LOOP)
     assert {"ceiling", "reference", "workers", "conventional"} <= names
 
 
@@ -588,9 +590,15 @@ def synthetic_results() -> dict[str, object]:
             {
                 "variant": "covergate",
                 "scenario": "unary",
-                "rounds": [],
+                "rounds": [{"p99_ms": 6.0}],
                 "median": {"p50_ms": 1.0, "p99_ms": 6.0},
-            }
+            },
+            {
+                "variant": "noop",
+                "scenario": "unary",
+                "rounds": [{"p99_ms": 4.0}],
+                "median": {"p50_ms": 1.0, "p99_ms": 4.0},
+            },
         ],
         "micro": {
             "decisions": {
@@ -617,7 +625,7 @@ def test_comparisons_and_goals_from_results() -> None:
     assert goals["batch-100 vs ceiling"]["met"] is False
     assert goals["fast path rate"]["met"] is True
     assert goals["fast path vs reference"]["value"] == 20.0
-    assert goals["unary p99 at 70%"]["met"] is False
+    assert (goals["unary p99 at 70%"]["met"], goals["unary p99 at 70%"]["value"]) == (False, 1.5)
     assert goals["workers on batches"]["met"] is None  # not measured
 
 

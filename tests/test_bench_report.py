@@ -19,11 +19,13 @@ def with_open_loop(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return results
 
 
-def cell(offered: float | None, achieved: float | None, p99: float | None) -> dict[str, Any]:
+def cell(
+    offered: float | None, achieved: float | None, p99: float | None, variant: str = "covergate"
+) -> dict[str, Any]:
     return {
-        "variant": "covergate",
+        "variant": variant,
         "scenario": "unary",
-        "rounds": [],
+        "rounds": [{"p99_ms": p99}],
         "median": {
             "offered_per_s": offered,
             "achieved_per_s": achieved,
@@ -56,13 +58,39 @@ def test_a_cell_that_missed_its_offered_rate_decides_no_goal() -> None:
 
 
 def test_a_cell_that_carried_its_load_decides_its_goal() -> None:
-    results = with_open_loop([cell(1000, 995, 4.0)])
+    results = with_open_loop([cell(1000, 995, 4.0), cell(1100, 1095, 3.5, "noop")])
     p99 = goal(results, "unary p99 at 70%")
-    assert (p99["met"], p99["value"], p99["excluded"]) == (True, 4.0, "")
+    assert (p99["met"], p99["value"], p99["excluded"]) == (True, 4.0 / 3.5, "")
     assert "(missed rate)" not in report.render(results)
+    p99 = goal(with_open_loop([cell(1000, 995, 4.0), cell(1100, 1095, 2.0, "noop")]), p99["name"])
+    assert (p99["met"], p99["value"]) == (False, 2.0)
     assert report.missed_offered_rate(cell(1000, 899, 1.0))
     assert not report.missed_offered_rate(cell(1000, 900, 1.0))
     assert not report.missed_offered_rate(cell(None, None, 1.0))  # nothing to compare with
+
+
+def test_the_p99_goal_pairs_the_no_ops_rounds_and_needs_both_cells() -> None:
+    covergate, noop = cell(1000, 995, 4.0), cell(1100, 1095, 4.0, "noop")
+    covergate["rounds"] = [{"p99_ms": v} for v in (4.0, 9.0, 5.0)]
+    noop["rounds"] = [{"p99_ms": v} for v in (4.0, 3.0, 5.0)]  # per round: 1.0x, 3.0x, 1.0x
+    assert goal(with_open_loop([covergate, noop]), "unary p99 at 70%")["value"] == 1.0
+    assert goal(with_open_loop([covergate]), "unary p99 at 70%")["value"] is None
+    missed_noop = cell(1000, 10, 4.0, "noop")
+    p99 = goal(with_open_loop([covergate, missed_noop]), "unary p99 at 70%")
+    assert (
+        p99["value"] is None and p99["excluded"] == "excluded: achieved 10 of 1,000 calls/s offered"
+    )
+
+
+def test_the_import_goal_reads_the_import_rate() -> None:
+    results = copy.deepcopy(synthetic_results())
+    results["micro"]["import"] = {"rows": 400_000, "seconds": 4.2, "rows_per_s": 96_360.0}
+    results["goals"] = report.evaluate_goals(results)
+    imported = goal(results, "import speed")
+    assert (imported["value"], imported["met"]) == (96_360.0, False)
+    assert ">= 300,000 rows/s" in report.render(results)
+    del results["micro"]["import"]
+    assert goal({**results, "goals": report.evaluate_goals(results)}, "import speed")["met"] is None
 
 
 def test_absent_cells_read_n_a() -> None:
