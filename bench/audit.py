@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -156,6 +157,7 @@ class AuditPhases:
         self.opts = run.opts
         self.servers: list[ServerProcess] = []
         self.receivers: list[Receiver] = []
+        self.spools: list[Path] = []
         assert run.ds is not None
         specs = frames.mixed(run.ds.pools, {COVERED: 1}, SCENARIOS[BATCH].batch_size)
         self.items = len(specs)
@@ -169,6 +171,7 @@ class AuditPhases:
 
     def server(self, name: str, port: int, spool: Path, max_bytes: int) -> ServerProcess:
         run = self.run
+        self.spools.append(spool)
         variant = VARIANTS["covergate-tracing"]
         config = run.run_dir / f"{name}.toml"
         config.write_text(
@@ -222,8 +225,11 @@ class AuditPhases:
         for receiver in self.receivers:
             if receiver.process is not None:
                 receiver.process.stop()
+        for spool in self.spools:  # gigabytes, if a phase failed before its spool drained
+            shutil.rmtree(spool, ignore_errors=True)
         self.servers.clear()
         self.receivers.clear()
+        self.spools.clear()
 
     # -- phases ------------------------------------------------------------------------------------
 

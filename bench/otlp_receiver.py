@@ -166,7 +166,10 @@ class OtlpReceiver:
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def _traces(self, request: bytes, context: Any) -> bytes:
-        counted = count_spans(request)
+        try:
+            counted = count_spans(request)
+        except (ValueError, IndexError):  # not an export request: kept (if keep), not counted
+            counted = SpanCounts()
         now = time.time()
         with self._lock:
             if not self.first_at:

@@ -544,6 +544,13 @@ def _audit_section(results: dict[str, Any]) -> list[str]:
                 "llrrrl",
             )
         )
+        lines += [
+            "",
+            "Lookups answered: those of the calls whose answer the client saw; the calls h2load "
+            "left in flight when it stopped count as answered as far as their spans arrived "
+            f"(per round: spans per lookup so counted; a ratio counts within "
+            f"{SPANS_PER_LOOKUP_TOLERANCE:.0%} of 1).",
+        ]
     audit = results.get("audit", {})
     outage = audit.get("receiver-outage")
     if outage:

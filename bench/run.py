@@ -50,7 +50,7 @@ QUICK = {
     "audit_outage": 6.0,
     "audit_full_outage": 4.0,
     "audit_edge": 3.0,
-    "audit_fill": 2.0,
+    "audit_fill": 4.0,
     "beneficiaries": 100_000,
     "duration": 2.0,
     "warmup": 0.5,

@@ -128,15 +128,23 @@ def span_audit(
     answered: int, before: dict[str, int], after: dict[str, int], in_flight: int = 0
 ) -> dict[str, Any]:
     """Lookup spans the receiver got between two of its counts (`before`, `after`: spans and
-    lookup_spans) against the lookups answered meanwhile. `in_flight`: lookups of the calls
-    h2load had started but not seen answered when it stopped (the server may have answered them:
-    their spans are the window's edge, why spans_per_lookup may exceed 1 a little)."""
+    lookup_spans) against the lookups answered meanwhile.
+
+    `answered` counts the calls whose answer the client saw; `in_flight` the lookups of calls
+    h2load had started but not seen end when it stopped: the server may have answered (and
+    recorded) any number of those. So the server answered between `answered` and `answered +
+    in_flight` lookups, and spans_per_lookup divides by the value of that range nearest to the
+    spans received: 1.0 when every answer has its span and nothing else arrived, below 1 by the
+    share of answers without a span, above 1 by the share of spans of no answer (duplicates).
+    spans_per_lookup_seen divides by `answered` alone."""
     lookup_spans = after["lookup_spans"] - before["lookup_spans"]
+    nearest = min(max(lookup_spans, answered), answered + in_flight)
     return {
         "lookups_answered": answered,
         "lookup_spans": lookup_spans,
         "spans": after["spans"] - before["spans"],
-        "spans_per_lookup": lookup_spans / answered if answered else None,
+        "spans_per_lookup": lookup_spans / nearest if nearest else None,
+        "spans_per_lookup_seen": lookup_spans / answered if answered else None,
         "lost": max(0, answered - lookup_spans),
         "in_flight_lookups": in_flight,
     }

@@ -477,6 +477,13 @@ def test_span_audit_counts_lost_lookups_and_the_edge() -> None:
     short = stats.span_audit(12_000, before, after)
     assert short["lost"] == 2_000 and short["spans_per_lookup"] == pytest.approx(10_000 / 12_000)
     assert stats.span_audit(0, before, before)["spans_per_lookup"] is None
+    # The calls in flight when h2load stopped: their spans count as answers, up to their number.
+    edge = stats.span_audit(9_850, before, after, in_flight=200)
+    assert edge["spans_per_lookup"] == 1.0 and edge["lost"] == 0
+    assert edge["spans_per_lookup_seen"] == pytest.approx(10_000 / 9_850)
+    beyond = stats.span_audit(9_700, before, after, in_flight=200)
+    assert beyond["spans_per_lookup"] == pytest.approx(10_000 / 9_900)  # 100 spans of no answer
+    assert stats.span_audit(10_500, before, after, in_flight=200)["lost"] == 500
 
 
 def test_redis_per_lookups_takes_off_the_readings_own_calls() -> None:
