@@ -721,3 +721,23 @@ def batch_items(request, Py_ssize_t limit):
         return -1
     return _count_items(<const unsigned char*>PyBytes_AS_STRING(request),
                         PyBytes_GET_SIZE(request), limit)
+
+
+def observe_baseline(buffer, Py_ssize_t offset, profile, today, long long now_ms, int domain,
+                     bytes storage_key not None):
+    """fastpath.baselines.observe in C, on the record at `offset` of a writable buffer (the
+    simulation in bench.baselines, and tests): (signals newly raised, their scores, suspend)."""
+    cdef unsigned char[::1] view = buffer
+    cdef BaseCall b
+    cdef bytes packed = profile.packed
+    if offset < 0 or offset + <Py_ssize_t>sizeof(BaseRecord) > view.shape[0]:
+        raise IndexError("baseline record out of range")
+    if not 0 <= domain <= MAX_DOMAIN or PyBytes_GET_SIZE(storage_key) != STORAGE_KEY_SIZE:
+        raise ValueError("a care domain and a storage key are needed")
+    if PyBytes_GET_SIZE(packed) != sizeof(BaseProfile):
+        raise TypeError("profile is not a BaselineProfile")
+    memcpy(&b.profile, PyBytes_AS_STRING(packed), sizeof(BaseProfile))
+    b.rec = <BaseRecord*>(&view[0] + offset)
+    _observe(&b, <uint32_t>today, now_ms, domain,
+             <const unsigned char*>PyBytes_AS_STRING(storage_key))
+    return b.fresh, tuple([b.scores[i] for i in range(N_SIGNALS)]), bool(b.suspend)

@@ -92,9 +92,9 @@ class BaselineProfile:
     min_lookups: int = 20
     new_share_percent: int = 90
     share_margin: int = 25
-    new_min: int = 20
-    new_mult_percent: int = 300
-    sigma: int = 4
+    new_min: int = 10
+    new_mult_percent: int = 200
+    sigma: int = 3
     volume_min: int = 60
     volume_mult_percent: int = 300
     off_permille: int = 5
@@ -237,12 +237,13 @@ def filter_bits(h: int) -> tuple[int, ...]:
 
 def _above(x: int, mean: int, square: int, sigma: int) -> bool:
     """Whether x lies more than `sigma` standard deviations above the smoothed mean (all x FIXED):
-    (x - m)^2 > sigma^2 var, with var = E[x^2] - m^2 never below 0."""
+    (x - m)^2 > sigma^2 var, with var = E[x^2] - m^2, never below the mean: daily counts vary at
+    least as a Poisson count does, however steady a few days looked."""
     d = x * FIXED - mean
     if d <= 0:
         return False
     var = square * FIXED - mean * mean
-    return d * d > sigma * sigma * max(var, 0)
+    return d * d > sigma * sigma * max(var, mean * FIXED)
 
 
 def _roll(buffer: bytearray | mmap.mmap, offset: int, s: BaselineState, today: int) -> None:
@@ -330,24 +331,21 @@ def observe(
     fire = 0
     if learned:
         x, n = min(s.lookups, COUNT_CAP), min(s.new, COUNT_CAP)
-        scores[0] = n * 100 // x
+        scores = signal_scores(s)
         if (
             x >= profile.min_lookups
             and n * 100 >= profile.new_share_percent * x
             and n * 100 * FIXED >= (s.mean_share + profile.share_margin * FIXED) * x
         ):
             fire |= SIG_NEW_SHARE
-        scores[1] = n * 100 * FIXED // max(s.mean_new, 1)
         if (
             n >= profile.new_min
             and n * 100 * FIXED >= profile.new_mult_percent * s.mean_new
             and _above(n, s.mean_new, s.square_new, profile.sigma)
         ):
             fire |= SIG_NEW_TODAY
-        scores[2] = min(s.off_hours, COUNT_CAP)
         if s.off_hours >= profile.off_min:
             fire |= SIG_OFF_HOURS
-        scores[3] = x * 100 * FIXED // max(s.mean_lookups, 1)
         if (
             x >= profile.volume_min
             and x * 100 * FIXED >= profile.volume_mult_percent * s.mean_lookups
@@ -364,11 +362,21 @@ def observe(
     return Observation(fresh, scores, suspend)
 
 
-def today_scores(state: BaselineState, today: int) -> dict[str, int]:
-    """Today's counts and scores as `practitioner show` prints them (zeros on another day)."""
-    if state.day != today:
-        return {"lookups": 0, "new": 0, "off_hours": 0}
-    return {"lookups": state.lookups, "new": state.new, "off_hours": state.off_hours}
+def signal_scores(s: BaselineState) -> list[int]:
+    """Today's score of each signal (SIGNALS order): new share in percent, new beneficiaries and
+    lookups in percent of their baseline, lookups at unusual hours."""
+    x, n = min(s.lookups, COUNT_CAP), min(s.new, COUNT_CAP)
+    return [
+        n * 100 // x if x else 0,
+        n * 100 * FIXED // max(s.mean_new, 1),
+        min(s.off_hours, COUNT_CAP),
+        x * 100 * FIXED // max(s.mean_lookups, 1),
+    ]
+
+
+def deviation(mean: int, square: int) -> float:
+    """The standard deviation of a smoothed baseline (for display only)."""
+    return float(max(square * FIXED - mean * mean, 0)) ** 0.5 / FIXED
 
 
 # -- the file --------------------------------------------------------------------------------------
@@ -392,7 +400,7 @@ class BaselineFile:
                     if magic != MAGIC or entry != RECORD_SIZE:
                         raise ValueError(f"{self.path} is not a covergate baseline file")
                 self.slots = max(slots, have)
-                if self.slots > have:
+                if self.slots > have or not have:
                     os.ftruncate(fd, HEADER_SIZE + self.slots * RECORD_SIZE)
                     os.pwrite(fd, _FILE_HEAD.pack(MAGIC, RECORD_SIZE, self.slots), 0)
             finally:

@@ -125,14 +125,15 @@ cdef int _paris_hour(uint32_t today, long long now_ms) noexcept nogil:
 
 cdef inline bint _above(long long x, long long mean, long long square,
                         long long sigma) noexcept nogil:
-    """baselines._above: every product fits (counts are capped at BASE_COUNT_CAP)."""
+    """baselines._above (var floored at the mean, as a Poisson count's): every product fits,
+    counts being capped at BASE_COUNT_CAP."""
     cdef long long d = x * BASE_FIXED - mean
     cdef long long var
     if d <= 0:
         return False
     var = square * BASE_FIXED - mean * mean
-    if var < 0:
-        var = 0
+    if var < mean * BASE_FIXED:
+        var = mean * BASE_FIXED
     return d * d > sigma * sigma * var
 
 
