@@ -296,6 +296,7 @@ def baseline_pairs(
     record = base.read(served_as.slot)
     record.day, record.days_active = today, 1000
     record.mean_lookups = record.mean_new = 10**7 * 256  # far above what the bench sends
+    record.mean_share = 100 * 256  # its usual share of new people: all of them
     record.square_lookups = record.square_new = 10**14 * 256
     record.hours = [1000] * 24
     record.hours_total = 24_000

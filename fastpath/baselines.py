@@ -73,7 +73,7 @@ N_SIGNALS = len(SIGNALS)
 _HEAD = struct.Struct("<14I5Q24I24I")
 _FILE_HEAD = struct.Struct("<8sII")
 # BaselineProfile.packed, as the Cython gate reads it (fastpath/_c/baselines.pxi: BaseProfile).
-PROFILE_VIEW = struct.Struct("<12q")
+PROFILE_VIEW = struct.Struct("<13q")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class BaselineProfile:
     """When a practitioner's own past makes a lookup stand out: profession defaults, overridable.
 
     A signal counts only after `learn_days` active days. `new_share`: at least `min_lookups`
-    today, `new_share_percent` of them new, and `share_margin` points above its usual share.
+    today, `new_share_percent` of them new, `share_margin` points above its usual share and
+    `share_sigma` binomial standard deviations above it (a share of many lookups varies less).
     `new_today` and `volume`: at least `new_min` (`volume_min`), `*_mult_percent` of the
     baseline, and `sigma` standard deviations above it. `off_hours`: `off_min` lookups today at
     hours that hold less than `off_permille` of its past lookups. `enforce`: the signals
@@ -90,21 +91,22 @@ class BaselineProfile:
 
     learn_days: int = 14
     min_lookups: int = 20
-    new_share_percent: int = 90
-    share_margin: int = 25
+    new_share_percent: int = 50
+    share_margin: int = 15
     new_min: int = 10
     new_mult_percent: int = 200
-    sigma: int = 3
+    sigma: int = 4
     volume_min: int = 60
     volume_mult_percent: int = 300
     off_permille: int = 5
     off_min: int = 15
+    share_sigma: int = 4
     enforce: int = 0
     packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.sigma <= MAX_SIGMA:
-            raise ValueError(f"sigma must be 1..{MAX_SIGMA}")
+        if not 1 <= self.sigma <= MAX_SIGMA or not 1 <= self.share_sigma <= MAX_SIGMA:
+            raise ValueError(f"sigma and share_sigma must be 1..{MAX_SIGMA}")
         for name in (
             "new_mult_percent",
             "volume_mult_percent",
@@ -131,6 +133,7 @@ class BaselineProfile:
             self.volume_mult_percent,
             self.off_permille,
             self.off_min,
+            self.share_sigma,
             self.enforce,
         )
         object.__setattr__(self, "packed", PROFILE_VIEW.pack(*values))
@@ -246,6 +249,13 @@ def _above(x: int, mean: int, square: int, sigma: int) -> bool:
     return d * d > sigma * sigma * max(var, mean * FIXED)
 
 
+def _share_above(n: int, x: int, usual: int, sigma: int) -> bool:
+    """Whether n new of x lookups lie more than `sigma` binomial standard deviations above the
+    usual share (`usual` percent): (100 n - usual x)^2 > sigma^2 usual (100 - usual) x."""
+    d = n * 100 - usual * x
+    return d > 0 and d * d > sigma * sigma * usual * (100 - usual) * x
+
+
 def _roll(buffer: bytearray | mmap.mmap, offset: int, s: BaselineState, today: int) -> None:
     """A new Paris day: yesterday (if it had lookups) goes into the baseline, today starts, and
     the current filter segment is cleared when its generation comes round."""
@@ -336,6 +346,7 @@ def observe(
             x >= profile.min_lookups
             and n * 100 >= profile.new_share_percent * x
             and n * 100 * FIXED >= (s.mean_share + profile.share_margin * FIXED) * x
+            and _share_above(n, x, min(s.mean_share // FIXED, 100), profile.share_sigma)
         ):
             fire |= SIG_NEW_SHARE
         if (

@@ -51,15 +51,9 @@ DEFAULT_PROFESSION_QUOTAS: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-# Per-profession baselines over BaselineSettings' base values (fastpath.baselines): where most
-# patients are new by nature (hospital admissions, laboratories, transport, radiology), new_share
-# cannot tell a walker from a working day and the daily new count must rise further to count.
-DEFAULT_PROFESSION_BASELINES: dict[str, dict[str, int]] = {
-    "laboratory": {"new_share_percent": 101},
-    "radiology": {"new_share_percent": 101},
-    "hospital": {"new_share_percent": 101},
-    "transport": {"new_share_percent": 101},
-}
+# Per-profession baselines over BaselineSettings' base values (fastpath.baselines). Each signal
+# is measured against the practitioner's own past, so one set of values fits most professions.
+DEFAULT_PROFESSION_BASELINES: dict[str, dict[str, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -179,6 +173,7 @@ class BaselineSettings:
     volume_mult_percent: int = BaselineProfile.volume_mult_percent
     off_permille: int = BaselineProfile.off_permille
     off_min: int = BaselineProfile.off_min
+    share_sigma: int = BaselineProfile.share_sigma
 
 
 BASELINE_FIELDS = (

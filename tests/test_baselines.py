@@ -201,6 +201,7 @@ base_profiles = st.builds(
     volume_mult_percent=st.sampled_from([0, 150]),
     off_permille=st.sampled_from([0, 100, 500]),
     off_min=st.integers(1, 3),
+    share_sigma=st.integers(1, 3),
     enforce=st.integers(0, 15),
 )
 base_steps = st.lists(

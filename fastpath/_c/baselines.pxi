@@ -56,6 +56,7 @@ cdef struct BaseProfile:
     long long volume_mult_percent
     long long off_permille
     long long off_min
+    long long share_sigma
     long long enforce
 
 
@@ -137,6 +138,13 @@ cdef inline bint _above(long long x, long long mean, long long square,
     return d * d > sigma * sigma * var
 
 
+cdef inline bint _share_above(long long n, long long x, long long usual,
+                              long long sigma) noexcept nogil:
+    """baselines._share_above: n, x <= BASE_COUNT_CAP, so d * d < 2**54."""
+    cdef long long d = n * 100 - usual * x
+    return d > 0 and d * d > sigma * sigma * usual * (100 - usual) * x
+
+
 cdef inline uint32_t _sat_inc(uint32_t v) noexcept nogil:
     return v + 1 if v < UINT32_MAX else v
 
@@ -198,7 +206,7 @@ cdef void _observe(BaseCall* b, uint32_t today, long long now_ms, int domain,
     cdef bint seen = False
     cdef bint all_set, learned
     cdef int g, i, hour, segment
-    cdef long long x, n
+    cdef long long x, n, usual
     cdef uint32_t fire = 0
     if s.day != today:
         _base_roll(s, today)
@@ -240,9 +248,11 @@ cdef void _observe(BaseCall* b, uint32_t today, long long now_ms, int domain,
         x = s.lookups if s.lookups < BASE_COUNT_CAP else BASE_COUNT_CAP
         n = s.new if s.new < BASE_COUNT_CAP else BASE_COUNT_CAP
         b.scores[0] = n * 100 / x
+        usual = <long long>(s.mean_share / BASE_FIXED)
         if (x >= p.min_lookups and n * 100 >= p.new_share_percent * x
                 and n * 100 * BASE_FIXED
-                >= (<long long>s.mean_share + p.share_margin * BASE_FIXED) * x):
+                >= (<long long>s.mean_share + p.share_margin * BASE_FIXED) * x
+                and _share_above(n, x, usual if usual < 100 else 100, p.share_sigma)):
             fire |= SIG_NEW_SHARE
         b.scores[1] = n * 100 * BASE_FIXED / (<long long>s.mean_new if s.mean_new > 1 else 1)
         if (n >= p.new_min and n * 100 * BASE_FIXED >= p.new_mult_percent * <long long>s.mean_new
