@@ -324,7 +324,13 @@ def _print_practitioner(args: argparse.Namespace, store: Store, rec: Practitione
     print(
         f"guard         {used.window_bad} of the last {used.window_len} lookups were NO_MATCH "
         f"or invalid; fired {used.guard_fired} time(s)"
-        + ("; SUSPENDED by the guard" if used.suspended_by_guard else "")
+        + (
+            ""
+            if not used.suspended_by_guard
+            else "; SUSPENDED by the baseline policy"
+            if rec.suspension_reason.startswith("baseline policy")
+            else "; SUSPENDED by the guard"
+        )
     )
     for line in baseline_lines(
         directory, rec.slot, ParisClock().now()[0], config.baseline_profile(rec.profession)

@@ -76,6 +76,17 @@ def clear_baseline_suspension(data_dir: Path, quota_file: QuotaFile, slot: int) 
         base.close()
 
 
+def _hour_ranges(hours: list[int]) -> str:
+    """[8, 9, 10, 14, 15] -> "08-11h, 14-16h" (each range up to its last hour's end)."""
+    ranges: list[list[int]] = []
+    for h in hours:
+        if ranges and ranges[-1][1] == h:
+            ranges[-1][1] = h + 1
+        else:
+            ranges.append([h, h + 1])
+    return ", ".join(f"{a:02d}-{b:02d}h" for a, b in ranges)
+
+
 def baseline_lines(data_dir: Path, slot: int, today: int, profile: BaselineProfile | None
                    ) -> list[str]:  # fmt: skip
     """What `practitioner show` prints of a practitioner's baseline and today's scores."""
@@ -104,7 +115,7 @@ def baseline_lines(data_dir: Path, slot: int, today: int, profile: BaselineProfi
         f"{baselines.deviation(s.mean_lookups, s.square_lookups):.1f}), "
         f"{s.mean_new / f:.1f} new/day "
         f"(sd {baselines.deviation(s.mean_new, s.square_new):.1f}), {s.mean_share / f:.0f}% new; "
-        f"usual hours (Paris) {', '.join(f'{h:02d}h' for h in usual) or 'none yet'}; domains "
+        f"usual hours (Paris) {_hour_ranges(usual) or 'none yet'}; domains "
         f"{', '.join(c for c, i in rules.DOMAIN_CODES.items() if s.usual_domains >> i & 1) or '-'}"
     ]
     if s.day == today:

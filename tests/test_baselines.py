@@ -275,3 +275,81 @@ def test_baselines_identical_in_c_and_python(
             g.close()
         for f in (*bases, *quotas):
             f.close()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    profile=base_profiles,
+    steps=st.lists(
+        st.tuples(st.integers(0, 40), st.sampled_from([0, 60_000, 5 * 3_600_000, 86_400_000])),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_observe_baseline_identical_in_c_and_python(
+    cython_gate_module: ModuleType,
+    profile: BaselineProfile,
+    steps: list[tuple[int, int]],
+) -> None:
+    """The simulation's entry point (fastpath.observe_baseline) is the gates' own code: C and
+    Python agree on every return and every byte of the record."""
+    import fastpath
+
+    records = [bytearray(baselines.RECORD_SIZE) for _ in range(2)]
+    now_ms = NOW * 1000
+    for person_index, advance in steps:
+        now_ms += advance
+        today = paris_day(now_ms / 1000)
+        key = person(person_index)[-16:].ljust(16, b"\0")
+        results = [
+            observe(r, 0, profile, today, now_ms, 1, key)
+            for observe, r in zip(
+                (cython_gate_module.observe_baseline, fastpath._observe_baseline),
+                records,
+                strict=True,
+            )
+        ]
+        assert results[0] == results[1]
+        assert records[0] == records[1]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[baselines]\nenforce = ['caps']\n", "enforce must list"),
+        ("[baselines]\nsigma = 0\n", "sigma"),
+        ("[baselines]\nlearn = 3\n", "no setting 'learn'"),
+        ("[professions.hospital.baselines]\nnew_min = 'x'\n", "new_min must be an integer"),
+    ],
+)
+def test_baseline_settings_are_checked(tmp_path: Path, toml: str, message: str) -> None:
+    from service.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_baseline_settings_reach_the_profile(tmp_path: Path) -> None:
+    from service.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[baselines]\nenforce = ['new_today', 'new_share']\nlearn_days = 7\n"
+        "[professions.hospital.baselines]\nsigma = 6\n"
+    )
+    config = load_config(path)
+    hospital, pharmacist = (
+        config.baseline_profile("hospital"),
+        config.baseline_profile("pharmacist"),
+    )
+    assert hospital is not None and pharmacist is not None
+    assert (hospital.sigma, pharmacist.sigma, pharmacist.learn_days) == (
+        6,
+        BaselineProfile.sigma,
+        7,
+    )
+    assert pharmacist.enforce == baselines.SIG_NEW_TODAY | baselines.SIG_NEW_SHARE
+    path.write_text("[baselines]\nenabled = false\n")
+    assert load_config(path).baseline_profile("pharmacist") is None
