@@ -7,6 +7,8 @@ the suspension holds across a restart until `practitioner reinstate`.
 from __future__ import annotations
 
 import datetime
+import sys
+import time
 import zoneinfo
 from pathlib import Path
 
@@ -143,3 +145,68 @@ def test_a_list_walk_is_suspended_by_the_policy_until_reinstated(tmp_path: Path)
     with RunningServer(ds.data_dir, args=["--config", str(config)]) as server:
         # Today's signals were raised already: they do not suspend again the same day.
         assert walk(server, ds, requests[20:30]) == (10, "")
+
+
+def test_in_shadow_a_walk_is_an_anomaly_event_and_a_metric_by_profession_and_signal(
+    tmp_path: Path,
+) -> None:
+    from spans import attributes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.otlp_receiver import OtlpReceiver
+
+    ds = build_dataset(tmp_path, extra_beneficiaries=30)
+    learned_yesterday(ds)
+    requests = covered_requests(ds)
+    with OtlpReceiver() as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        }
+        with RunningServer(ds.data_dir, env=env) as server:
+            # Shadow (no [baselines] enforce): every lookup is answered.
+            assert walk(server, ds, requests) == (len(requests), "")
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not anomalies(receiver):
+                time.sleep(0.1)
+            events = [
+                (span, event)
+                for span in receiver.spans()
+                for event in span.events
+                if event.name == "covergate.anomaly"
+            ]
+        counted = anomalies(receiver)
+    raised = {
+        {kv.key: kv.value for kv in event.attributes}["covergate.anomaly.signal"].string_value
+        for _, event in events
+    }
+    assert raised == {"new_today", "new_share"}, raised
+    for span, event in events:
+        values = {kv.key: kv.value for kv in event.attributes}
+        assert values["covergate.anomaly.score"].int_value > 0
+        assert attributes(span)["covergate.practitioner.id"] == PHARMACIST_ID
+    assert counted == {("pharmacist", "new_today"): 1, ("pharmacist", "new_share"): 1}
+
+
+def anomalies(receiver: object) -> dict[tuple[str, str], int]:
+    """The latest covergate.anomalies points, by (profession, signal): never a practitioner."""
+    latest: dict[tuple[str, str], int] = {}
+    for export in receiver.metric_exports():  # type: ignore[attr-defined]
+        for rm in export.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name != "covergate.anomalies":
+                        continue
+                    for point in m.sum.data_points:
+                        labels = {kv.key: kv.value.string_value for kv in point.attributes}
+                        assert set(labels) == {
+                            "covergate.practitioner.profession",
+                            "covergate.anomaly.signal",
+                        }
+                        key = (
+                            labels["covergate.practitioner.profession"],
+                            labels["covergate.anomaly.signal"],
+                        )
+                        latest[key] = int(point.as_int)
+    return latest
