@@ -210,3 +210,44 @@ def anomalies(receiver: object) -> dict[tuple[str, str], int]:
                         )
                         latest[key] = int(point.as_int)
     return latest
+
+
+def test_the_baseline_survives_killed_workers(tmp_path: Path) -> None:
+    """Two workers write one record under the slot's mutex; both are killed (SIGKILL) between
+    calls and replaced: what they had written is all there, and counting goes on."""
+    import os
+    import signal
+
+    from test_server_workers import Server, fresh_channel
+
+    ds = build_dataset(tmp_path, extra_beneficiaries=20)
+    slot = learned_yesterday(ds)
+    requests = covered_requests(ds)
+    md = (("authorization", f"Bearer {ds.tokens['pharmacist']}"),)
+
+    def ask(server: Server, batch: list[pb.CheckCoverageRequest]) -> None:
+        for request in batch:
+            with fresh_channel(server.target) as channel:  # spread over both workers
+                answer = pb_grpc.CoverageServiceStub(channel).CheckCoverage(
+                    request, metadata=md, timeout=10, wait_for_ready=True
+                )
+                assert answer.decision == pb.DECISION_COVERED
+
+    def today_counts() -> tuple[int, int, int]:
+        base = BaselineFile(ds.data_dir / QUOTA_SUBDIR / BASELINE_FILE, 0)
+        try:
+            s = base.read(slot)
+            return s.lookups, s.new, s.days_active
+        finally:
+            base.close()
+
+    with Server(ds.data_dir, workers=2) as server:
+        server.wait_log(r"worker \d+ listening", 2)
+        ask(server, requests[:10])
+        for index, victim in sorted(server.worker_pids().items()):
+            os.kill(victim, signal.SIGKILL)
+            server.wait_log(rf"worker {index} exited", 1)
+        server.wait_log(r"worker \d+ listening", 4)
+        assert today_counts() == (10, 10, 31)
+        ask(server, requests[:5] + requests[10:20])  # five repeats: not new
+    assert today_counts() == (25, 20, 31)
