@@ -1,13 +1,15 @@
 """The ceiling: a grpc.aio server built the ordinary way from covergate's protos (the generated
 servicer classes) that does no work and answers every check with one constant, valid response.
 
-Batches get as many items as they asked for; streams one answer per message. Whatever covergate
-loses against this is the cost of its own work, not of gRPC in Python.
+Batches get as many items as they asked for; streams one answer per message. Each answer is the
+size of covergate's COVERED answer to the same request, so that both send as many bytes: whatever
+covergate loses against this is the cost of its own work, not of gRPC in Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,35 +19,54 @@ from bench import workers
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
 
-# Shaped like a real COVERED answer (an attestation is 75 base64url characters).
-ANSWER = pb.CheckCoverageResponse(
-    request_id="r000000001",
-    decision=pb.DECISION_COVERED,
-    rate_percent=100,
-    convention_type="TP01",
-    rights_end_date="20261231",
-    attestation="A" * 75,
-)
+# covergate's COVERED answer to a bench request: a 4-character convention, an end date, and an
+# attestation of 75 base64url characters (the bench practitioner's 11-character id and a 9-digit
+# AMC). tests/test_bench_noop.py checks the sizes against the C gate's answers.
+ATTESTATION_CHARS = 75
+
+
+@functools.lru_cache(maxsize=64)
+def answer(request_id_size: int) -> pb.CheckCoverageResponse:
+    """The constant answer to a request whose id has `request_id_size` characters: as many bytes
+    as covergate's COVERED answer echoing that id."""
+    return pb.CheckCoverageResponse(
+        request_id="r" * request_id_size,
+        decision=pb.DECISION_COVERED,
+        rate_percent=100,
+        convention_type="TP01",
+        rights_end_date="20261231",
+        attestation="A" * ATTESTATION_CHARS,
+    )
+
+
+def batch_answer(request: pb.CheckCoverageBatchRequest) -> pb.CheckCoverageBatchResponse:
+    """One answer per item, sized by the first item's id: the bench's batches number their items
+    with ids of one length (bench.frames.batch_bytes), and reading one id per batch keeps the
+    ceiling free of per-item Python."""
+    items = request.items
+    if not items:
+        return pb.CheckCoverageBatchResponse()
+    return pb.CheckCoverageBatchResponse(items=[answer(len(items[0].request_id))] * len(items))
 
 
 class NoopCoverage(pb_grpc.CoverageServiceServicer):
     async def CheckCoverage(
         self, request: pb.CheckCoverageRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckCoverageResponse:
-        return ANSWER
+        return answer(len(request.request_id))
 
     async def CheckCoverageBatch(
         self, request: pb.CheckCoverageBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckCoverageBatchResponse:
-        return pb.CheckCoverageBatchResponse(items=[ANSWER] * len(request.items))
+        return batch_answer(request)
 
     async def CheckCoverageStream(
         self,
         request_iterator: AsyncIterator[pb.CheckCoverageRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.CheckCoverageResponse]:
-        async for _ in request_iterator:
-            yield ANSWER
+        async for request in request_iterator:
+            yield answer(len(request.request_id))
 
 
 async def setup(server: grpc.aio.Server, options: dict[str, Any]) -> None:

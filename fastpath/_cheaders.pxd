@@ -13,6 +13,8 @@ cdef extern from "cg_blake2b.h" nogil:
     void cg_blake2b_update(cg_blake2b_state* s, const unsigned char* data, size_t n)
     void cg_blake2b_final(cg_blake2b_state* s, unsigned char* out)
     void cg_blake2b_absorb_key(cg_blake2b_state* s)
+    void cg_blake2b_short(const cg_blake2b_state* keyed, const unsigned char* data, size_t n,
+                          unsigned char* out)
 
 cdef extern from "cg_sha256.h" nogil:
     ctypedef struct cg_hmac_sha256_key:

@@ -60,6 +60,7 @@ from fastpath._cheaders cimport (
     cg_blake2b_absorb_key,
     cg_blake2b_final,
     cg_blake2b_init,
+    cg_blake2b_short,
     cg_blake2b_state,
     cg_blake2b_update,
     cg_credit,

@@ -34,6 +34,52 @@ def test_blake2b_matches_hashlib(
     assert hashes.blake2b(data, digest_size, key, salt, person) == expected
 
 
+# Published vectors: RFC 7693 Appendix A (BLAKE2b-512 of "abc"), and the first keyed entries of
+# the BLAKE2 reference's blake2b-kat.txt (key 00..3f, message 00..(n-1)).
+BLAKE2B_VECTORS = [
+    (
+        b"abc",
+        b"",
+        "ba80a53f981c4d0d6a2797b69f12f6e94c212f14685ac4b74b12bb6fdbffa2d1"
+        "7d87c5392aab792dc252d5de4533cc9518d38aa8dbf1925ab92386edd4009923",
+    ),
+    (
+        b"",
+        bytes(range(64)),
+        "10ebb67700b1868efb4417987acf4690ae9d972fb7a590c2f02871799aaa4786"
+        "b5e996e8f0f4eb981fc214b005f42d2ff4233499391653df7aefcbc13fc51568",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "key", "expected"), BLAKE2B_VECTORS)
+def test_blake2b_published_vectors(data: bytes, key: bytes, expected: str) -> None:
+    assert hashes.blake2b(data, 64, key, b"", b"").hex() == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=128),
+    digest_size=st.integers(1, 64),
+    key=st.binary(min_size=1, max_size=64),
+    person=st.binary(max_size=16),
+)
+def test_blake2b_from_a_prekeyed_state_matches_hashlib(
+    data: bytes, digest_size: int, key: bytes, person: bytes
+) -> None:
+    """The gate's storage key and beneficiary tag: one compression from a state keyed once."""
+    expected = hashlib.blake2b(data, digest_size=digest_size, key=key, person=person).digest()
+    assert hashes.blake2b_prekeyed(data, digest_size, key, person) == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 22, 63, 64, 65, 111, 112, 127, 128])
+def test_blake2b_prekeyed_at_every_word_boundary(n: int) -> None:
+    data = bytes((i * 13 + 5) % 256 for i in range(n))
+    for key in (b"k", b"k" * 32, b"k" * 64):
+        expected = hashlib.blake2b(data, digest_size=16, key=key, person=b"cg.store").digest()
+        assert hashes.blake2b_prekeyed(data, 16, key, b"cg.store") == expected
+
+
 def _cpu_has_sha_ni() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -131,6 +177,11 @@ def test_the_timing_hooks_time_and_are_bounds_checked() -> None:
         lambda: hashes.time_blake2b(b"x", 16, key, b"", b"", True, 0),
         lambda: hashes.time_hmac_sha256(key, b"m" * 257, 10),
         lambda: hashes.time_siphash24(b"k" * 15, b"m", 10),
+        lambda: hashes.time_blake2b(b"x" * 129, 16, key, b"", b"", True, 10),
+        lambda: hashes.blake2b_prekeyed(b"", 16, key, b""),
+        lambda: hashes.blake2b_prekeyed(b"x" * 129, 16, key, b""),
+        lambda: hashes.blake2b_prekeyed(b"x", 16, b"", b""),
+        lambda: hashes.blake2b_prekeyed(b"x", 65, key, b""),
     ):
         with pytest.raises(ValueError):
             bad()
