@@ -1085,7 +1085,9 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
                 log.error("workers keep dying; giving up")
                 stopping = True
                 break
-            procs[i], _ = start(i)
+            # Its pipe is kept until its next restart: a read end dropped here is closed as soon
+            # as another worker restarts, and the replacement then dies of EPIPE reporting ready.
+            procs[i], pipes[i] = start(i)
     for proc in procs.values():
         if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGTERM)

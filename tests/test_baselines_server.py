@@ -250,4 +250,6 @@ def test_the_baseline_survives_killed_workers(tmp_path: Path) -> None:
         server.wait_log(r"worker \d+ listening", 4)
         assert today_counts() == (10, 10, 31)
         ask(server, requests[:5] + requests[10:20])  # five repeats: not new
+        # Each killed worker was replaced once: no replacement died reporting itself ready.
+        assert "Traceback" not in server.log() and server.log().count("restarting it") == 2
     assert today_counts() == (25, 20, 31)
