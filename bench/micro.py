@@ -271,6 +271,93 @@ def pairs(
     return out
 
 
+def baseline_pairs(
+    ds: bench_dataset.Dataset, seconds: float, rounds: int, config_path: str | None = None
+) -> dict[str, Any]:
+    """Per-practitioner baselines on against off (fastpath.baselines), in process, Cython gate,
+    quotas on both sides, for unary calls and batches of 100. The practitioner's record is
+    learned (every lookup computes every signal) and held below every signal's threshold, so
+    both sides answer alike and nothing is suspended. The record lives in a scratch file."""
+    from fastpath import _gate_c
+    from fastpath.baselines import BaselineFile
+
+    store, keys, quota, served_as = _server_parts(ds, config_path)
+    if quota is None or served_as is None or served_as.baseline is None:
+        return {}
+    today = int(ds.care_date)
+    now = int(time.time())
+    covered = ds.pools[COVERED]
+    singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
+    batches = [
+        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
+    ]
+    scratch = tempfile.TemporaryDirectory(prefix="covergate-baselines-")
+    base = BaselineFile(Path(scratch.name) / "baseline", quota.slots)
+    record = base.read(served_as.slot)
+    record.day, record.days_active = today, 1000
+    record.mean_lookups = record.mean_new = 10**7 * 256  # far above what the bench sends
+    record.mean_share = 100 * 256  # its usual share of new people: all of them
+    record.square_lookups = record.square_new = 10**14 * 256
+    record.hours = [1000] * 24
+    record.hours_total = 24_000
+    record.pack_into(base.map, base.offset(served_as.slot))
+    on = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota,
+                      baseline=base)  # fmt: skip
+    off = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
+
+    def caller(gate: Any, method: str, inputs: list[bytes]) -> Callable[[], None]:
+        bound = getattr(gate, method)
+        state = [0]
+        n = len(inputs)
+
+        def call() -> None:
+            i = state[0]
+            bound(served_as, inputs[i], today, now)
+            state[0] = i + 1 if i + 1 < n else 0
+
+        return call
+
+    out: dict[str, Any] = {}
+    shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
+    for _ in range(rounds):
+        for shape, (method, inputs, items) in shapes.items():
+            result = _blocks(
+                {"on": caller(on, method, inputs), "off": caller(off, method, inputs)}, seconds
+            )
+            result["on_per_s"] *= items
+            result["off_per_s"] *= items
+            out.setdefault(shape, []).append(result)
+    code, payload = on.check(served_as, singles[0], today, now)
+    problem = frames.check_unary(covered[0], code, payload, decisions=True)
+    if (
+        problem
+        or on.suspensions
+        or any(on.anomaly_counts())
+        or not base.read(served_as.slot).lookups
+    ):
+        raise RuntimeError(f"baseline pair: {problem or 'a signal was raised'}")
+    for gate in (on, off):
+        gate.close()
+    base.close()
+    scratch.cleanup()
+    quota.close()
+    store.close()
+    return out
+
+
+def baseline_pairs_table(result: dict[str, Any]) -> str:
+    lines = ["| baselines | shape | on lookups/s | off lookups/s | on/off (median of rounds) |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    for shape, rounds in result.items():
+        ratios = sorted(r["ratio"] for r in rounds)
+        lines.append(
+            f"| on/off | {shape} | {sum(r['on_per_s'] for r in rounds) / len(rounds):,.0f} | "
+            f"{sum(r['off_per_s'] for r in rounds) / len(rounds):,.0f} | "
+            f"{ratios[len(ratios) // 2]:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
 def _interleaved(
     calls: dict[str, Callable[[], None]], seconds: float, block_seconds: float = 0.02
 ) -> dict[str, float]:
@@ -644,12 +731,21 @@ def main() -> int:
         action="store_true",
         help="only the per-item cost of each stage of a C-gate decision (table on stderr)",
     )
+    parser.add_argument(
+        "--baselines-only", action="store_true",
+        help="only per-practitioner baselines on against off (table on stderr)",
+    )  # fmt: skip
     args = parser.parse_args()
     ds = bench_dataset.load(Path(args.dataset))
     if ds is None:
         parser.error(f"no dataset in {args.dataset}")
     if args.data:
         ds.data_dir = Path(args.data)
+    if args.baselines_only:
+        paired = baseline_pairs(ds, args.seconds, args.rounds, args.config)
+        print(baseline_pairs_table(paired), file=sys.stderr)
+        json.dump({"baseline_pairs": paired}, sys.stdout, indent=1)
+        return 0
     if args.stages_only:
         staged = stages(ds, args.seconds, args.config)
         print(stages_table(staged), file=sys.stderr)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from fastpath import rules
+from fastpath import baselines, rules
+from fastpath.baselines import BaselineProfile
 from fastpath.rules import Keys, Practitioner
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Practitioner",
     "batch_items",
     "complete_spans",
+    "observe_baseline",
     "rules",
 ]
 
@@ -33,6 +35,17 @@ def _batch_items(request: bytes, limit: int) -> int:
 _NO_EXTENSIONS = os.environ.get("COVERGATE_NO_EXTENSIONS", "") not in ("", "0")
 _REQUIRE_EXTENSIONS = os.environ.get("COVERGATE_REQUIRE_EXTENSIONS", "") not in ("", "0")
 
+
+def _observe_baseline(
+    buffer: bytearray, offset: int, profile: BaselineProfile, today: int, now_ms: int,
+    domain: int, storage_key: bytes,
+) -> tuple[int, tuple[int, ...], bool]:  # fmt: skip
+    """fastpath.baselines.observe on a storage key, as the Cython module's observe_baseline."""
+    seen = baselines.observe(buffer, offset, profile, today, now_ms, domain,
+                             int.from_bytes(storage_key[8:16], "little"))  # fmt: skip
+    return seen.fired, tuple(seen.scores), seen.suspend
+
+
 if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
     raise RuntimeError("COVERGATE_NO_EXTENSIONS and COVERGATE_REQUIRE_EXTENSIONS are both set")
 
@@ -41,9 +54,16 @@ if TYPE_CHECKING or _NO_EXTENSIONS:
     from fastpath.trace import complete_spans
 
     batch_items = _batch_items
+    observe_baseline = _observe_baseline
 else:
     try:
-        from fastpath._gate_c import IMPLEMENTATION, Gate, batch_items, complete_spans
+        from fastpath._gate_c import (
+            IMPLEMENTATION,
+            Gate,
+            batch_items,
+            complete_spans,
+            observe_baseline,
+        )
     except ImportError:
         if _REQUIRE_EXTENSIONS:
             raise
@@ -51,3 +71,4 @@ else:
         from fastpath.trace import complete_spans
 
         batch_items = _batch_items
+        observe_baseline = _observe_baseline

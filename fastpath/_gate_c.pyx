@@ -46,6 +46,7 @@ import os
 from google.protobuf.message import DecodeError
 
 from covergate.v1 import covergate_pb2 as pb
+from fastpath import baselines as _baselines
 from fastpath import quota, rules
 from fastpath import trace as _trace
 
@@ -93,6 +94,8 @@ include "_c/records.pxi"
 include "_c/responses.pxi"
 # The attestation token (rules.encode_attestation):
 include "_c/attestation.pxi"
+# Each practitioner's own past, and the signals a lookup raises against it (fastpath.baselines):
+include "_c/baselines.pxi"
 # The caller's view and quota slot, and the quota steps of a decision (fastpath.quota):
 include "_c/quota.pxi"
 # Spans, ids, and the gate's span buffer (fastpath.trace):
@@ -124,6 +127,11 @@ cdef class Gate:
     cdef object _credit
     cdef unsigned char[::1] _credit_map
     cdef long long _credit_slots
+    # Per-practitioner baselines (fastpath.baselines.BaselineFile), under the slot's mutex too.
+    cdef object _baseline
+    cdef unsigned char[::1] _base_map
+    cdef long long _base_slots
+    cdef unsigned long long _anomaly_counts[N_PROFESSIONS * N_SIGNALS]
     # The last call's lookups set aside for want of credit (their indexes), and how many of its
     # outcomes were bad for the guard (the server reports those to the global guard).
     cdef public list short
@@ -150,10 +158,11 @@ cdef class Gate:
     def __init__(self, env, rights_db, keys, *, max_batch_items=500,
                  attestation_ttl=7 * 86400, quota=None,  # no-cython-lint
                  trace=False, trace_seed=None, credit=None,  # (`quota`: callers' keyword)
-                 generation=0):
+                 generation=0, baseline=None):
         rules.require_upb()
-        if credit is not None and quota is None:
-            raise ValueError("cluster credit needs the quota file it is locked with")
+        if (credit is not None or baseline is not None) and quota is None:
+            raise ValueError(
+                "cluster credit and baselines need the quota file they are locked with")
         self._env = env
         self._rights_db = rights_db
         self._keys = keys
@@ -169,6 +178,12 @@ cdef class Gate:
         self._trace_state = trace_seed & 0xFFFFFFFFFFFFFFFF
         self.spans_dropped = 0
         memset(self._counts, 0, sizeof(self._counts))
+        memset(self._anomaly_counts, 0, sizeof(self._anomaly_counts))
+        self._baseline = baseline
+        self._base_slots = 0
+        if baseline is not None:
+            self._base_map = baseline.map
+            self._base_slots = baseline.slots
         _init_keys(&self._hashes, keys, self._attestation_key)
         self._quota = quota
         self._quota_slots = 0
@@ -200,6 +215,9 @@ cdef class Gate:
         self._credit = None
         self._credit_map = None
         self._credit_slots = -1
+        self._baseline = None
+        self._base_map = None
+        self._base_slots = 0
         self._closed = True
 
     @property
@@ -210,13 +228,19 @@ cdef class Gate:
 
     cdef bint _view(self, object practitioner, Caller* c) except -1:
         """Fill `c` (quota.pxi); True when the caller's quota state cannot be reached."""
-        return _caller_view(practitioner, c, self._closed, self._quota is not None,
-                            self._quota_slots, self._credit_slots)
+        if _caller_view(practitioner, c, self._closed, self._quota is not None,
+                        self._quota_slots, self._credit_slots):
+            return True
+        if self._baseline is not None and c.slot_index >= 0:
+            _baseline_view(practitioner, &c.base, &self._base_map[0], c.slot_index,
+                           self._base_slots)
+        return False
 
     cdef int _lock(self, object today, object now, Caller* c) except -1:
         """Take the caller's quota slot (if it has one) for the whole call, rolled to `today`."""
         if c.slot_index < 0:
             return 0
+        c.base.today = <uint32_t>today
         return _lock_slot(c, today, now, &self._quota_map[0], &self._quota_locks[0],
                           &self._credit_map[0] if self._credit is not None else NULL)
 
@@ -445,6 +469,10 @@ cdef class Gate:
         """Cumulative lookups per [profession][outcome] (fastpath.trace), flattened."""
         return tuple([self._counts[i] for i in range(N_PROFESSIONS * N_OUTCOMES)])
 
+    def anomaly_counts(self):
+        """Cumulative baseline signals raised per [profession][signal], flattened."""
+        return tuple([self._anomaly_counts[i] for i in range(N_PROFESSIONS * N_SIGNALS)])
+
     def new_trace_id(self):
         cdef unsigned char out[TRACE_ID_SIZE]
         _new_trace_id(&self._trace_state, out)
@@ -504,6 +532,8 @@ cdef class Gate:
         c.would_deny = WD_NONE
         c.guard_fired = 0
         c.validated = 0
+        c.base.fresh = 0
+        c.base.suspend = False
         # 0. A suspended practitioner gets nothing, and its refusals count nowhere.
         if _suspended(c):
             c.code = _PERMISSION_DENIED
@@ -543,6 +573,21 @@ cdef class Gate:
                 _credit_outcome(c, bad)
                 self.last_bad += bad
         return status
+
+    cdef int _anomalies(self, Caller* c, object practitioner) except -1:
+        """Signals a lookup raised: counted by profession and signal; a policy they meet
+        suspends the practitioner, as the guard does (the reference's Gate._observe)."""
+        cdef int i
+        index = _trace.practitioner_attributes(practitioner.practitioner_id,
+                                               practitioner.profession)[1]
+        for i in range(N_SIGNALS):
+            if c.base.fresh >> i & 1:
+                self._anomaly_counts[<int>index * N_SIGNALS + i] += 1
+        if c.base.suspend:
+            c.slot.flags |= CG_FLAG_SUSPENDED
+            c.slot.suspended_at_ms = c.now_ms
+            self.suspensions.append(practitioner.practitioner_id)
+        return 0
 
     cdef object _without_credit(self, Caller* c, int outcome, object today, object now):
         """A lookup this host holds no credit for, as c.mode says: set aside (c.code SHORT),
@@ -629,6 +674,11 @@ cdef class Gate:
                 rules.REASON_DAILY if refused == O_DAILY else rules.REASON_DISTINCT,
                 rules.day_retry_seconds(today, now),
             )
+        # 4'. The lookup against the practitioner's own past (baselines.pxi).
+        if c.base.rec != NULL:
+            _observe(&c.base, c.base.today, c.now_ms, r.domain, digest)
+            if c.base.fresh:
+                self._anomalies(c, practitioner)
 
         # 5. Read the store: one LMDB get.
         storage_key = PyBytes_FromStringAndSize(<const char*>digest, STORAGE_KEY_SIZE)
@@ -672,3 +722,23 @@ def batch_items(request, Py_ssize_t limit):
         return -1
     return _count_items(<const unsigned char*>PyBytes_AS_STRING(request),
                         PyBytes_GET_SIZE(request), limit)
+
+
+def observe_baseline(buffer, Py_ssize_t offset, profile, today, long long now_ms, int domain,
+                     bytes storage_key not None):
+    """fastpath.baselines.observe in C, on the record at `offset` of a writable buffer (the
+    simulation in bench.baselines, and tests): (signals newly raised, their scores, suspend)."""
+    cdef unsigned char[::1] view = buffer
+    cdef BaseCall b
+    cdef bytes packed = profile.packed
+    if offset < 0 or offset + <Py_ssize_t>sizeof(BaseRecord) > view.shape[0]:
+        raise IndexError("baseline record out of range")
+    if not 0 <= domain <= MAX_DOMAIN or PyBytes_GET_SIZE(storage_key) != STORAGE_KEY_SIZE:
+        raise ValueError("a care domain and a storage key are needed")
+    if PyBytes_GET_SIZE(packed) != sizeof(BaseProfile):
+        raise TypeError("profile is not a BaselineProfile")
+    memcpy(&b.profile, PyBytes_AS_STRING(packed), sizeof(BaseProfile))
+    b.rec = <BaseRecord*>(&view[0] + offset)
+    _observe(&b, <uint32_t>today, now_ms, domain,
+             <const unsigned char*>PyBytes_AS_STRING(storage_key))
+    return b.fresh, tuple([b.scores[i] for i in range(N_SIGNALS)]), bool(b.suspend)

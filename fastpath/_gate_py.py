@@ -15,8 +15,9 @@ from typing import Any, cast
 from google.protobuf.message import DecodeError
 
 from covergate.v1 import covergate_pb2 as pb
-from fastpath import rules
+from fastpath import baselines, rules
 from fastpath import trace as tr
+from fastpath.baselines import BaselineFile
 from fastpath.quota import (
     CREDIT_RING,
     FLAG_SUSPENDED,
@@ -72,14 +73,20 @@ class Gate:
         trace_seed: int | None = None,
         credit: CreditFile | None = None,
         generation: int = 0,
+        baseline: BaselineFile | None = None,
     ) -> None:
         rules.require_upb()
         # The rights generation this gate reads (service.snapshots), on every span.
         self.generation = generation
         self._generation_attr = tr.generation_attr(generation)
-        if credit is not None and quota is None:
-            raise ValueError("cluster credit needs the quota file it is locked with")
+        if (credit is not None or baseline is not None) and quota is None:
+            raise ValueError(
+                "cluster credit and baselines need the quota file they are locked with"
+            )
         self._env = env
+        # Per-practitioner baselines (fastpath.baselines), kept under the slot's mutex too.
+        self._baseline = baseline
+        self._anomaly_counts = [0] * (tr.N_PROFESSIONS * baselines.N_SIGNALS)
         self._quota = quota
         # With [cluster]: this host's credit per slot, spent under the slot's mutex.
         self._credit = credit
@@ -119,6 +126,7 @@ class Gate:
         be answered unmetered."""
         self._quota = None
         self._credit = None
+        self._baseline = None
         self._closed = True
 
     @property
@@ -404,6 +412,11 @@ class Gate:
         """Cumulative lookups per [profession][outcome] (fastpath.trace indexes), flattened."""
         return tuple(self._counts)
 
+    def anomaly_counts(self) -> tuple[int, ...]:
+        """Cumulative baseline signals raised per [profession][signal] (fastpath.trace's
+        PROFESSIONS, ANOMALY_SIGNALS), flattened; counted whether tracing is on or not."""
+        return tuple(self._anomaly_counts)
+
     def _next_id(self) -> int:
         self._trace_state, value = tr.splitmix64(self._trace_state)
         return value
@@ -542,7 +555,12 @@ class Gate:
                 start,
                 end,
                 b"".join(parts),
-                tr.guard_events(end) if lookup.guard_fired else b"",
+                (tr.guard_events(end) if lookup.guard_fired else b"")
+                + (
+                    tr.anomaly_events(end, lookup.anomalies, lookup.scores, lookup.base_suspend)
+                    if lookup.anomalies
+                    else b""
+                ),
             )
         )
 
@@ -671,6 +689,43 @@ class Gate:
             elif lookup is not None and not lookup.would_deny:
                 lookup.would_deny = tr.WD_GUARD
 
+    def _observe(
+        self,
+        practitioner: Practitioner,
+        state: SlotState,
+        today: int,
+        now: float,
+        domain: int,
+        storage_key: bytes,
+        lookup: _Lookup | None,
+    ) -> None:
+        """4'. A counted lookup against the practitioner's own past (fastpath.baselines): the
+        signals it raises are counted and traced; a policy they meet suspends, as the guard does."""
+        base, profile = self._baseline, practitioner.baseline
+        if base is None or profile is None or practitioner.slot >= base.slots:
+            return
+        now_ms = int(now * 1000)
+        h = int.from_bytes(storage_key[8:16], "little")
+        seen = baselines.observe(
+            base.map, base.offset(practitioner.slot), profile, today, now_ms, domain, h
+        )
+        if not seen.fired:
+            return
+        index = tr.practitioner_attributes(practitioner.practitioner_id, practitioner.profession)[1]
+        for i in range(baselines.N_SIGNALS):
+            if seen.fired >> i & 1:
+                self._anomaly_counts[index * baselines.N_SIGNALS + i] += 1
+        if seen.suspend:
+            state.flags |= FLAG_SUSPENDED
+            state.suspended_at_ms = now_ms
+            self.suspensions.append(practitioner.practitioner_id)
+        if lookup is not None:
+            lookup.anomalies, lookup.scores, lookup.base_suspend = (
+                seen.fired,
+                seen.scores,
+                seen.suspend,
+            )
+
     def _evaluate(
         self,
         txn: Any,
@@ -790,6 +845,7 @@ class Gate:
                     if cs.ring_len < CREDIT_RING:
                         assert self._credit is not None
                         self._credit.push(practitioner.slot, cs, fp)
+            self._observe(practitioner, state, today, now, domain, storage_key, lookup)
 
         # 5. Read the store: one LMDB get.
         self.store_reads += 1
@@ -873,7 +929,10 @@ class _Span:
 class _Lookup:
     """What a traced lookup learnt on its way, for its span (never a request value it refused)."""
 
-    __slots__ = ("amc", "domain", "guard_fired", "identity", "would_deny")
+    __slots__ = (
+        "amc", "anomalies", "base_suspend", "domain", "guard_fired", "identity", "scores",
+        "would_deny",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.identity: bytes | None = None
@@ -881,3 +940,7 @@ class _Lookup:
         self.amc = ""
         self.guard_fired = False
         self.would_deny = tr.WD_NONE
+        # Baseline signals this lookup raised (bits), their scores, and whether they suspended.
+        self.anomalies = 0
+        self.scores: list[int] = []
+        self.base_suspend = False

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from fastpath.baselines import BaselineProfile
 from fastpath.quota import PROFILE_VIEW, QuotaProfile
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -384,6 +385,8 @@ class Practitioner:
     slot: int = -1  # quota slot in the shared state; -1: no quotas (decision-only tests)
     domains: int = ALL_DOMAINS  # bit (1 << CareDomain) per domain the profession may check
     quota: QuotaProfile | None = None
+    # When its own past makes a lookup stand out (fastpath.baselines); None: no baseline kept.
+    baseline: BaselineProfile | None = None
     # What the Cython gate reads of all this on every call, packed once (PRACTITIONER_VIEW:
     # slot, domains, whether there is a profile, then QuotaProfile.packed or zeros).
     gate_view: bytes = field(init=False, repr=False, compare=False)
@@ -391,8 +394,13 @@ class Practitioner:
     # (its length, then its digits, zero-padded); None when amc_numbers is. Only well-formed AMC
     # numbers are kept: a request's AMC is validated before scope, so no other could match it.
     amc_view: bytes | None = field(init=False, repr=False, compare=False)
+    # baseline's limits as the Cython gate reads them (BaselineProfile.packed), or None.
+    baseline_view: bytes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "baseline_view", self.baseline.packed if self.baseline is not None else None
+        )
         slot = self.slot if self.slot >= 0 else -1
         object.__setattr__(
             self,

@@ -360,6 +360,38 @@ def guard_events(time_ns: int) -> bytes:
     )
 
 
+EVENT_ANOMALY = "covergate.anomaly"
+
+
+def _event_attr(span_attr: bytes) -> bytes:
+    """A span attribute (Span field 9) as an event's (Event field 3): same KeyValue."""
+    return b"\x1a" + span_attr[1:]
+
+
+# The signals of fastpath.baselines, in their bit order.
+ANOMALY_SIGNALS = ("new_share", "new_today", "off_hours", "volume")
+_ANOMALY_HEADS = tuple(
+    field_bytes(0x12, EVENT_ANOMALY.encode())
+    + _event_attr(attr_str("covergate.anomaly.signal", signal))
+    for signal in ANOMALY_SIGNALS
+)
+
+
+def anomaly_events(
+    time_ns: int, fired: int, scores: tuple[int, ...] | list[int], suspended: bool
+) -> bytes:
+    """The events of the lookup that raised baseline signals (`fired`, bit i for
+    ANOMALY_SIGNALS[i]) with their scores; `suspended`: the policy suspended the practitioner."""
+    events = []
+    for i, head in enumerate(_ANOMALY_HEADS):
+        if fired >> i & 1:
+            body = head + _event_attr(attr_int("covergate.anomaly.score", scores[i]))
+            if suspended:
+                body += _event_attr(attr_bool("covergate.practitioner.suspended", True))
+            events.append(field_bytes(0x5A, b"\x09" + fixed64(time_ns) + body))
+    return b"".join(events)
+
+
 K_GENERATION = "covergate.dataset.generation"
 
 

@@ -286,7 +286,14 @@ def _practitioner(store: Store, practitioner_id: str) -> PractitionerRecord:
 
 def _print_practitioner(args: argparse.Namespace, store: Store, rec: PractitionerRecord) -> None:
     from service.clock import ParisClock
-    from service.quotas import Usage, open_quota_file, profile_for, quota_path, usage
+    from service.quotas import (
+        Usage,
+        baseline_lines,
+        open_quota_file,
+        profile_for,
+        quota_path,
+        usage,
+    )
 
     config = load_config(args.config)
     profile = profile_for(config, rec.profession, rec.quota)
@@ -317,8 +324,18 @@ def _print_practitioner(args: argparse.Namespace, store: Store, rec: Practitione
     print(
         f"guard         {used.window_bad} of the last {used.window_len} lookups were NO_MATCH "
         f"or invalid; fired {used.guard_fired} time(s)"
-        + ("; SUSPENDED by the guard" if used.suspended_by_guard else "")
+        + (
+            ""
+            if not used.suspended_by_guard
+            else "; SUSPENDED by the baseline policy"
+            if rec.suspension_reason.startswith("baseline policy")
+            else "; SUSPENDED by the guard"
+        )
     )
+    for line in baseline_lines(
+        directory, rec.slot, ParisClock().now()[0], config.baseline_profile(rec.profession)
+    ):
+        print(line)
     events = store.history(rec.practitioner_id)
     if events:
         print(f"last change   {_event_line(events[-1])}")
@@ -398,7 +415,7 @@ def cmd_practitioner_suspend(args: argparse.Namespace) -> int:
 
 
 def cmd_practitioner_reinstate(args: argparse.Namespace) -> int:
-    from service.quotas import open_quota_file, quota_path, usage
+    from service.quotas import clear_baseline_suspension, open_quota_file, quota_path, usage
 
     config = load_config(args.config)
     with open_existing_store(args) as store:
@@ -420,6 +437,7 @@ def cmd_practitioner_reinstate(args: argparse.Namespace) -> int:
         if by_guard:
             quota_file = open_quota_file(directory, config, rec.slot + 1)
             quota_file.reinstate(rec.slot)
+            clear_baseline_suspension(directory, quota_file, rec.slot)
             quota_file.close()
         print(f"reinstated {rec.practitioner_id} (was suspended: {was or 'by the harvest guard'})")
         _print_practitioner(args, store, rec)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fastpath.baselines import SIGNALS, BaselineProfile
 from fastpath.quota import QuotaProfile
 from fastpath.rules import DOMAIN_CODES
 from service.cluster import ClusterSettings
@@ -48,6 +49,11 @@ DEFAULT_PROFESSION_QUOTAS: dict[str, dict[str, int]] = {
     "hospital": {"rate_per_minute": 300, "burst": 150, "daily_limit": 20000, "distinct_limit": 3000},  # noqa: E501
     "transport": {"rate_per_minute": 20, "burst": 20, "daily_limit": 300, "distinct_limit": 150},
 }  # fmt: skip
+
+
+# Per-profession baselines over BaselineSettings' base values (fastpath.baselines). Each signal
+# is measured against the practitioner's own past, so one set of values fits most professions.
+DEFAULT_PROFESSION_BASELINES: dict[str, dict[str, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,34 @@ class QuotaSettings:
     slots: int = 64
 
 
+@dataclass(frozen=True)
+class BaselineSettings:
+    """[baselines]: each practitioner's own past (fastpath.baselines). Signals run in shadow
+    (traced and counted) unless `enforce` lists signals that, all raised the same day, suspend
+    the practitioner; profession defaults, then [professions.NAME.baselines], apply on top."""
+
+    enabled: bool = True
+    enforce: list[str] = field(default_factory=list)
+    learn_days: int = BaselineProfile.learn_days
+    min_lookups: int = BaselineProfile.min_lookups
+    new_share_percent: int = BaselineProfile.new_share_percent
+    share_margin: int = BaselineProfile.share_margin
+    new_min: int = BaselineProfile.new_min
+    new_mult_percent: int = BaselineProfile.new_mult_percent
+    sigma: int = BaselineProfile.sigma
+    volume_min: int = BaselineProfile.volume_min
+    volume_mult_percent: int = BaselineProfile.volume_mult_percent
+    off_permille: int = BaselineProfile.off_permille
+    off_min: int = BaselineProfile.off_min
+    share_sigma: int = BaselineProfile.share_sigma
+
+
+BASELINE_FIELDS = (
+    *(f for f in BaselineProfile.__dataclass_fields__ if f not in ("packed", "enforce")),
+    "enforce",
+)
+
+
 QUOTA_FIELDS = (
     "rate_per_minute", "burst", "daily_limit", "distinct_limit",
     "guard_window", "guard_min_lookups", "guard_bad_percent", "shadow",
@@ -169,6 +203,21 @@ class Config:
     profession_quotas: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFESSION_QUOTAS.items()}
     )
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    profession_baselines: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PROFESSION_BASELINES.items()}
+    )
+
+    def baseline_profile(self, profession: str) -> BaselineProfile | None:
+        """The profession's baseline profile (None: [baselines] enabled = false)."""
+        if not self.baselines.enabled:
+            return None
+        values = {name: getattr(self.baselines, name) for name in BASELINE_FIELDS}
+        values.update(self.profession_baselines.get(profession, {}))
+        enforce = 0
+        for signal in values.pop("enforce"):
+            enforce |= 1 << SIGNALS.index(signal)
+        return BaselineProfile(enforce=enforce, **values)
 
     def quota_values(
         self, profession: str, overrides: dict[str, Any] | None = None
@@ -245,6 +294,24 @@ def check_quota_overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
+def check_baselines(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Baseline settings (the [baselines] table or a profession's): known names, right types and
+    ranges (BaselineProfile checks the ranges)."""
+    for key, value in values.items():
+        if key not in BASELINE_FIELDS:
+            raise ConfigError(f"{where} has no baseline setting {key!r}")
+        if key == "enforce":
+            if not isinstance(value, list) or not all(v in SIGNALS for v in value):
+                raise ConfigError(f"{where} enforce must list some of: {', '.join(SIGNALS)}")
+        elif type(value) is not int:
+            raise ConfigError(f"{where} {key} must be an integer")
+    try:
+        BaselineProfile(**{k: v for k, v in values.items() if k != "enforce"})
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return values
+
+
 def check_cluster(cluster: ClusterSettings) -> None:
     if cluster.redis and cluster.redis.split("://", 1)[0] not in (
         "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
@@ -274,11 +341,13 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     unknown = set(raw) - {
         "server", "store", "auth", "quota", "telemetry", "cluster", "snapshots", "professions",
+        "baselines",
     }  # fmt: skip
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     domains = dict(DEFAULT_PROFESSION_DOMAINS)
     quotas = {k: dict(v) for k, v in DEFAULT_PROFESSION_QUOTAS.items()}
+    profession_baselines = {k: dict(v) for k, v in DEFAULT_PROFESSION_BASELINES.items()}
     professions = raw.get("professions", {})
     if not isinstance(professions, dict):
         raise ConfigError("[professions] must hold one table per profession")
@@ -287,7 +356,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError(f"[professions.{name}] is not a known profession")
         if not isinstance(section, dict):
             raise ConfigError(f"[professions.{name}] must be a table")
-        unknown_keys = set(section) - {"domains", "quota"}
+        unknown_keys = set(section) - {"domains", "quota", "baselines"}
         if unknown_keys:
             raise ConfigError(
                 f"[professions.{name}] has no setting {', '.join(sorted(unknown_keys))}"
@@ -305,6 +374,13 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             quotas[name].update(
                 check_quota_overrides(section["quota"], f"[professions.{name}.quota]")
             )
+        if "baselines" in section:
+            where = f"[professions.{name}.baselines]"
+            if not isinstance(section["baselines"], dict):
+                raise ConfigError(f"{where} must be a table")
+            profession_baselines.setdefault(name, {}).update(
+                check_baselines(section["baselines"], where)
+            )
     config = Config(
         server=check_server_settings(_section(ServerSettings, raw.get("server", {}), "server")),
         store=_section(StoreSettings, raw.get("store", {}), "store"),
@@ -315,7 +391,16 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         snapshots=_section(SnapshotSettings, raw.get("snapshots", {}), "snapshots"),
         profession_domains=domains,
         profession_quotas=quotas,
+        baselines=_section(BaselineSettings, raw.get("baselines", {}), "baselines"),
+        profession_baselines=profession_baselines,
     )
+    base = config.baselines
+    check_baselines({k: getattr(base, k) for k in BASELINE_FIELDS}, "[baselines]")
+    for name in config.profession_domains:
+        try:
+            config.baseline_profile(name)
+        except ValueError as exc:
+            raise ConfigError(f"[professions.{name}.baselines]: {exc}") from None
     bad_methods = set(config.auth.methods) - {"token", "certificate"}
     if bad_methods or not config.auth.methods:
         raise ConfigError("[auth] methods must list token and/or certificate")

@@ -49,6 +49,7 @@ import fastpath
 from covergate.v1 import covergate_pb2
 from fastpath import Keys, Practitioner, rules
 from fastpath import trace as tr
+from fastpath.baselines import BaselineFile
 from fastpath.quota import CreditFile, QuotaFile
 from service import snapshots
 from service import telemetry as otel
@@ -58,7 +59,13 @@ from service.clock import ParisClock
 from service.cluster import BackendUnavailable
 from service.config import Config, PepperError, ServerSettings, load_pepper
 from service.credit import GUARD_FIRED, GUARD_UNAVAILABLE, CreditAgent
-from service.quotas import PractitionerFactory, open_credit_file, open_quota_file
+from service.quotas import (
+    PractitionerFactory,
+    baseline_reason,
+    open_baseline_file,
+    open_credit_file,
+    open_quota_file,
+)
 from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
@@ -136,6 +143,10 @@ class CovergateHandlers:
         if options.config.cluster.enabled and options.config.quota.enabled:
             self.credit_file = open_credit_file(options.data_dir, self.quota.slots)
             self.credit = CreditAgent(options.config.cluster, self._credit_files)
+        # Each practitioner's own past (fastpath.baselines), beside the quota state.
+        self.baseline_file: BaselineFile | None = None
+        if options.config.baselines.enabled and options.config.quota.enabled:
+            self.baseline_file = open_baseline_file(options.data_dir, self.quota.slots)
         self._auth = Authenticator(store, options.config.auth, PractitionerFactory(options.config))
         # Client certificates exist only with --client-ca; otherwise skip the auth context.
         self._mtls = options.tls is not None and options.tls.client_ca is not None
@@ -171,6 +182,9 @@ class CovergateHandlers:
         if self.credit_file is not None:
             self.credit_file.close()
             self.credit_file = open_credit_file(self._options.data_dir, self.quota.slots)
+        if self.baseline_file is not None:
+            self.baseline_file.close()
+            self.baseline_file = open_baseline_file(self._options.data_dir, self.quota.slots)
         assert self._keys is not None  # a gate exists, so the keys were loaded
         self.gate = self._new_gate(self._keys)
 
@@ -185,6 +199,7 @@ class CovergateHandlers:
             trace=self.telemetry is not None,
             credit=self.credit_file,
             generation=self.generation,
+            baseline=self.baseline_file if self._options.config.quota.enabled else None,
         )
         if self.telemetry is not None:
             self.telemetry.watch(gate)
@@ -626,17 +641,28 @@ class CovergateHandlers:
         if not child:
             telemetry.record_rpc(tr.METHODS[method], elapsed)
 
-    async def _share_suspension(self, practitioner_id: str) -> None:
+    async def _share_suspension(self, practitioner_id: str, reason: str = GUARD_REASON) -> None:
         assert self.credit is not None
         for _ in range(20):  # Redis may be away for a while: the local suspension holds anyway
             try:
                 await self.credit.backend.admin(
-                    "suspend", practitioner_id, reason=GUARD_REASON, by="harvest guard",
+                    "suspend", practitioner_id, reason=reason, by="harvest guard",
                     origin=self.credit.backend.host,
                 )  # fmt: skip
                 return
             except BackendUnavailable:
                 await asyncio.sleep(0.5)
+
+    def _suspension_reason(self, practitioner_id: str) -> str:
+        """The harvest guard's reason, or the baseline policy's when its record says it
+        suspended the practitioner (`practitioner reinstate` clears that)."""
+        record = self._store.practitioner(practitioner_id)
+        base = self.baseline_file
+        if record is not None and base is not None and 0 <= record.slot < base.slots:
+            signals = base.read(record.slot).suspended_by
+            if signals:
+                return baseline_reason(signals)
+        return GUARD_REASON
 
     def persist_suspensions(self, practitioner_id: str | None = None) -> bool:
         """Record the guard's suspensions in the store (shown by `practitioner show`, lifted only
@@ -646,17 +672,18 @@ class CovergateHandlers:
         if self.telemetry is not None:
             self.telemetry.suspended(len(suspended))
         for pid in sorted(suspended):
-            log.warning("harvest guard suspended practitioner %s", pid)
+            reason = self._suspension_reason(pid)
+            log.warning("%s suspended practitioner %s", reason.split(":", 1)[0], pid)
             if self.credit is not None:
                 # Every host: the flag credit replies carry, and each store's record.
-                task = asyncio.get_running_loop().create_task(self._share_suspension(pid))
+                task = asyncio.get_running_loop().create_task(self._share_suspension(pid, reason))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
             with contextlib.suppress(KeyError):  # removed from the store since
                 self._store.update_practitioner(
                     pid,
                     status="suspended",
-                    suspension_reason=GUARD_REASON,
+                    suspension_reason=reason,
                 )
         return practitioner_id in suspended
 
@@ -808,6 +835,8 @@ async def run_worker(
         handlers.gate.close()
     if handlers.credit_file is not None:
         handlers.credit_file.close()
+    if handlers.baseline_file is not None:
+        handlers.baseline_file.close()
     handlers.quota.flush()
     handlers.quota.close()
     store.close()
@@ -1056,7 +1085,9 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> int
                 log.error("workers keep dying; giving up")
                 stopping = True
                 break
-            procs[i], _ = start(i)
+            # Its pipe is kept until its next restart: a read end dropped here is closed as soon
+            # as another worker restarts, and the replacement then dies of EPIPE reporting ready.
+            procs[i], pipes[i] = start(i)
     for proc in procs.values():
         if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGTERM)

@@ -401,6 +401,7 @@ class Telemetry:
         self._devnull = os.open(os.devnull, os.O_WRONLY)
         self._gates: list[Any] = []
         self._retired_counts = [0] * (tr.N_PROFESSIONS * tr.N_OUTCOMES)
+        self._retired_anomalies = [0] * (tr.N_PROFESSIONS * len(tr.ANOMALY_SIGNALS))
         self._meter_provider: Any = None
         self._meter: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -432,9 +433,28 @@ class Telemetry:
                             n, {"covergate.practitioner.profession": profession, kind: outcome}
                         )
 
+        def anomalies(_options: CallbackOptions) -> Iterable[Observation]:
+            counts = self.anomaly_counts()
+            n_signals = len(tr.ANOMALY_SIGNALS)
+            for p, profession in enumerate(tr.PROFESSIONS):
+                for i, signal in enumerate(tr.ANOMALY_SIGNALS):
+                    if counts[p * n_signals + i]:
+                        yield Observation(
+                            counts[p * n_signals + i],
+                            {"covergate.practitioner.profession": profession,
+                             "covergate.anomaly.signal": signal},
+                        )  # fmt: skip
+
         def single(value: Any) -> Any:
             return lambda _options: [Observation(value())]
 
+        meter.create_observable_counter(
+            "covergate.anomalies",
+            [anomalies],
+            unit="{signal}",
+            description="Baseline signals raised (once a practitioner-day each), by profession "
+            "and signal",
+        )
         meter.create_observable_counter(
             "covergate.lookups", [lookups], unit="{lookup}",
             description="Lookups by profession, and decision or refusal reason",
@@ -520,6 +540,9 @@ class Telemetry:
             self._retired_counts = [
                 a + b for a, b in zip(self._retired_counts, counts, strict=True)
             ]
+            self._retired_anomalies = [
+                a + b for a, b in zip(self._retired_anomalies, gate.anomaly_counts(), strict=True)
+            ]
             self._gates.remove(gate)
 
     def refused(self, profession: int, outcome: int) -> None:
@@ -530,6 +553,13 @@ class Telemetry:
         counts = list(self._retired_counts)
         for gate in list(self._gates):
             counts = [a + b for a, b in zip(counts, gate.lookup_counts(), strict=True)]
+        return counts
+
+    def anomaly_counts(self) -> list[int]:
+        """Baseline signals raised per [profession][signal], this worker's gates summed."""
+        counts = list(self._retired_anomalies)
+        for gate in list(self._gates):
+            counts = [a + b for a, b in zip(counts, gate.anomaly_counts(), strict=True)]
         return counts
 
     def record_rpc(self, method: str, seconds: float) -> None:

@@ -39,6 +39,8 @@ cdef struct Caller:
     int guard_fired
     int validated
     unsigned char pseudonym[PSEUDONYM_SIZE]
+    # The caller's baseline (baselines.pxi): record NULL when none is kept.
+    BaseCall base
 
 
 cdef bint _caller_view(object practitioner, Caller* c, bint closed, bint quotas_on,

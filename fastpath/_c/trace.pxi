@@ -265,6 +265,10 @@ cdef int _put_lookup_span(Buf* s, TraceCall* t, const Request* r, const Caller* 
             s.size += 1
             _put_fixed64_unchecked(s, end)
             _put_bytes(s, tail)
+    if c.base.fresh:
+        # Once a day per signal at most: built by fastpath.trace itself.
+        _put_bytes(s, _trace.anomaly_events(
+            end, c.base.fresh, [c.base.scores[i] for i in range(N_SIGNALS)], c.base.suspend))
     return 0
 
 
