@@ -345,11 +345,18 @@ RPC_ATTRS = tuple(
     for m in METHODS
 )
 NAMES = tuple(n.encode() for n in (*RPC_SPAN_NAMES, LOOKUP_SPAN_NAME))
+
+
+def _event_attr(span_attr: bytes) -> bytes:
+    """A span attribute (Span field 9) as an event's (Event field 3): same KeyValue."""
+    return b"\x1a" + span_attr[1:]
+
+
 GUARD_EVENTS_TAIL = (
     field_bytes(0x12, EVENT_GUARD_FIRED.encode())
-    + attr_bool("covergate.practitioner.suspended", True),
+    + _event_attr(attr_bool("covergate.practitioner.suspended", True)),
     field_bytes(0x12, EVENT_SUSPENDED.encode())
-    + attr_str("covergate.suspended_by", "harvest guard"),
+    + _event_attr(attr_str("covergate.suspended_by", "harvest guard")),
 )
 
 
@@ -361,11 +368,6 @@ def guard_events(time_ns: int) -> bytes:
 
 
 EVENT_ANOMALY = "covergate.anomaly"
-
-
-def _event_attr(span_attr: bytes) -> bytes:
-    """A span attribute (Span field 9) as an event's (Event field 3): same KeyValue."""
-    return b"\x1a" + span_attr[1:]
 
 
 # The signals of fastpath.baselines, in their bit order.

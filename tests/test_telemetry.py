@@ -217,6 +217,10 @@ def test_guard_firing_is_a_span_event_and_a_counted_suspension(
     assert len(fired) == 1
     assert [e.name for e in fired[0].events] == [
         "covergate.guard.fired", "covergate.practitioner.suspended"]  # fmt: skip
+    # The events' own attributes (Event field 3: a receiver drops anything else).
+    event_attrs = [{kv.key: kv.value for kv in e.attributes} for e in fired[0].events]
+    assert event_attrs[0]["covergate.practitioner.suspended"].bool_value is True
+    assert event_attrs[1]["covergate.suspended_by"].string_value == "harvest guard"
     a = attributes(fired[0])
     assert a["covergate.guard.fired"] is True and a["covergate.decision"] == "NO_MATCH"
     # The lookup that tipped the guard was answered; what came after was refused.
