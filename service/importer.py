@@ -290,7 +290,10 @@ def read_rights(
                     errors.extend(RowError(line, fld, msg) for fld, msg in problems)
                     continue
                 parsed = sound_rights[parts] = (
-                    rules.DOMAIN_CODES[domain], int(rate), int(start), int(end)
+                    rules.DOMAIN_CODES[domain],
+                    int(rate),
+                    int(start),
+                    int(end),
                 )
             if errors:
                 continue  # the file is rejected; keep validating, stop building
