@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 try:
-    from bench import plan, run
+    from bench import audit, plan, run
     from bench.scenarios import SCENARIOS
     from bench.variants import VARIANTS
 except ModuleNotFoundError as missing:  # a Python without covergate's dependencies
@@ -34,6 +34,12 @@ def _names(value: str, known: Mapping[str, object], what: str) -> list[str]:
     return names
 
 
+def _audit_phases(value: str) -> list[str]:
+    if value.strip() == "none":
+        return []
+    return _names(value, dict.fromkeys(audit.PHASES), "audit phase")
+
+
 def describe() -> str:
     lines = ["Scenarios:"]
     lines += [f"  {s.name:<14} {s.description}" for s in SCENARIOS.values()]
@@ -44,6 +50,8 @@ def describe() -> str:
         f"  {c.name:<14} {c.subject} / {c.baseline}: {', '.join(c.scenarios)}"
         for c in plan.COMPARISONS
     ]
+    lines.append("Audit phases (with covergate-tracing, or --audit):")
+    lines += [f"  {p}" for p in audit.PHASES]
     lines.append("Goals:")
     lines += [f"  {g.text}" for g in plan.GOALS]
     return "\n".join(lines)
@@ -69,6 +77,18 @@ def parse_args(argv: list[str] | None = None) -> run.Options:
         "--variants",
         type=lambda v: _names(v, VARIANTS, "variant"),
         help="comma-separated variant names (default: all)",
+    )
+    parser.add_argument(
+        "--audit",
+        type=_audit_phases,
+        help="audit phases: comma-separated, of "
+        + ", ".join(audit.PHASES)
+        + ", or none (default: all when covergate-tracing is among the variants)",
+    )
+    parser.add_argument(
+        "--outage",
+        type=float,
+        help="seconds the receiver is down in the receiver-outage phase (default 30)",
     )
     parser.add_argument("--beneficiaries", type=int, help="dataset size (default 1,000,000)")
     parser.add_argument("--duration", type=float, help="seconds of load per cell (default 5)")
@@ -122,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> run.Options:
         scenarios=args.scenarios,
         variants=args.variants,
         redis=args.redis,
+        audit=args.audit,
+        audit_outage=args.outage or float(base["audit_outage"]),
+        audit_full_outage=float(base["audit_full_outage"]),
+        audit_edge=float(base["audit_edge"]),
+        audit_fill=float(base["audit_fill"]),
         cache=args.cache,
         results=args.results,
     )

@@ -21,6 +21,10 @@ ABSENT = "n/a"  # a cell or measure this run did not produce
 # An open-loop cell that achieved less than this share of its offered rate measured a saturated
 # server, not latency at the intended load: it is flagged and left out of verdicts.
 OFFERED_SHARE_REQUIRED = 0.9
+# A tracing cell's ratio counts only if its receiver got one lookup span per lookup answered, to
+# this much (the window's edges: calls in flight when the load stopped): a rate bought by dropping
+# records is no rate.
+SPANS_PER_LOOKUP_TOLERANCE = 0.01
 
 
 def number(value: float | None, digits: int = 0) -> str:
@@ -89,17 +93,47 @@ def load_bound(cell: dict[str, Any]) -> bool:
     return bool(used >= 0.9 * len(str(cpus).split(",")))
 
 
+def span_audit_problem(cell: dict[str, Any]) -> str:
+    """Why a traced cell's rate cannot count ("" when every round received one lookup span per
+    lookup answered, within SPANS_PER_LOOKUP_TOLERANCE)."""
+    for i, r in enumerate(cell.get("rounds", ()), 1):
+        audit = r.get("audit")
+        ratio = audit.get("spans_per_lookup") if audit else None
+        if ratio is None:
+            return f"{cell['variant']}/{cell['scenario']} round {i}: spans not counted"
+        if abs(ratio - 1.0) > SPANS_PER_LOOKUP_TOLERANCE:
+            return f"{cell['variant']}/{cell['scenario']} round {i}: {ratio:.3f} spans per lookup"
+    return ""
+
+
+def spans_lost(results: dict[str, Any]) -> int | None:
+    """Lookups answered in the tracing cells whose span never reached the receiver (None when no
+    tracing cell was measured)."""
+    audits = [
+        r["audit"]
+        for c in results.get("closed_loop", ())
+        if c.get("traced")
+        for r in c["rounds"]
+        if r.get("audit")
+    ]
+    return sum(a["lost"] for a in audits) if audits else None
+
+
 # -- goals -----------------------------------------------------------------------------------------
 
 
 def goal_value(goal: Goal, results: dict[str, Any]) -> float | None:
     kind, *key = goal.source
     if kind == "ratio":
-        name, scenario = key
-        for c in results.get("comparisons", ()):
-            if c["name"] == name and c["scenario"] == scenario:
-                return c["ratio"]  # type: ignore[no-any-return]
-        return None
+        comparison = _comparison(results, *key)
+        if comparison is None or comparison.get("not_counted"):
+            return None
+        return comparison["ratio"]  # type: ignore[no-any-return]
+    if kind == "spans_lost":
+        return spans_lost(results)
+    if kind == "audit":
+        phase, measure = key
+        return results.get("audit", {}).get(phase, {}).get(measure)  # type: ignore[no-any-return]
     micro = results.get("micro", {}).get("decisions", {})
     if kind == "micro":
         implementation, measure = key
@@ -144,11 +178,22 @@ def _goal_open_cells(goal: Goal, results: dict[str, Any]) -> list[dict[str, Any]
     return [c for c in cells if c is not None]
 
 
+def _comparison(results: dict[str, Any], name: str, scenario: str) -> dict[str, Any] | None:
+    for c in results.get("comparisons", ()):
+        if c["name"] == name and c["scenario"] == scenario:
+            return c  # type: ignore[no-any-return]
+    return None
+
+
 def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for goal in GOALS:
         value = goal_value(goal, results)
         excluded = ""
+        if goal.source[0] == "ratio":
+            comparison = _comparison(results, goal.source[1], goal.source[2])
+            if comparison is not None and comparison.get("not_counted"):
+                excluded = f"not counted: {comparison['not_counted']}"
         for cell in _goal_open_cells(goal, results):
             if missed_offered_rate(cell):
                 m = cell["median"]
@@ -191,6 +236,7 @@ def comparisons(closed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 [stats.per_cpu(r.get("items_per_s"), r.get("server_cpu")) for r in a["rounds"]],
                 [stats.per_cpu(r.get("items_per_s"), r.get("server_cpu")) for r in b["rounds"]],
             )
+            problems = [span_audit_problem(c) for c in (a, b) if c.get("traced")]
             out.append(
                 {
                     "name": comp.name,
@@ -200,6 +246,7 @@ def comparisons(closed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     **paired,
                     "ratio_per_cpu": per_cpu["ratio"],
                     "per_round_per_cpu": per_cpu["per_round"],
+                    "not_counted": "; ".join(p for p in problems if p),
                 }
             )
     return out
@@ -321,7 +368,7 @@ def render(results: dict[str, Any]) -> str:
                 c["name"],
                 c["scenario"],
                 f"{c['subject']} / {c['baseline']}",
-                times(c["ratio"]),
+                times(c["ratio"]) + (" (not counted)" if c.get("not_counted") else ""),
                 ", ".join(times(r) for r in c["per_round"]),
                 times(c.get("ratio_per_cpu")),
             ]
@@ -334,6 +381,18 @@ def render(results: dict[str, Any]) -> str:
                 "lllrlr",
             )
         )
+        uncounted = [c for c in comps if c.get("not_counted")]
+        if uncounted:
+            lines.append("")
+            lines.append(
+                "(not counted): the receiver did not get one lookup span per lookup answered "
+                f"(within {SPANS_PER_LOOKUP_TOLERANCE:.0%}), so the rate may have been bought by "
+                "losing records; it counts in no goal: "
+                + "; ".join(c["not_counted"] for c in uncounted)
+                + "."
+            )
+    lines += _audit_section(results)
+    lines += _redis_section(results)
 
     open_loop = results.get("open_loop", [])
     if open_loop:
@@ -452,6 +511,159 @@ def render(results: dict[str, Any]) -> str:
     for f in results.get("failures", []):
         lines.append(f"- {f['where']}: {f['problem']} (x{f['count']})")
     return "\n".join(lines) + "\n"
+
+
+def _audit_section(results: dict[str, Any]) -> list[str]:
+    """Spans received per lookup answered in the tracing cells, then bench.audit's phases."""
+    lines: list[str] = []
+    traced = [c for c in results.get("closed_loop", ()) if c.get("traced")]
+    if traced:
+        lines += [
+            "",
+            "### Audit trail: lookup spans received per lookup answered (tracing cells, each "
+            "round's whole window, after its spool drained)",
+            "",
+        ]
+        rows = []
+        for c in traced:
+            audits = [r.get("audit") or {} for r in c["rounds"]]
+            rows.append(
+                [
+                    c["scenario"],
+                    c["variant"],
+                    number(sum(a.get("lookups_answered", 0) for a in audits)),
+                    number(sum(a.get("lookup_spans", 0) for a in audits)),
+                    number(sum(a.get("lost", 0) for a in audits)),
+                    ", ".join(number(a.get("spans_per_lookup"), 3) for a in audits),
+                ]
+            )
+        lines.append(
+            table(
+                ["scenario", "variant", "lookups answered", "lookup spans", "lost", "per round"],
+                rows,
+                "llrrrl",
+            )
+        )
+    audit = results.get("audit", {})
+    outage = audit.get("receiver-outage")
+    if outage:
+        lines += [
+            "",
+            f"### Receiver stopped {outage['outage_s']:g} s mid-run, then restarted "
+            f"(batch-100, {outage['duration_s']:g} s of load)",
+            "",
+            table(
+                ["measure", "value"],
+                [
+                    ["lookups answered", number(outage.get("lookups_answered"))],
+                    ["lookup spans received", number(outage.get("lookup_spans"))],
+                    ["lost", number(outage.get("lost"))],
+                    ["calls refused", number(outage.get("refused"))],
+                    ["lookups/s before the outage", number(outage.get("before_per_s"))],
+                    ["lookups/s while the receiver was down", number(outage.get("during_per_s"))],
+                    ["lookups/s after it came back", number(outage.get("after_per_s"))],
+                    ["spool peak (bytes)", number(outage.get("spool_peak_bytes"))],
+                    ["drained after the load stopped (s)", number(outage.get("drain_s"), 1)],
+                ],
+                "lr",
+            ),
+        ]
+    full = audit.get("spool-full")
+    if full:
+        refusals = ", ".join(f"{k} x{v}" for k, v in full.get("refusals", {}).items()) or "none"
+        lines += [
+            "",
+            f"### Spool full (spool_max_bytes = {number(full.get('spool_max_bytes'))}, receiver "
+            f"down {full['outage_s']:g} s, then back)",
+            "",
+            table(
+                ["measure", "value"],
+                [
+                    ["lookups answered", number(full.get("lookups_answered"))],
+                    ["lookup spans received", number(full.get("lookup_spans"))],
+                    ["answered without a span (lost)", number(full.get("lost"))],
+                    ["calls refused", number(full.get("refused"))],
+                    ["refusals", refusals],
+                ],
+                "lr",
+            ),
+        ]
+    export = audit.get("export-rate")
+    if export:
+        lines += [
+            "",
+            "### Export rate: one worker's spool drained to a receiver that keeps up",
+            "",
+            f"{number(export.get('spans'))} spans exported in "
+            f"{number(export.get('seconds'), 2)} s: "
+            f"**{number(export.get('spans_per_s'))} spans/s**, against "
+            f"{number(export.get('batch_lookups_per_s'))} lookups/s "
+            f"({export.get('batch_rate_from', 'n/a')}): "
+            f"{times(export.get('vs_batch_rate'))}.",
+        ]
+    return lines
+
+
+def audit_line(phase: str, figures: dict[str, Any]) -> str:
+    """One phase's outcome in a line (printed as the run goes)."""
+    if phase == "export-rate":
+        return (
+            f"{number(figures.get('spans_per_s'))} spans/s exported, "
+            f"{times(figures.get('vs_batch_rate'))} the batch-100 lookup rate"
+        )
+    line = (
+        f"{number(figures.get('lookups_answered'))} lookups answered, "
+        f"{number(figures.get('lookup_spans'))} lookup spans received, "
+        f"{number(figures.get('lost'))} lost, {number(figures.get('refused'))} calls refused"
+    )
+    if phase == "receiver-outage":
+        line += f", spool peak {number(figures.get('spool_peak_bytes'))} bytes"
+    return line
+
+
+def _redis_section(results: dict[str, Any]) -> list[str]:
+    """Redis round trips and commands per 1,000 lookups, for the variants that use Redis."""
+    cells = [c for c in results.get("closed_loop", ()) if any(r.get("redis") for r in c["rounds"])]
+    if not cells:
+        return []
+    lines = [
+        "",
+        "### Redis per 1,000 lookups (round trips: read events Redis processed; commands: "
+        "those a script runs included)",
+        "",
+    ]
+    rows = []
+    by_cell: dict[tuple[str, str], float | None] = {}
+    for c in cells:
+        redis = [r["redis"] for r in c["rounds"] if r.get("redis")]
+        trips = stats.median(x["round_trips_per_1000"] for x in redis)
+        by_cell[(c["variant"], c["scenario"])] = trips
+        rows.append(
+            [
+                c["scenario"],
+                c["variant"],
+                number(trips, 2),
+                number(stats.median(x["commands_per_1000"] for x in redis), 2),
+                ", ".join(number(x["round_trips_per_1000"], 2) for x in redis),
+            ]
+        )
+    lines.append(
+        table(
+            ["scenario", "variant", "round trips", "commands", "round trips per round"],
+            rows,
+            "llrrl",
+        )
+    )
+    for scenario in dict.fromkeys(s for _, s in by_cell):
+        cluster = by_cell.get(("covergate-cluster", scenario))
+        conventional = by_cell.get(("conventional", scenario))
+        if cluster is not None and conventional:
+            lines.append("")
+            lines.append(
+                f"{scenario}: covergate-cluster makes {cluster / conventional:.4f}x the Redis "
+                "round trips of the conventional stack per lookup."
+            )
+    return lines
 
 
 # -- files -----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ stack's Redis) on the first core, load generators on the last; N-worker runs sha
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -21,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import audit, frames, h2load, otlp_receiver, plan, probe, report, stats
 from bench import dataset as bench_dataset
-from bench import frames, h2load, plan, probe, report, stats
 from bench.frames import CheckSpec
 from bench.scenarios import BATCH, GRPC_AIO, H2LOAD, SCENARIOS, UNARY, Scenario
 from bench.servers import (
+    RedisCounters,
     RedisProcess,
     ServerFailed,
     ServerProcess,
@@ -35,12 +37,20 @@ from bench.servers import (
     redis_ping,
     steal_seconds,
 )
-from bench.variants import CONVENTIONAL, VARIANTS, ServerContext, Variant
+from bench.variants import VARIANTS, ServerContext, Variant
+from service.spool import spool_pending_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
 
+SETTLE_TIMEOUT = 60.0  # how long a tracing cell waits at its edges for its spool to drain
+SETTLE_POLL = 0.25
+
 QUICK = {
+    "audit_outage": 6.0,
+    "audit_full_outage": 4.0,
+    "audit_edge": 3.0,
+    "audit_fill": 2.0,
     "beneficiaries": 100_000,
     "duration": 2.0,
     "warmup": 0.5,
@@ -50,6 +60,10 @@ QUICK = {
     "probe_calls": 3,
 }
 FULL = {
+    "audit_outage": 30.0,
+    "audit_full_outage": 8.0,
+    "audit_edge": 10.0,
+    "audit_fill": 8.0,
     "beneficiaries": 1_000_000,
     "duration": 5.0,
     "warmup": 1.0,
@@ -83,6 +97,13 @@ class Options:
     scenarios: list[str] | None = None
     variants: list[str] | None = None
     redis: str | None = None  # use this Redis instead of starting one
+    # bench.audit's phases; None: all of them when covergate-tracing is among the variants.
+    audit: list[str] | None = None
+    audit_outage: float = FULL["audit_outage"]  # receiver-outage: seconds the receiver is down
+    audit_full_outage: float = FULL["audit_full_outage"]  # spool-full: seconds it is down
+    audit_edge: float = FULL["audit_edge"]  # load before and after an outage
+    audit_fill: float = FULL["audit_fill"]  # export-rate: seconds of load filling the spool
+    audit_settle: float = 180.0  # how long a phase waits for its spool to drain
     cache: Path = BENCH_DIR / ".cache"
     results: Path = BENCH_DIR / "results"
 
@@ -151,11 +172,14 @@ class BenchRun:
         self.servers: dict[str, ServerProcess] = {}
         self.redis: RedisProcess | None = None
         self.redis_url: str | None = None
+        self.redis_counters_client: RedisCounters | None = None
         self.otlp: ServerProcess | None = None
         self.h2load = ""
         self.covergate = str(Path(sys.executable).with_name("covergate"))
         self.ds: bench_dataset.Dataset | None = None
         self.data_dir = Path()  # this run's copy of the dataset's data dir
+        self.own_data: dict[str, Path] = {}  # the copies of variants with a data dir of their own
+        self.spool_dirs: dict[str, Path] = {}  # the audit spools of the tracing variants
         self.loads: dict[str, list[Load]] = {}
 
     # -- setup -----------------------------------------------------------------------------------
@@ -229,18 +253,26 @@ class BenchRun:
                 _say(f"bench: skipping {name}: no Redis (install redis-server or pass --redis)")
                 continue
             workers = self.workers_of(variant)
-            config_path = None
-            if variant.config is not None:
-                config_path = self.run_dir / f"{name}.toml"
-                config_path.write_text(variant.config)
+            data_dir = self.data_dir
+            if variant.own_data:
+                data_dir = self.own_data[name] = bench_dataset.working_copy(
+                    self.ds, self.run_dir / f"data-{name}"
+                )
+            if variant.needs_otlp:
+                self.spool_dirs[name] = self.run_dir / f"spool-{name}"
             ctx = ServerContext(
                 python=sys.executable,
                 covergate=self.covergate,
-                data_dir=self.data_dir,
+                data_dir=data_dir,
                 workers=workers,
                 redis_url=self.redis_url,
-                config_path=config_path,
+                spool_dir=self.spool_dirs.get(name),
             )
+            config = variant.config_text(ctx)
+            if config is not None:
+                ctx = dataclasses.replace(ctx, config_path=self.run_dir / f"{name}.toml")
+                assert ctx.config_path is not None
+                ctx.config_path.write_text(config)
             cpus = self.placement.server(workers)
             _say(f"bench: starting {name} ({workers} worker(s), cpus {cpus or 'any'})")
             try:
@@ -279,6 +311,9 @@ class BenchRun:
         if self.otlp is not None:
             self.otlp.stop()  # it logs what it received to its log
             self.otlp = None
+        if self.redis_counters_client is not None:
+            self.redis_counters_client.close()
+            self.redis_counters_client = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -370,16 +405,20 @@ class BenchRun:
         workers = self.workers_of(variant)
         cpus = self.placement.client(workers)
         loads = self.loads[scenario.name]
+        traced = variant.needs_otlp and self.otlp is not None
+        spans0 = self.settled_spans(variant, where) if traced else None
         before = [
             self._probe_load(server, variant, scenario, ld, where + " probe before") for ld in loads
         ]
+        warm: list[tuple[h2load.H2loadSummary, str]] = []
         if self.opts.warmup > 0:
-            h2load.run(
+            warm = h2load.run(
                 self._h2load_runs(scenario, server, self.opts.warmup),
                 h2load=self.h2load,
                 cpus=cpus,
                 timeout=self.opts.warmup + 60,
             )
+        redis0 = self.redis_counters(variant)
         by0 = self.server_cpu_by_process(variant)
         cpu0, ru0, t0 = sum(by0.values()), _children_cpu(), time.perf_counter()
         steal0 = steal_seconds()
@@ -392,6 +431,7 @@ class BenchRun:
         by1 = self.server_cpu_by_process(variant)
         cpu1, ru1, t1 = sum(by1.values()), _children_cpu(), time.perf_counter()
         steal = steal_seconds() - steal0
+        redis1 = self.redis_counters(variant)
         after = [
             self._probe_load(server, variant, scenario, ld, where + " probe after") for ld in loads
         ]
@@ -403,7 +443,7 @@ class BenchRun:
             seen.merge(b)
             seen.merge(a)
             processes.append(self._check_process(where, load, summary, seen))
-        return {
+        cell: dict[str, Any] = {
             "calls_per_s": calls,
             "items_per_s": calls * scenario.items_per_call,
             "wall_s": wall,
@@ -416,6 +456,49 @@ class BenchRun:
             "client_cpus": cpus,
             "processes": processes,
         }
+        items = scenario.items_per_call
+        measured_items = sum(summary.done for summary, _ in outcomes) * items
+        if redis0 is not None and redis1 is not None:
+            cell["redis"] = stats.redis_per_lookups(redis0, redis1, measured_items)
+        if spans0 is not None:
+            spans1 = self.settled_spans(variant, where)
+            if spans1 is not None:
+                probed = sum(r.calls for r in (*before, *after)) * items
+                warmed = sum(summary.done for summary, _ in warm) * items
+                in_flight = sum(
+                    max(0, summary.requests.get("started", 0) - summary.done)
+                    for summary, _ in (*warm, *outcomes)
+                )
+                cell["audit"] = stats.span_audit(
+                    probed + warmed + measured_items, spans0, spans1, in_flight * items
+                )
+        return cell
+
+    def settled_spans(self, variant: Variant, where: str) -> dict[str, Any] | None:
+        """The receiver's counts once the variant's spool is empty and nothing more arrives: every
+        span of the calls answered so far has been received (None, and a failure, if the spool
+        does not drain within SETTLE_TIMEOUT)."""
+        assert self.otlp is not None
+        spool = self.spool_dirs[variant.name]
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            pending = spool_pending_bytes(spool)
+            counts = otlp_receiver.counts(self.otlp.target)
+            if pending == 0 and last is not None and counts["spans"] == last["spans"]:
+                return counts
+            last = counts if pending == 0 else None
+            time.sleep(SETTLE_POLL)
+        self.record(where, f"the audit spool did not drain within {SETTLE_TIMEOUT:.0f} s")
+        return None
+
+    def redis_counters(self, variant: Variant) -> dict[str, int] | None:
+        """Redis's command and read counters, for the variants that use this run's Redis."""
+        if not variant.needs_redis or self.redis_url is None:
+            return None
+        if self.redis_counters_client is None:
+            self.redis_counters_client = RedisCounters(self.redis_url)
+        return self.redis_counters_client.read()
 
     def _check_process(
         self,
@@ -570,7 +653,7 @@ class BenchRun:
         """CPU seconds of each process of the variant's stack (supervisor, workers, Redis)."""
         server = self.servers[variant.name]
         out = {f"pid {pid}": cpu_seconds(pid) for pid in server.pids()}
-        if variant.server == CONVENTIONAL and self.redis is not None:
+        if variant.needs_redis and self.redis is not None:
             out["redis"] = self.redis.cpu_seconds()
         return out
 
@@ -657,6 +740,7 @@ class BenchRun:
         variants = list(dict.fromkeys(v for v, _ in cells))
         closed: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cells}
         open_results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        audit_results: dict[str, Any] = {}
         try:
             self.start_servers(variants)
             by_scenario: dict[str, list[str]] = {}
@@ -674,16 +758,66 @@ class BenchRun:
                     self._speed(f"open-loop round {r + 1}", noise)
                     for v, s in plan.rotated(points, r):
                         self._open(v, s, r, closed, open_results)
+            audit_results = self.audit(closed)
         finally:
             self.stop_servers()
-            # The copy served its purpose; logs and request bodies stay in the run dir.
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            # The copies served their purpose; logs and request bodies stay in the run dir.
+            for path in (self.data_dir, *self.own_data.values(), *self.spool_dirs.values()):
+                shutil.rmtree(path, ignore_errors=True)
         self._speed("end", noise)
         noise["steal_s"] = steal_seconds() - steal0
         noise["load_after"] = os.getloadavg()
         noise["busy_after"] = busy_processes(exclude)
         results = self.assemble(started, micro, closed, open_results, noise)
+        results["audit"] = audit_results
+        results["goals"] = report.evaluate_goals(results)
         return results
+
+    def audit_phases(self) -> list[str]:
+        if self.opts.audit is not None:
+            return self.opts.audit
+        if self.opts.variants is None or "covergate-tracing" in self.opts.variants:
+            return list(audit.PHASES)
+        return []
+
+    def audit(self, closed: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[str, Any]:
+        """bench.audit's phases, each with its own server and receiver."""
+        phases = self.audit_phases()
+        if not phases:
+            return {}
+        out: dict[str, Any] = {}
+        runner = audit.AuditPhases(self)
+        try:
+            for phase in phases:
+                _say(f"bench: audit phase {phase}")
+                try:
+                    if phase == "receiver-outage":
+                        out[phase] = runner.receiver_outage()
+                    elif phase == "spool-full":
+                        out[phase] = runner.spool_full()
+                    else:
+                        out[phase] = runner.export_rate(*self._batch_rate(closed))
+                except Exception as exc:
+                    self.record(f"audit {phase}", _first_line(exc))
+                    _say(f"bench: audit phase {phase} failed: {exc}")
+                    continue
+                if out[phase].get("drained") is False:
+                    self.record(f"audit {phase}", "the spool did not drain")
+                _say(f"bench: audit {phase}: " + report.audit_line(phase, out[phase]))
+        finally:
+            runner.close()
+        return out
+
+    @staticmethod
+    def _batch_rate(
+        closed: dict[tuple[str, str], list[dict[str, Any]]],
+    ) -> tuple[float | None, str]:
+        """The service's own batch-100 rate in this run: tracing off if measured, else on."""
+        for variant in ("covergate", "covergate-tracing"):
+            rate = stats.median(c["items_per_s"] for c in closed.get((variant, "batch-100"), ()))
+            if rate is not None:
+                return rate, f"{variant} batch-100, closed loop"
+        return None, ""
 
     def _speed(self, when: str, noise: dict[str, Any]) -> None:
         cores = self.placement.cores
@@ -750,10 +884,17 @@ class BenchRun:
         for (v, s), rounds in closed.items():
             if not rounds:
                 continue
+            audits = [r["audit"] for r in rounds if "audit" in r]
+            redis = [r["redis"] for r in rounds if "redis" in r]
             closed_list.append(
                 {
                     "variant": v,
                     "scenario": s,
+                    "traced": VARIANTS[v].needs_otlp,
+                    "median_spans_per_lookup": stats.median(a["spans_per_lookup"] for a in audits),
+                    "median_redis_round_trips_per_1000": stats.median(
+                        r["round_trips_per_1000"] for r in redis
+                    ),
                     "workers": self.workers_of(VARIANTS[v]),
                     "server_cpus": self.placement.server(self.workers_of(VARIANTS[v])),
                     "rounds": rounds,
@@ -837,7 +978,6 @@ class BenchRun:
             ],
         }
         results["comparisons"] = report.comparisons(closed_list)
-        results["goals"] = report.evaluate_goals(results)
         return results
 
 

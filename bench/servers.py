@@ -139,6 +139,27 @@ def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+class RedisCounters:
+    """Redis's counters of read events (one per request or pipeline a client sends: its round
+    trips) and of commands run (those a Lua script calls included), from INFO stats, over one
+    connection kept open: a reading costs Redis one read and one command, nothing else."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout)
+
+    def read(self) -> dict[str, int]:
+        info = self._client.info("stats")
+        return {
+            "reads": int(info["total_reads_processed"]),
+            "commands": int(info["total_commands_processed"]),
+        }
+
+    def close(self) -> None:
+        self._client.close()
+
+
 class RedisProcess:
     """A throwaway redis-server on a free loopback port: no persistence, pinned like the server
     it serves, so the conventional stack gets the same CPU budget as covergate."""

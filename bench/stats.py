@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -121,3 +122,38 @@ def relative_to_best(values: Sequence[float]) -> list[float]:
     """Each value over the largest (1.0 = the fastest the machine was during the run)."""
     best = max(values, default=0.0)
     return [v / best if best else 0.0 for v in values]
+
+
+def span_audit(
+    answered: int, before: dict[str, int], after: dict[str, int], in_flight: int = 0
+) -> dict[str, Any]:
+    """Lookup spans the receiver got between two of its counts (`before`, `after`: spans and
+    lookup_spans) against the lookups answered meanwhile. `in_flight`: lookups of the calls
+    h2load had started but not seen answered when it stopped (the server may have answered them:
+    their spans are the window's edge, why spans_per_lookup may exceed 1 a little)."""
+    lookup_spans = after["lookup_spans"] - before["lookup_spans"]
+    return {
+        "lookups_answered": answered,
+        "lookup_spans": lookup_spans,
+        "spans": after["spans"] - before["spans"],
+        "spans_per_lookup": lookup_spans / answered if answered else None,
+        "lost": max(0, answered - lookup_spans),
+        "in_flight_lookups": in_flight,
+    }
+
+
+def redis_per_lookups(
+    before: dict[str, int], after: dict[str, int], lookups: int
+) -> dict[str, Any]:
+    """Redis round trips (read events it processed) and commands (those a script runs included)
+    per 1,000 lookups, between two INFO stats readings; the later reading's own INFO counts as a
+    read and the earlier one's as a command, so one of each is taken off."""
+    round_trips = max(0, after["reads"] - before["reads"] - 1)
+    commands = max(0, after["commands"] - before["commands"] - 1)
+    return {
+        "lookups": lookups,
+        "round_trips": round_trips,
+        "commands": commands,
+        "round_trips_per_1000": 1000 * round_trips / lookups if lookups else None,
+        "commands_per_1000": 1000 * commands / lookups if lookups else None,
+    }

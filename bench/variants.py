@@ -1,5 +1,5 @@
 """The servers a run compares: covergate and its baselines, each a name, a server command, an
-environment and a CPU placement. Later variants (quotas on/off, tracing on/off) are added here.
+environment and a CPU placement; on/off pairs (quotas, tracing, cluster) are variants too.
 
 A variant is what the load hits; `bench.plan` pairs them into comparisons and goals.
 """
@@ -36,6 +36,11 @@ guard_bad_percent = 100
 shadow = ["distinct", "guard"]
 """
 
+# Placeholders in a variant's config, replaced by the run (Variant.config_text): this run's Redis
+# and the variant's own audit spool directory.
+REDIS_URL = "@redis_url@"
+SPOOL_DIR = "@spool_dir@"
+
 
 @dataclass(frozen=True)
 class ServerContext:
@@ -47,6 +52,7 @@ class ServerContext:
     workers: int
     redis_url: str | None = None
     config_path: Path | None = None
+    spool_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,13 @@ class Variant:
     workers: int = 1  # ALL_CORES: as many as the machine has
     env: tuple[tuple[str, str], ...] = ()
     unset_env: tuple[str, ...] = ()
-    # covergate --config TOML text (e.g. quota or tracing settings of a later variant).
+    # covergate --config TOML text (e.g. quota or tracing settings of a later variant), with
+    # REDIS_URL and SPOOL_DIR placeholders the run fills in.
     config: str | None = None
     needs_redis: bool = False
+    # A data dir of its own (a copy of the dataset's): its quota state is not shared with the
+    # other variants' (a cluster host keeps its credit there).
+    own_data: bool = False
     # Tracing on: the run starts an OTLP/gRPC receiver (bench.otlp_receiver) and points the
     # server at it with OTEL_EXPORTER_OTLP_ENDPOINT.
     needs_otlp: bool = False
@@ -69,6 +79,18 @@ class Variant:
 
     def worker_count(self, cores: int) -> int:
         return self.workers or cores
+
+    def config_text(self, ctx: ServerContext) -> str | None:
+        """The config with this run's values in place of the placeholders."""
+        if self.config is None:
+            return None
+        text = self.config
+        for placeholder, value in ((REDIS_URL, ctx.redis_url), (SPOOL_DIR, ctx.spool_dir)):
+            if placeholder in text:
+                if value is None:
+                    raise ValueError(f"{self.name}: no value for {placeholder} in its config")
+                text = text.replace(placeholder, str(value))
+        return text
 
     def command(self, ctx: ServerContext) -> list[str]:
         if self.server == COVERGATE:
@@ -119,6 +141,16 @@ class Variant:
         return env
 
 
+TRACING_CONFIG = f"""
+[telemetry]
+spool_dir = "{SPOOL_DIR}"
+"""
+
+CLUSTER_CONFIG = f"""
+[cluster]
+redis = "{REDIS_URL}"
+"""
+
 # Tracing is off unless a variant turns it on: the caller's environment must not decide.
 TRACING_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -154,11 +186,21 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "covergate-tracing",
-            "covergate, 1 worker, every lookup traced and exported to a live OTLP/gRPC receiver",
+            "covergate, 1 worker, every lookup traced and exported to a live OTLP/gRPC receiver "
+            "(through the audit spool, in a directory of its own)",
             COVERGATE,
             env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
-            config=BENCH_CONFIG,
+            config=BENCH_CONFIG + TRACING_CONFIG,
             needs_otlp=True,
+        ),
+        Variant(
+            "covergate-cluster",
+            "covergate, 1 worker, [cluster] on this run's Redis (limits shared across hosts)",
+            COVERGATE,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+            config=BENCH_CONFIG + CLUSTER_CONFIG,
+            needs_redis=True,
+            own_data=True,
         ),
         Variant(
             "covergate-noquota",
@@ -180,10 +222,6 @@ VARIANTS: dict[str, Variant] = {
             CONVENTIONAL,
             needs_redis=True,
         ),
-        # Later issues add their on/off pairs here, for example:
-        #   Variant("covergate-quotas-shadow", "...", COVERGATE, config=ALL_SHADOW_TOML),
-        #   Variant("covergate-tracing", "...", COVERGATE,
-        #           env=(("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),)),
-        # and a Comparison in bench.plan naming the pair.
+        # A new on/off pair is a variant here and a Comparison in bench.plan naming it.
     )
 }

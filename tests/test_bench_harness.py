@@ -16,7 +16,7 @@ from google.rpc import status_pb2
 # bench/ is a directory of scripts beside the packages, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import dataset, frames, h2load, plan, report, stats
+from bench import audit, audit_client, dataset, frames, h2load, otlp_receiver, plan, report, stats
 from bench.frames import COVERED, INVALID, NO_MATCH, NOT_COVERED, CheckSpec
 from bench.scenarios import SCENARIOS
 from bench.variants import VARIANTS, ServerContext
@@ -370,6 +370,174 @@ def test_variant_commands() -> None:
     assert conv[conv.index("--redis") + 1] == "redis://127.0.0.1:1/0"
     assert VARIANTS["covergate-Nw"].worker_count(8) == 8
     assert VARIANTS["covergate"].worker_count(8) == 1
+
+
+def test_config_placeholders_take_this_runs_redis_and_spool() -> None:
+    ctx = ServerContext(
+        "py", "cg", Path("/d"), 1, "redis://127.0.0.1:7/0", spool_dir=Path("/run/spool-x")
+    )
+    cluster = VARIANTS["covergate-cluster"]
+    text = cluster.config_text(ctx)
+    assert text is not None and 'redis = "redis://127.0.0.1:7/0"' in text
+    assert cluster.needs_redis and cluster.own_data and "@" not in text
+    tracing = VARIANTS["covergate-tracing"].config_text(ctx)
+    assert tracing is not None and 'spool_dir = "/run/spool-x"' in tracing
+    assert VARIANTS["covergate"].config_text(ctx) == VARIANTS["covergate"].config
+    with pytest.raises(ValueError, match="redis_url"):
+        cluster.config_text(ServerContext("py", "cg", Path("/d"), 1))
+
+
+def test_cluster_comparisons_and_goals() -> None:
+    comparisons = {c.name: c for c in plan.COMPARISONS}
+    assert (comparisons["cluster"].subject, comparisons["cluster"].baseline) == (
+        "covergate-cluster",
+        "covergate",
+    )
+    assert comparisons["cluster-conventional"].baseline == "conventional"
+    goals = {g.source: g.threshold for g in plan.GOALS}
+    assert goals[("ratio", "cluster", "unary")] == 0.95
+    assert goals[("ratio", "cluster", "batch-100")] == 0.95
+    assert goals[("ratio", "tracing", "batch-100")] == 0.85
+    cells = plan.cells(["unary", "batch-100"], ["covergate-cluster", "conventional"])
+    assert ("covergate-cluster", "batch-100") in cells and ("conventional", "unary") in cells
+
+
+# -- spans at the receiver, Redis calls, audit phases ---------------------------------------------
+
+
+def _export_request(spans: bytes, schema_url: bool = False) -> bytes:
+    from fastpath import trace as tr
+
+    request = tr.export_trace_request(b"\x0a\x00", b"\x0a\x05scope", spans)
+    if schema_url:  # ScopeSpans.schema_url after the spans: the field-by-field path
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        message = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+        message.resource_spans[0].scope_spans[0].schema_url = "https://example.org/schema"
+        request = message.SerializeToString()
+    return request
+
+
+def _spans(lookups: int, unary: int, batches: int) -> bytes:
+    from fastpath import trace as tr
+
+    rng = random.Random(7)
+
+    def ids(n: int) -> bytes:
+        return bytes(rng.randrange(256) for _ in range(n))
+
+    decision = tr.attr_str("covergate.decision", "COVERED")
+    out = []
+    for _ in range(lookups):
+        name = tr.LOOKUP_SPAN_NAME
+        out.append(tr.encode_span(ids(16), ids(8), ids(8), name, 1, 1, 2, decision))
+    for _ in range(unary):
+        name = tr.RPC_SPAN_NAMES[tr.METHODS.index("CheckCoverage")]
+        out.append(tr.encode_span(ids(16), ids(8), b"", name, 2, 1, 2, decision))
+    batch = tr.METHODS.index("CheckCoverageBatch")
+    for _ in range(batches):
+        out.append(tr.rpc_span(ids(16), ids(8), b"", batch, 0, b"", 100, 1, 2))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("schema_url", [False, True])
+def test_count_spans_tells_lookups_from_call_spans(schema_url: bool) -> None:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    request = _export_request(_spans(lookups=250, unary=30, batches=3), schema_url)
+    counted = otlp_receiver.count_spans(request)
+    assert (counted.spans, counted.lookup_spans) == (283, 280)
+    decoded = trace_service_pb2.ExportTraceServiceRequest.FromString(request)
+    spans = [s for rs in decoded.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert len(spans) == counted.spans
+
+
+def test_receiver_counts_over_grpc_and_in_its_counts_file() -> None:
+    import grpc
+
+    receiver = otlp_receiver.OtlpReceiver(keep=False).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{receiver.port}") as channel:
+            export = channel.unary_unary(f"/{otlp_receiver.TRACE_SERVICE}/Export")
+            export(_export_request(_spans(lookups=10, unary=2, batches=1)), timeout=5)
+            export(_export_request(_spans(lookups=5, unary=0, batches=0)), timeout=5)
+        counts = otlp_receiver.counts(f"127.0.0.1:{receiver.port}")
+    finally:
+        receiver.stop()
+    assert (counts["spans"], counts["lookup_spans"], counts["trace_calls"]) == (18, 17, 2)
+    assert counts["first_spans"] == 13 and counts["last_at"] >= counts["first_at"] > 0
+
+
+def test_span_audit_counts_lost_lookups_and_the_edge() -> None:
+    before = {"spans": 100, "lookup_spans": 90}
+    after = {"spans": 10_201, "lookup_spans": 10_090}
+    ok = stats.span_audit(10_000, before, after, in_flight=200)
+    assert ok["lookup_spans"] == 10_000 and ok["spans"] == 10_101
+    assert ok["spans_per_lookup"] == 1.0 and ok["lost"] == 0 and ok["in_flight_lookups"] == 200
+    short = stats.span_audit(12_000, before, after)
+    assert short["lost"] == 2_000 and short["spans_per_lookup"] == pytest.approx(10_000 / 12_000)
+    assert stats.span_audit(0, before, before)["spans_per_lookup"] is None
+
+
+def test_redis_per_lookups_takes_off_the_readings_own_calls() -> None:
+    before = {"reads": 1_000, "commands": 5_000}
+    after = {"reads": 1_011, "commands": 5_041}
+    figures = stats.redis_per_lookups(before, after, 10_000)
+    assert (figures["round_trips"], figures["commands"]) == (10, 40)
+    assert figures["round_trips_per_1000"] == 1.0 and figures["commands_per_1000"] == 4.0
+    assert stats.redis_per_lookups(before, before, 0)["round_trips_per_1000"] is None
+
+
+def test_window_rate_uses_whole_seconds_inside_the_window() -> None:
+    timeline = [[100, 50, 0], [101, 1000, 0], [102, 2000, 0], [103, 3000, 5], [104, 10, 0]]
+    assert audit.window_rate(timeline, 100.5, 103.0) == 1500.0  # seconds 101 and 102
+    assert audit.window_rate(timeline, 103.0, 104.0) == 3000.0
+    assert audit.window_rate(timeline, 200.0, 300.0) is None
+
+
+def test_refusal_summary_and_labels_from_error_info() -> None:
+    import grpc
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="AUDIT_BACKLOG", domain="covergate"))
+    status = status_pb2.Status(code=14, message="audit backlog", details=[detail])
+    trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+    label = audit_client.refusal_label(grpc.StatusCode.UNAVAILABLE, trailing)
+    assert label == "UNAVAILABLE AUDIT_BACKLOG"
+    assert audit_client.refusal_label(grpc.StatusCode.DEADLINE_EXCEEDED, ()) == (
+        "DEADLINE_EXCEEDED"
+    )
+    summary = audit.refusal_summary({label: 30, "UNAVAILABLE": 10})
+    assert summary == {"refused": 40, "backlog_share": 0.75}
+    assert audit.refusal_summary({}) == {"refused": 0, "backlog_share": None}
+
+
+def test_settle_waits_for_an_empty_spool_and_a_stable_count(tmp_path: Path) -> None:
+    from service import spool as sp
+
+    spool = tmp_path / "spool"
+    writer_dir = spool / "w-1-1"
+    writer_dir.mkdir(parents=True)
+    header = sp.segment_header(b"", b"")
+    (writer_dir / sp.segment_name(0)).write_bytes(header + b"\x12\x01\x00")
+    arrived = iter([0, 0, 0, 1, 1, 1, 1])
+    seen: list[int] = []
+
+    def counts() -> dict[str, int]:
+        n = next(arrived)
+        seen.append(n)
+        if n:  # the receiver acknowledged: the shipper moved the cursor past the span
+            sp.write_cursor(writer_dir, 0, len(header) + 3)
+        return {"spans": n}
+
+    result, _ = audit.settle(spool, counts, timeout=10)
+    assert result == {"spans": 1}
+    assert seen[-2:] == [1, 1]  # the count was the same twice with nothing pending
+    (writer_dir / sp.segment_name(1)).write_bytes(header + b"\x12\x01\x00")  # never shipped
+    never, _ = audit.settle(spool, lambda: {"spans": 1}, timeout=0.6)
+    assert never is None
 
 
 # -- report ----------------------------------------------------------------------------------------
