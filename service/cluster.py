@@ -168,9 +168,11 @@ if suspended == 0 and not learning then
   redis.call('HSET', q, 'G:' .. host, g, 'DG:' .. host, dg)
   local tat = tonumber(f['tat'] or '0')
   if tat < now then tat = now end
-  while grant_r < want_r and tat - now <= tolerance do
-    tat = tat + interval
-    grant_r = grant_r + 1
+  -- GCRA for want_r tokens at once: the k-th is granted while tat + (k-1)*interval - now
+  -- stays within the tolerance (closed form: a busy host's second of tokens is one step).
+  if want_r > 0 and tat - now <= tolerance then
+    grant_r = math.min(want_r, math.floor((tolerance - (tat - now)) / interval) + 1)
+    tat = tat + grant_r * interval
   end
   redis.call('HSET', q, 'tat', tat)
 end
@@ -290,6 +292,9 @@ def connect(url: str, timeout: float) -> Any:
         raise ValueError("[cluster] redis must be a redis://, rediss://, unix://, "
                          "redis+sentinel:// or redis+cluster:// URL")  # fmt: skip
     return redis_asyncio.from_url(url, **common)
+
+
+ADMIN_BLOCK_MS = 500  # how long the sync process's XREAD waits for an admin change
 
 
 class BackendUnavailable(Exception):
@@ -661,7 +666,7 @@ async def follow_admin(
         after = "0"
     while not stop.is_set():
         try:
-            entries = await backend.read_admin(after, block_ms=500)
+            entries = await backend.read_admin(after, block_ms=ADMIN_BLOCK_MS)
         except BackendUnavailable:
             await asyncio.sleep(0.5)
             continue
@@ -672,6 +677,12 @@ async def follow_admin(
             tmp = cursor_path.with_suffix(".tmp")
             tmp.write_text(after)
             os.replace(tmp, cursor_path)
+
+
+def sync_backend(settings: ClusterSettings) -> Backend:
+    """The sync process's Redis: its XREAD waits up to ADMIN_BLOCK_MS for a change, so a socket
+    timeout shorter than that would end every quiet wait in a timeout and call Redis dead."""
+    return Backend(replace(settings, timeout_ms=max(settings.timeout_ms, ADMIN_BLOCK_MS + 1000)))
 
 
 def run_sync(
@@ -699,7 +710,7 @@ def run_sync(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        backend = Backend(replace(settings, timeout_ms=max(settings.timeout_ms, 200)))
+        backend = sync_backend(settings)
 
         def reinstate(slot: int) -> None:
             from fastpath.quota import QuotaFile

@@ -244,9 +244,12 @@ class CreditAgent:
             pace = 0.5 * pace + 0.5 * max(0, snap.used - used_before) / (now - at)
         self._pace[who.slot] = (snap.used, now, pace)
         block = max(block, min(int(pace), MAX_BLOCK))
-        # Rate tokens only when short of them: each is taken from the global GCRA, and unused
-        # ones are thrown away when new ones come.
-        want_rate = 0 if snap.rate_tokens >= need else max(need, int(per_lease) + 1)
+        # Rate tokens only when short of them: each is taken from the global GCRA (so asking
+        # for more never admits more than r * (w + L) + burst), and unused ones are thrown away
+        # when new ones come. A busy practitioner asks for a lease of its own pace, as for the
+        # daily block: one round trip per lease, not one per r * L lookups.
+        paced = min(int(pace * self.settings.rate_lease_seconds), MAX_BLOCK)
+        want_rate = 0 if snap.rate_tokens >= need else max(need, int(per_lease) + 1, paced)
         try:
             reply = await self._take(
                 who, today, snap,

@@ -159,6 +159,44 @@ def test_rate_tokens_follow_redis_clock(redis_server: RedisServer) -> None:
     assert 3 <= later <= 5
 
 
+def test_a_busy_hosts_rate_lease_is_granted_in_one_step(redis_server: RedisServer) -> None:
+    """A host at 100k lookups/s asks for a second of tokens: the GCRA grants them at once (what
+    the tolerance allows, no more), and the next ask finds the tolerance spent."""
+
+    async def run() -> tuple[int, int, int]:
+        a, b = Host(redis_server, "a"), Host(redis_server, "b")
+        whole = (await a.take(want_rate=100_000, interval_ms=1, tolerance_ms=10**9)).rate
+        cut = (await b.take(want_rate=100_000, interval_ms=10, tolerance_ms=5_000)).rate
+        after = (await b.take(want_rate=100_000, interval_ms=10, tolerance_ms=5_000)).rate
+        await a.close()
+        await b.close()
+        return whole, cut, after
+
+    whole, cut, after = asyncio.run(run())
+    assert whole == 100_000
+    # The same practitioner's GCRA: a's 100,000 tokens at 1 ms put its TAT 100 s ahead, past
+    # b's 5 s tolerance, so b gets nothing until that much time has passed.
+    assert cut == 0 and after == 0
+
+
+def test_an_idle_admin_stream_is_not_an_outage(redis_server: RedisServer) -> None:
+    """The sync process waits on the admin stream; a quiet wait is not a Redis failure, even
+    with the workers' short deadline in the settings."""
+
+    async def run() -> tuple[list[Any], bool]:
+        settings = cl.ClusterSettings(redis=redis_server.url, host_id="a", timeout_ms=50)
+        sync = cl.sync_backend(settings)
+        got: list[Any] = []
+        for _ in range(4):
+            got += await sync.read_admin("$", block_ms=cl.ADMIN_BLOCK_MS)
+        degraded = sync.breaker.degraded
+        await sync.close()
+        return got, degraded
+
+    got, degraded = asyncio.run(run())
+    assert got == [] and degraded is False
+
+
 def test_the_global_guard_trips_once_and_a_repeated_report_counts_once(
     redis_server: RedisServer,
 ) -> None:
