@@ -7,4 +7,5 @@ identities), `frames` (pre-encoded gRPC requests and expected answers), `h2load`
 `stream_client` (load), `probe` (grpc-status checks), `micro` (in-process fast-path and import
 rates), `servers`, `workers`, `noop_server` and `conventional_server` (processes and baselines).
 Then `stats` and `report` (medians, ratios, goals, tables, JSON, plots); `run` ties them together.
+On their own: `warmup` (the first seconds after start, with and without `[store] prefault`).
 """

@@ -124,6 +124,9 @@ class SnapshotSettings:
 class StoreSettings:
     map_size: int = 32 << 30  # virtual: the file only grows as data is written
     max_readers: int = 2048
+    # Fault the whole rights file into each worker's map before it serves (store.prefault): no
+    # page fault, nor disk read, in the first lookups, at the cost of reading the file at start.
+    prefault: bool = False
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ from service.quotas import (
 from service.reflection import enable_reflection
 from service.shipper import run as shipper_main
 from service.spool import SpoolFull
-from service.store import DB_RIGHTS, Store
+from service.store import DB_RIGHTS, Store, prefault, read_through
 
 log = logging.getLogger("covergate.server")
 
@@ -252,6 +252,8 @@ class CovergateHandlers:
                 env.close()
             return False
         self._keys = keys
+        if config.store.prefault:  # before SERVING: no page fault in the first lookups
+            prefault(env)
         self.generation, self._rights_env, self._rights_db = generation, env, db
         self.gate = self._new_gate(keys)
         if not self._options.config.quota.enabled:
@@ -289,11 +291,19 @@ class CovergateHandlers:
                     await self.health.set(service, status)
             generation = snapshots.active(directory)
             if generation != self.generation:
-                self.swap_rights(generation)
+                prefaulting = self._options.config.store.prefault
+                if prefaulting and generation:
+                    # The new file into the page cache off the event loop; swap_rights then maps
+                    # it (MADV_POPULATE_READ of cached pages: tens of ms for 200 MB).
+                    data_file = snapshots.root_of(directory) / str(generation) / "data.mdb"
+                    with contextlib.suppress(OSError):
+                        await asyncio.to_thread(read_through, data_file)
+                self.swap_rights(generation, prefaulted=prefaulting and bool(generation))
 
-    def swap_rights(self, generation: int) -> None:
+    def swap_rights(self, generation: int, *, prefaulted: bool = False) -> None:
         """Serve `generation` from the next call on; the old environment is closed at once (a
-        gate call never spans an await, so none is using it)."""
+        gate call never spans an await, so none is using it). `prefaulted`: its file was read
+        through already; fault it into the map before the first call."""
         try:
             env, db, fingerprint, _ = self._open_rights(generation)
         except (OSError, snapshots.SnapshotError, lmdb.Error) as exc:
@@ -305,6 +315,8 @@ class CovergateHandlers:
             if generation:
                 env.close()
             return
+        if prefaulted:
+            prefault(env, read=False)
         old_env, old_gate = self._rights_env, self.gate
         self.generation, self._rights_env, self._rights_db = generation, env, db
         if self.telemetry is not None:

@@ -245,6 +245,18 @@ def test_start_equal_to_end_is_fine(tmp_path: Path) -> None:
     assert rows == 2 and len(by_key) == 2
 
 
+def test_a_right_seen_before_still_has_its_identity_and_member_checked(tmp_path: Path) -> None:
+    """Rows repeating a sound right (insurer, domain, rate, convention, dates) skip its checks,
+    never the identity's or the member number's."""
+    rights = good_rights(6)  # all the same right, members and identities apart
+    lines = [csv_line(r.row()) for r in rights]
+    lines[2] = csv_line(with_field(rights[2], "member_number", "M-1"))  # line 4
+    lines[3] = csv_line(with_field(rights[3], "nir_key", wrong_key(rights[3].identity)))  # line 5
+    lines[5] = csv_line(with_field(rights[5], "member_number", "é"))  # line 7
+    exc, _ = rejection(write_lines(tmp_path / "rights.csv", lines))
+    assert errors_by_line(exc) == {4: {"member_number"}, 5: {"nir_key"}, 7: {"member_number"}}
+
+
 def test_several_bad_lines_are_all_reported(tmp_path: Path) -> None:
     rights = good_rights(10)
     lines = [csv_line(r.row()) for r in rights]

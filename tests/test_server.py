@@ -149,8 +149,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ("leak", LEAK_ID),
     ):
         tokens[name] = create_token(ds.data_dir, pid)
-    # DEBUG makes the no-personal-data-in-logs test stricter: every logger speaks.
-    config = write_config(tmp / "covergate.toml")
+    # DEBUG makes the no-personal-data-in-logs test stricter: every logger speaks. The store is
+    # prefaulted at start here (store.prefault), and not in the other servers' tests.
+    config = write_config(tmp / "covergate.toml", "[store]\nprefault = true\n")
     server = Server(
         ds.data_dir, args=["--config", str(config)], env={"COVERGATE_LOG_LEVEL": "DEBUG"}
     )

@@ -217,7 +217,11 @@ def _mount_read_only(directory: Path) -> bool:
 
 
 def _serve_and_switch(made: dict[str, Any], host: Path, ds: Dataset) -> None:
-    with RunningServer(host, workers=2) as server:
+    # Prefaulted: each generation's file is read through off the event loop and mapped before
+    # its first call (the three-host test below switches without).
+    config = made["tmp"] / "prefault.toml"
+    config.write_text("[store]\nprefault = true\n")
+    with RunningServer(host, workers=2, args=["--config", str(config)]) as server:
         assert _decision(server, ds, ds.not_covered) == "DECISION_NOT_COVERED"
         cli("snapshot", "activate", "2", data_dir=host)
         _until(lambda: _decision(server, ds, ds.not_covered) == "DECISION_COVERED")

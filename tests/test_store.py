@@ -42,6 +42,7 @@ from service.store import (
     Store,
     StoreError,
     data_files,
+    prefault,
 )
 
 BENEFICIARIES = 300
@@ -378,3 +379,32 @@ def test_a_dropped_practitioner_loses_its_credentials_for_good(tmp_path: Path) -
         assert auth.authenticate([("authorization", f"Bearer {claims}")], "claims") is not INVALID
         record = store.practitioner(PHARMACIST_ID)
         assert record is not None and record.cert_fingerprints == []
+
+
+def _resident_bytes(data_file: Path) -> int:
+    """Bytes of this process's map of `data_file` backed by pages now (Rss in /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.split(maxsplit=5)[5:] == [str(data_file)]
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc only")
+def test_prefault_maps_every_page_of_the_rights_file(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    records = sorted((rng.randbytes(16), rng.randbytes(400)) for _ in range(3000))
+    with Store(tmp_path) as store:
+        store.write_rights(iter(records), replace=True, pepper_fingerprint="f",
+                           dataset={"dataset_id": "synthetic"})  # fmt: skip
+    with Store(tmp_path) as store:  # a fresh map: only the pages opening it read
+        data_file = (tmp_path / "store" / "data.mdb").resolve()
+        size = data_file.stat().st_size
+        assert size > 1 << 20
+        assert _resident_bytes(data_file) < size // 4
+        assert prefault(store.env) == size
+        assert _resident_bytes(data_file) == size
+        with store.env.begin(db=store.rights_db) as txn:  # and it still reads the same
+            assert [(bytes(k), bytes(v)) for k, v in txn.cursor()] == records
