@@ -65,6 +65,14 @@ COMPARISONS: tuple[Comparison, ...] = (
         "quotas and the harvest guard on (every lookup counted in the shared state) against off",
     ),
     Comparison(
+        "baselines",
+        "covergate",
+        "covergate-nobaselines",
+        ("unary", "batch-100"),
+        "per-practitioner baselines on (each lookup probes and sets the practitioner's filter, "
+        "hour profile and day counts) against off",
+    ),
+    Comparison(
         "conventional",
         "covergate",
         "conventional",
@@ -219,6 +227,18 @@ GOALS: tuple[Goal, ...] = (
         "quota cost (batch-100)",
         "quotas on >= 0.95x quotas off (batch-100 items/s)",
         ("ratio", "quotas", "batch-100"),
+        0.95,
+    ),
+    Goal(
+        "baselines cost (unary)",
+        "baselines on >= 0.95x baselines off (unary RPC/s)",
+        ("ratio", "baselines", "unary"),
+        0.95,
+    ),
+    Goal(
+        "baselines cost (batch-100)",
+        "baselines on >= 0.95x baselines off (batch-100 items/s)",
+        ("ratio", "baselines", "batch-100"),
         0.95,
     ),
     Goal(

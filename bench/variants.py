@@ -210,6 +210,13 @@ VARIANTS: dict[str, Variant] = {
             config=BENCH_CONFIG + "\n[quota]\nenabled = false\n",
         ),
         Variant(
+            "covergate-nobaselines",
+            "covergate, 1 worker, per-practitioner baselines off ([baselines] enabled = false)",
+            COVERGATE,
+            env=(("COVERGATE_REQUIRE_EXTENSIONS", "1"),),
+            config=BENCH_CONFIG + "\n[baselines]\nenabled = false\n",
+        ),
+        Variant(
             "noop",
             "no-op grpc.aio server from the same protos, constant valid answer (the ceiling)",
             NOOP,
