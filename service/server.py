@@ -881,12 +881,33 @@ def _worker_process(options: ServeOptions, index: int, ready: Any, supervisor_pi
 # -- the supervisor --------------------------------------------------------------------------------
 
 
+class _AbandonedWrite(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when a stream's answer is written to a call that
+    has just ended (its deadline passed or the client cancelled between our check and the
+    write): `ExecuteBatchError raised in core by servicer method`. Nothing failed on our side,
+    and the call already ended with the client's status; the record becomes one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and type(exc).__name__ == "ExecuteBatchError":
+            method = record.getMessage().rpartition(" ")[2]
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg = "an answer was not written: the call %s had already ended"
+            record.args = (method,)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("COVERGATE_LOG_LEVEL", "INFO"),
         format="%(asctime)s covergate[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    grpc_core = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _AbandonedWrite) for f in grpc_core.filters):
+        grpc_core.addFilter(_AbandonedWrite())
 
 
 def split_listen(listen: str) -> tuple[str, int]:

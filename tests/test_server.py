@@ -9,6 +9,7 @@ guard may punish) use practitioners of their own, so they cannot disturb the oth
 from __future__ import annotations
 
 import base64
+import logging
 import queue
 import random
 import re
@@ -1370,3 +1371,34 @@ def test_expired_deadline_is_deadline_exceeded(world: World) -> None:
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, name  # type: ignore[attr-defined]
     assert_still_serving(world)
+
+
+def test_an_answer_written_to_an_ended_call_is_not_logged_as_an_error() -> None:
+    """grpc.aio's ExecuteBatchError for a stream answer written just after the call ended (its
+    deadline passed between the check and the write) becomes one DEBUG line; other errors of
+    grpc's logger are untouched."""
+    import io
+
+    from grpc._cython import cygrpc
+
+    from service.server import configure_logging
+
+    configure_logging()
+    core = logging.getLogger("grpc._cython.cygrpc")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setLevel(logging.INFO)
+    core.addHandler(handler)
+    try:
+        try:
+            raise cygrpc.ExecuteBatchError("Failed execute_batch")
+        except cygrpc.ExecuteBatchError:
+            core.exception("ExecuteBatchError raised in core by servicer method [%s]", "/m/Stream")
+        assert out.getvalue() == ""
+        try:
+            raise ValueError("something else")
+        except ValueError:
+            core.exception("Unexpected [%s] raised by servicer method [%s]", "ValueError", "/m")
+        assert "Traceback" in out.getvalue() and "something else" in out.getvalue()
+    finally:
+        core.removeHandler(handler)
