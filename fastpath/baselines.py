@@ -38,15 +38,13 @@ the C gate and this reference give the same bytes on every machine.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from fastpath.quota import QuotaFile
+from fastpath.quota import HEADER_SIZE as HEADER_SIZE  # the C twin checks it here
+from fastpath.quota import SlotFile
 
 MAGIC = b"CGBASE01"
-HEADER_SIZE = 4096
 FILTER_GENERATIONS = 3
 GENERATION_DAYS = 30
 FILTER_BITS = 1 << 16
@@ -71,7 +69,6 @@ SIGNAL_BITS = {name: 1 << i for i, name in enumerate(SIGNALS)}
 N_SIGNALS = len(SIGNALS)
 
 _HEAD = struct.Struct("<14I5Q24I24I")
-_FILE_HEAD = struct.Struct("<8sII")
 # BaselineProfile.packed, as the Cython gate reads it (fastpath/_c/baselines.pxi: BaseProfile).
 PROFILE_VIEW = struct.Struct("<13q")
 
@@ -393,51 +390,13 @@ def deviation(mean: int, square: int) -> float:
 # -- the file --------------------------------------------------------------------------------------
 
 
-class BaselineFile:
-    """The baselines of one host (DIR/quota/baseline), memory-mapped; locked with the QuotaFile's
-    slot mutexes: open it with, and use it under, the same QuotaFile. Sparse: a slot costs disk
-    only once its practitioner works."""
+class BaselineFile(SlotFile):
+    """The baselines of one host (DIR/quota/baseline), one record per quota slot. Sparse: a
+    slot costs disk only once its practitioner works."""
 
-    def __init__(self, path: Path, slots: int) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            QuotaFile._lock_range(fd, 0, HEADER_SIZE)
-            try:
-                have = 0
-                if os.fstat(fd).st_size:
-                    magic, entry, have = _FILE_HEAD.unpack(os.pread(fd, _FILE_HEAD.size, 0))
-                    if magic != MAGIC or entry != RECORD_SIZE:
-                        raise ValueError(f"{self.path} is not a covergate baseline file")
-                self.slots = max(slots, have)
-                if self.slots > have or not have:
-                    os.ftruncate(fd, HEADER_SIZE + self.slots * RECORD_SIZE)
-                    os.pwrite(fd, _FILE_HEAD.pack(MAGIC, RECORD_SIZE, self.slots), 0)
-            finally:
-                QuotaFile._unlock_range(fd, 0, HEADER_SIZE)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        self.map = mmap.mmap(
-            fd,
-            HEADER_SIZE + self.slots * RECORD_SIZE,
-            mmap.MAP_SHARED,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-
-    def close(self) -> None:
-        try:
-            self.map.close()
-        except BufferError:
-            return  # a gate still maps it
-        os.close(self.fd)
-
-    def offset(self, slot: int) -> int:
-        if not 0 <= slot < self.slots:
-            raise IndexError("baseline slot out of range")
-        return HEADER_SIZE + slot * RECORD_SIZE
+    MAGIC = MAGIC
+    ENTRY = RECORD_SIZE
+    WHAT = "baseline"
 
     def read(self, slot: int) -> BaselineState:
         return BaselineState.unpack(self.map, self.offset(slot))

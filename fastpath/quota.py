@@ -484,9 +484,14 @@ class CreditState:
     epoch: int = 0
 
 
-class CreditFile:
-    """This host's credit per slot (DIR/quota/credit), locked with the QuotaFile's slot mutexes:
-    always open it with, and use it under, the same QuotaFile."""
+class SlotFile:
+    """A file of fixed-size entries, one per quota slot (the header: magic, entry size, slots),
+    memory-mapped and locked with the QuotaFile's slot mutexes: open it with, and use it under,
+    the same QuotaFile. Grown, never shrunk, to the slots asked for."""
+
+    MAGIC: bytes
+    ENTRY: int
+    WHAT: str
 
     def __init__(self, path: Path, slots: int) -> None:
         self.path = Path(path)
@@ -498,19 +503,19 @@ class CreditFile:
                 have = 0
                 if os.fstat(fd).st_size:
                     magic, entry, have = _FILE_HEAD.unpack(os.pread(fd, _FILE_HEAD.size, 0))
-                    if magic != CREDIT_MAGIC or entry != CREDIT_ENTRY:
-                        raise ValueError(f"{self.path} is not a covergate credit file")
+                    if magic != self.MAGIC or entry != self.ENTRY:
+                        raise ValueError(f"{self.path} is not a covergate {self.WHAT} file")
                 self.slots = max(slots, have)
-                if self.slots > have:
-                    os.ftruncate(fd, HEADER_SIZE + self.slots * CREDIT_ENTRY)
-                    os.pwrite(fd, _FILE_HEAD.pack(CREDIT_MAGIC, CREDIT_ENTRY, self.slots), 0)
+                if self.slots > have or not have:
+                    os.ftruncate(fd, HEADER_SIZE + self.slots * self.ENTRY)
+                    os.pwrite(fd, _FILE_HEAD.pack(self.MAGIC, self.ENTRY, self.slots), 0)
             finally:
                 QuotaFile._unlock_range(fd, 0, HEADER_SIZE)
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
-        self.map = mmap.mmap(fd, HEADER_SIZE + self.slots * CREDIT_ENTRY, mmap.MAP_SHARED,
+        self.map = mmap.mmap(fd, HEADER_SIZE + self.slots * self.ENTRY, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
 
     def close(self) -> None:
@@ -522,8 +527,16 @@ class CreditFile:
 
     def offset(self, slot: int) -> int:
         if not 0 <= slot < self.slots:
-            raise IndexError("credit slot out of range")
-        return HEADER_SIZE + slot * CREDIT_ENTRY
+            raise IndexError(f"{self.WHAT} slot out of range")
+        return HEADER_SIZE + slot * self.ENTRY
+
+
+class CreditFile(SlotFile):
+    """This host's credit per slot (DIR/quota/credit)."""
+
+    MAGIC = CREDIT_MAGIC
+    ENTRY = CREDIT_ENTRY
+    WHAT = "credit"
 
     def read(self, slot: int) -> CreditState:
         return CreditState(*_CREDIT_HEAD.unpack_from(self.map, self.offset(slot)))
