@@ -136,6 +136,28 @@ def decisions(
     return out
 
 
+def _cycling(
+    bound: Callable[..., Any],
+    who: Any,
+    inputs: list[bytes],
+    today: int,
+    now: int,
+    after: Callable[[], None] | None = None,
+) -> Callable[[], None]:
+    """One gate call per call, on `inputs` in turn (then `after`, if any)."""
+    state = [0]
+    n = len(inputs)
+
+    def call() -> None:
+        i = state[0]
+        bound(who, inputs[i], today, now)
+        state[0] = i + 1 if i + 1 < n else 0
+        if after is not None:
+            after()
+
+    return call
+
+
 def _blocks(
     calls: dict[str, Callable[[], None]], seconds: float, block_seconds: float = 0.02
 ) -> dict[str, Any]:
@@ -207,25 +229,19 @@ def pairs(
     unmetered = dataclasses.replace(served_as, slot=-1)
     exported = [0]
 
+    def flush() -> None:
+        if traced.span_bytes >= telemetry.CHUNK_BYTES:
+            # What the worker's flush and exporter thread do with them, short of the send.
+            for request, _count in traced.take_export_requests(
+                resource, scope, telemetry.CHUNK_BYTES
+            ):
+                exported[0] += len(request)
+
     def caller(
         gate: Any, method: str, inputs: list[bytes], who: Practitioner
     ) -> Callable[[], None]:
-        bound = getattr(gate, method)
-        state = [0]
-        n = len(inputs)
-
-        def call() -> None:
-            i = state[0]
-            bound(who, inputs[i], today, now)
-            state[0] = i + 1 if i + 1 < n else 0
-            if gate is traced and gate.span_bytes >= telemetry.CHUNK_BYTES:
-                # What the worker's flush and exporter thread do with them, short of the send.
-                for request, _count in gate.take_export_requests(
-                    resource, scope, telemetry.CHUNK_BYTES
-                ):
-                    exported[0] += len(request)
-
-        return call
+        after = flush if gate is traced else None
+        return _cycling(getattr(gate, method), who, inputs, today, now, after)
 
     def answers_right(gate: Any, who: Practitioner) -> None:
         """Every side must answer correctly, or its speed means nothing (a side refused by a
@@ -306,16 +322,7 @@ def baseline_pairs(
     off = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
 
     def caller(gate: Any, method: str, inputs: list[bytes]) -> Callable[[], None]:
-        bound = getattr(gate, method)
-        state = [0]
-        n = len(inputs)
-
-        def call() -> None:
-            i = state[0]
-            bound(served_as, inputs[i], today, now)
-            state[0] = i + 1 if i + 1 < n else 0
-
-        return call
+        return _cycling(getattr(gate, method), served_as, inputs, today, now)
 
     out: dict[str, Any] = {}
     shapes = {"unary": ("check", singles, 1), "batch-100": ("check_batch", batches, 100)}
@@ -464,21 +471,14 @@ def stages(
         if len(items) != 100 or got != {want}:
             raise RuntimeError(f"stage ladder, {name}: answered {code} {sorted(got)}")
 
+    def drop_spans() -> None:
+        if traced.span_bytes >= 4 << 20:
+            traced.take_spans()
+
     def caller(name: str) -> Callable[[], None]:
         gate, shape = ladder[name]
-        inputs = batches[shape]
-        state = [0]
-        n = len(inputs)
-        call = gate.check_batch
-
-        def one() -> None:
-            i = state[0]
-            call(served_as, inputs[i], today, now)
-            state[0] = i + 1 if i + 1 < n else 0
-            if gate is traced and gate.span_bytes >= 4 << 20:
-                gate.take_spans()
-
-        return one
+        after = drop_spans if gate is traced else None
+        return _cycling(gate.check_batch, served_as, batches[shape], today, now, after)
 
     for name in ladder:
         answers_right(name)
