@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from fastpath import rules
 from service.importer import PRACTITIONER_COLUMNS, RIGHTS_COLUMNS
@@ -206,6 +208,17 @@ def build_dataset(tmp: Path, *, seed: int = 7, extra_beneficiaries: int = 50) ->
     ds.tokens["hospital"] = create_token(data_dir, HOSPITAL_ID)
     ds.tokens["claims"] = create_token(data_dir, CLAIMS_ID, "claims")
     return ds
+
+
+def error_reason(exc: grpc.RpcError) -> str:
+    """The ErrorInfo reason a refusal carries ("" when it carries none)."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 class RunningServer:

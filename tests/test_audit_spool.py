@@ -29,6 +29,7 @@ from harness import (
     build_dataset,
     cli,
     create_token,
+    error_reason,
     write_practitioners_csv,
 )
 from spans import attributes
@@ -67,16 +68,6 @@ def _wait(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") 
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what or predicate}")
-
-
-def _reason(exc: grpc.RpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 def _request(ds: Dataset, who: Any = None, domain: int = pb.CARE_DOMAIN_PHARMACY) -> Any:
@@ -192,7 +183,7 @@ def test_a_full_spool_refuses_with_audit_backlog_then_recovers(
                     stub.CheckCoverage(_request(ds), metadata=metadata, timeout=10)
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                    assert _reason(exc) == "AUDIT_BACKLOG"
+                    assert error_reason(exc) == "AUDIT_BACKLOG"
                     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
                     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
                     break
@@ -205,10 +196,10 @@ def test_a_full_spool_refuses_with_audit_backlog_then_recovers(
                 stub.CheckCoverageBatch(
                     pb.CheckCoverageBatchRequest(items=[_request(ds)]), metadata=metadata
                 )
-            assert _reason(raised.value) == "AUDIT_BACKLOG"
+            assert error_reason(raised.value) == "AUDIT_BACKLOG"
             with pytest.raises(grpc.RpcError) as raised:
                 list(stub.CheckCoverageStream(iter([_request(ds)]), metadata=metadata))
-            assert _reason(raised.value) == "AUDIT_BACKLOG"
+            assert error_reason(raised.value) == "AUDIT_BACKLOG"
 
             with OtlpReceiver(port) as receiver:
                 # The shipper drains the spool, and lookups are answered again.
@@ -265,7 +256,7 @@ def test_every_authenticated_attempt_leaves_a_record(dataset: Dataset, tmp_path:
             claims = (("authorization", f"Bearer {ds.tokens['claims']}"),)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.CheckCoverage(_request(ds), metadata=claims)
-            assert _reason(raised.value) == "ROLE_NOT_ALLOWED"
+            assert error_reason(raised.value) == "ROLE_NOT_ALLOWED"
             pharmacist = (("authorization", f"Bearer {ds.tokens['pharmacist']}"),)
             raw = channel.unary_unary("/covergate.v1.CoverageService/CheckCoverageBatch")
             for message in (b"\xff\xff", b"\x0a\x00" * 501):
@@ -296,7 +287,7 @@ def test_every_authenticated_attempt_leaves_a_record(dataset: Dataset, tmp_path:
                 pb_grpc.CoverageServiceStub(channel).CheckCoverage(
                     _request(ds), metadata=(("authorization", f"Bearer {token}"),)
                 )
-            assert _reason(raised.value) == "DATA_NOT_LOADED"
+            assert error_reason(raised.value) == "DATA_NOT_LOADED"
             _wait(lambda: refusals()[(PHARMACIST_ID, "DATA_NOT_LOADED")] == 1, what="not loaded")
 
 

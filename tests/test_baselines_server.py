@@ -13,9 +13,7 @@ import zoneinfo
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from harness import PHARMACIST_ID, Dataset, RunningServer, build_dataset, cli
+from harness import PHARMACIST_ID, Dataset, RunningServer, build_dataset, cli, error_reason
 
 from covergate.v1 import covergate_pb2 as pb
 from covergate.v1 import covergate_pb2_grpc as pb_grpc
@@ -77,17 +75,6 @@ def covered_requests(ds: Dataset) -> list[pb.CheckCoverageRequest]:
     return requests
 
 
-def reason_of(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
-
-
 def walk(
     server: RunningServer, ds: Dataset, requests: list[pb.CheckCoverageRequest]
 ) -> tuple[int, str]:
@@ -100,7 +87,7 @@ def walk(
                 answer = stub.CheckCoverage(request, metadata=md, timeout=10)
             except grpc.RpcError as error:
                 assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
-                return i, reason_of(error)
+                return i, error_reason(error)
             assert answer.decision == pb.DECISION_COVERED
     return len(requests), ""
 

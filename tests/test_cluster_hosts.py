@@ -14,8 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from harness import (
     PHARMACIST_ID,
     PHARMACY_AMC,
@@ -24,6 +22,7 @@ from harness import (
     RunningServer,
     build_dataset,
     cli,
+    error_reason,
 )
 
 from covergate.v1 import covergate_pb2 as pb
@@ -68,13 +67,7 @@ class Host:
 
 
 def _reason(exc: grpc.RpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return exc.code().name
+    return error_reason(exc) or exc.code().name
 
 
 def outcome(stub: pb_grpc.CoverageServiceStub, token: str, ds: Dataset) -> str:
