@@ -199,7 +199,7 @@ class CovergateHandlers:
             trace=self.telemetry is not None,
             credit=self.credit_file,
             generation=self.generation,
-            baseline=self.baseline_file if self._options.config.quota.enabled else None,
+            baseline=self.baseline_file,  # (None without quotas: it lives in their slots)
         )
         if self.telemetry is not None:
             self.telemetry.watch(gate)
@@ -658,7 +658,7 @@ class CovergateHandlers:
         for _ in range(20):  # Redis may be away for a while: the local suspension holds anyway
             try:
                 await self.credit.backend.admin(
-                    "suspend", practitioner_id, reason=reason, by="harvest guard",
+                    "suspend", practitioner_id, reason=reason, by=reason.split(":", 1)[0],
                     origin=self.credit.backend.host,
                 )  # fmt: skip
                 return
