@@ -19,19 +19,26 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from bench.frames import COVERED, INVALID, KINDS, NO_MATCH, NOT_COVERED, CheckSpec
 from fastpath import rules
 
+if TYPE_CHECKING:
+    from service.demo import DemoFiles
+
 # Bump when what the cache holds changes shape (sampling, pools, files); the store's own schema
 # and record versions are part of the key too, so a format change upstream rebuilds the cache.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: eight bench practitioners, each with a token
 SAMPLE_IDENTITIES = 20_000
 POOL_SIZE = 5_000
 IMPORT_SAMPLE_ROWS = 400_000
 SEED = 20_240_229
 DOMAIN = "PHAR"  # every load request is a pharmacy check by a pharmacist with every agreement
+# Pharmacists with every agreement and a token each: the `-p8` scenarios spread their load over
+# them (a quota slot each), the others use the first. The demo has fewer such pharmacists, so the
+# build adds its own.
+PRACTITIONERS = 8
 
 T = TypeVar("T")
 _Row = tuple[str, str, str, str, str]  # amc, member, domain, start, end (service.demo.decide)
@@ -50,6 +57,8 @@ class Dataset:
     pools: dict[str, list[CheckSpec]]
     import_sample_csv: Path
     build: dict[str, object] = field(default_factory=dict)
+    # Every bench practitioner's token, `token` first: same profession, agreements and quotas.
+    tokens: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, object]:
         """For the results JSON: sizes and provenance, never an identity or a token."""
@@ -118,6 +127,7 @@ def load(root: Path) -> Dataset | None:
         pools=pools,
         import_sample_csv=root / "import-sample.csv",
         build=meta.get("build", {}),
+        tokens=tuple(meta["tokens"]),
     )
 
 
@@ -184,6 +194,7 @@ def _build(root: Path, beneficiaries: int, covergate: str, say: Callable[[str], 
     _copy_head(files.rights_csv, root / "import-sample.csv", IMPORT_SAMPLE_ROWS)
 
     data_dir = root / "data"
+    bench_ids = _add_bench_pharmacists(files, PRACTITIONERS)
     _cli(covergate, data_dir, "import", "practitioners", str(files.practitioners_csv))
     started = time.perf_counter()
     out = _cli(covergate, data_dir, "import", "rights", str(files.rights_csv), "--no-progress")
@@ -191,22 +202,19 @@ def _build(root: Path, beneficiaries: int, covergate: str, say: Callable[[str], 
     say(f"bench: {out.strip()}")
     rate = re.search(r"\(([\d,]+) rows/s\)", out)
 
-    practitioner = next(
-        p
-        for p in files.practitioners
-        if p.profession == "pharmacist"
-        and p.status == "active"
-        and set(p.amc_numbers) == set(demo.AMC_NUMBERS)
-    )
-    token = _cli(covergate, data_dir, "token", "create", practitioner.practitioner_id)
-    token = token.strip().splitlines()[-1]
+    tokens = [
+        _cli(covergate, data_dir, "token", "create", pid).strip().splitlines()[-1]
+        for pid in bench_ids
+    ]
+    practitioner_id, token = bench_ids[0], tokens[0]
     shutil.rmtree(csv_dir)  # identities in clear: only the sample above is kept
     meta = {
         "beneficiaries": files.beneficiaries,
         "rights_rows": files.rights_rows,
-        "practitioner_id": practitioner.practitioner_id,
-        "practitioner_amcs": list(practitioner.amc_numbers),
+        "practitioner_id": practitioner_id,
+        "practitioner_amcs": list(demo.AMC_NUMBERS),
         "token": token,
+        "tokens": tokens,
         "care_date": care_date,
         "build": {
             "generated_s": round(generated, 1),
@@ -217,6 +225,25 @@ def _build(root: Path, beneficiaries: int, covergate: str, say: Callable[[str], 
         },
     }
     _write_private(root / "ready.json", json.dumps(meta, indent=1))
+
+
+def _add_bench_pharmacists(files: DemoFiles, count: int) -> list[str]:
+    """The ids of `count` active pharmacists with every agreement: the demo's first, then new ones
+    appended to its practitioners file (ids that cannot collide with the demo's 10xxxxxxxxx)."""
+    from service import demo
+
+    ids = [
+        p.practitioner_id
+        for p in files.practitioners
+        if p.profession == "pharmacist"
+        and p.status == "active"
+        and set(p.amc_numbers) == set(demo.AMC_NUMBERS)
+    ][:count]
+    extra = [f"199{i:08d}" for i in range(count - len(ids))]
+    with open(files.practitioners_csv, "a", encoding="utf-8", newline="") as f:
+        for pid in extra:
+            f.write(f"{pid},pharmacist,{';'.join(demo.AMC_NUMBERS)},active\n")
+    return ids + extra
 
 
 def _copy_head(src: Path, dst: Path, rows: int) -> None:

@@ -33,8 +33,15 @@ COMPARISONS: tuple[Comparison, ...] = (
         "ceiling",
         "covergate",
         "noop",
-        ("unary", "batch-10", "batch-100", "batch-500", "stream", "stream-100"),
+        ("unary", "batch-10", "batch-100", "batch-500", "stream", "stream-100", "batch-100-p8"),
         "covergate against a no-op server from the same protos (what grpcio alone allows)",
+    ),
+    Comparison(
+        "ceiling-Nw",
+        "covergate-Nw",
+        "noop-Nw",
+        ("unary", "batch-100", "unary-p8", "batch-100-p8"),
+        "the same with one worker per core on both sides",
     ),
     Comparison(
         "reference",
@@ -47,8 +54,9 @@ COMPARISONS: tuple[Comparison, ...] = (
         "workers",
         "covergate-Nw",
         "covergate",
-        ("unary", "batch-10", "batch-100", "batch-500"),
-        "one worker per core against one worker",
+        ("unary", "batch-10", "batch-100", "batch-500", "unary-p8", "batch-100-p8"),
+        "one worker per core against one worker (-p8: the load spread over 8 practitioners, so "
+        "the workers share 8 quota slots instead of one)",
     ),
     Comparison(
         "tracing",
@@ -136,6 +144,24 @@ GOALS: tuple[Goal, ...] = (
         0.8,
     ),
     Goal(
+        "batch-100 vs ceiling, 8 practitioners",
+        "batch-100 items/s >= 0.8x no-op, load spread over 8 practitioners (1 worker)",
+        ("ratio", "ceiling", "batch-100-p8"),
+        0.8,
+    ),
+    Goal(
+        "batch-100 vs ceiling, N workers",
+        "batch-100 items/s >= 0.8x no-op, one worker per core on both sides",
+        ("ratio", "ceiling-Nw", "batch-100"),
+        0.8,
+    ),
+    Goal(
+        "batch-100 vs ceiling, N workers, 8 practitioners",
+        "batch-100 items/s >= 0.8x no-op, one worker per core, 8 practitioners",
+        ("ratio", "ceiling-Nw", "batch-100-p8"),
+        0.8,
+    ),
+    Goal(
         "fast path rate",
         ">= 1,000,000 decisions/s on one core (Cython, batch of 100)",
         ("micro", "cython", "batch_100"),
@@ -159,6 +185,12 @@ GOALS: tuple[Goal, ...] = (
         "workers on batches",
         "N workers >= 1.7x one worker (batch-100)",
         ("ratio", "workers", "batch-100"),
+        1.7,
+    ),
+    Goal(
+        "workers on batches, 8 practitioners",
+        "N workers >= 1.7x one worker (batch-100 from 8 practitioners: 8 quota slots)",
+        ("ratio", "workers", "batch-100-p8"),
         1.7,
     ),
     Goal(

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,7 @@ class Load:
     specs: list[CheckSpec]
     clients: int
     messages: list[bytes] = field(default_factory=list)  # a stream call's messages
+    token: str = ""  # the practitioner it calls as ("": the dataset's first)
 
 
 @dataclass
@@ -229,7 +230,29 @@ class BenchRun:
                     load.body.write_bytes(frames.grpc_frame(load.message))
                 elif load.messages:
                     load.body.write_bytes(b"".join(frames.grpc_frame(m) for m in load.messages))
-            self.loads[name] = loads
+            self.loads[name] = self._per_practitioner(loads, scenario.practitioners)
+
+    def _per_practitioner(self, loads: list[Load], count: int) -> list[Load]:
+        """Each load split over `count` practitioners: the same body, one h2load process per
+        practitioner with its own token and an even share of the connections."""
+        assert self.ds is not None
+        if count == 1:
+            return loads
+        if len(self.ds.tokens) < count:
+            raise SystemExit(
+                f"bench: the dataset has {len(self.ds.tokens)} practitioner tokens, "
+                f"a scenario needs {count}; delete {self.ds.root} to rebuild it"
+            )
+        return [
+            replace(
+                load,
+                kind=f"{load.kind}-p{i + 1}",
+                clients=max(1, load.clients // count),
+                token=self.ds.tokens[i],
+            )
+            for load in loads
+            for i in range(count)
+        ]
 
     def start_servers(self, names: list[str]) -> None:
         assert self.ds is not None
@@ -330,7 +353,7 @@ class BenchRun:
         if scenario.rpc == UNARY:
             result = probe.unary(
                 server.target,
-                self.ds.token,
+                load.token or self.ds.token,
                 scenario.method,
                 load.message,
                 load.specs[0],
@@ -340,7 +363,7 @@ class BenchRun:
         elif scenario.rpc == BATCH:
             result = probe.batch(
                 server.target,
-                self.ds.token,
+                load.token or self.ds.token,
                 scenario.method,
                 load.message,
                 load.specs,
@@ -350,7 +373,7 @@ class BenchRun:
         else:
             result = probe.stream(
                 server.target,
-                self.ds.token,
+                load.token or self.ds.token,
                 scenario.method,
                 load.messages,
                 load.specs,
@@ -372,9 +395,9 @@ class BenchRun:
         clients: dict[str, int] | None = None,
     ) -> list[h2load.H2loadRun]:
         assert self.ds is not None
-        headers = h2load.grpc_headers(self.ds.token)
         runs = []
         for load in self.loads[scenario.name]:
+            headers = h2load.grpc_headers(load.token or self.ds.token)
             log_file = None
             if rps_per_client is not None:
                 log_file = self.run_dir / f"{tag}-{load.kind}.log"

@@ -45,6 +45,9 @@ class Scenario:
     # H2LOAD posts pre-encoded frames (a stream call carries `batch_size` messages in one body and
     # half-closes); GRPC_AIO drives long-lived pipelined streams from bench.stream_client.
     driver: str = "h2load"
+    # Practitioners the load is spread over (one h2load process each, with its own token and a
+    # share of the connections): 1 puts every worker on one quota slot, 8 spreads them over 8.
+    practitioners: int = 1
 
     @property
     def method(self) -> str:
@@ -77,9 +80,24 @@ SCENARIOS: dict[str, Scenario] = {
             "(one h2load process per kind, connections split by share)",
             mix=COUNTER_MIX,
         ),
+        Scenario(
+            "unary-p8",
+            UNARY,
+            "CheckCoverage, a covered beneficiary, from 8 practitioners (a quota slot each; one "
+            "h2load process per practitioner, connections split evenly)",
+            practitioners=8,
+        ),
         Scenario("batch-10", BATCH, "CheckCoverageBatch, 10 covered", 10, streams_per_client=4),
         Scenario("batch-100", BATCH, "CheckCoverageBatch, 100 covered", 100, streams_per_client=2),
         Scenario("batch-500", BATCH, "CheckCoverageBatch, 500 covered", 500, streams_per_client=1),
+        Scenario(
+            "batch-100-p8",
+            BATCH,
+            "CheckCoverageBatch, 100 covered, from 8 practitioners (a quota slot each)",
+            100,
+            streams_per_client=2,
+            practitioners=8,
+        ),
         Scenario(
             "batch-100-mix",
             BATCH,

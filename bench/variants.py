@@ -223,6 +223,13 @@ VARIANTS: dict[str, Variant] = {
             checks_decisions=False,
         ),
         Variant(
+            "noop-Nw",
+            "the no-op server with one worker per core (the ceiling of covergate-Nw)",
+            NOOP,
+            workers=ALL_CORES,
+            checks_decisions=False,
+        ),
+        Variant(
             "conventional",
             "plain grpc.aio servicer: Python lookup (hashlib + py-lmdb + protobuf), Redis "
             "INCR+EXPIRE per lookup, one OpenTelemetry span per lookup",
