@@ -17,6 +17,7 @@ not dropped because a collector's authentication is misconfigured for a while.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -45,6 +46,13 @@ BATCH_BYTES = 512 << 10
 POLL_SECONDS = 0.02
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0  # an audit trail catches up soon after the receiver is back
+
+# glibc's malloc gives buffers of a chunk's size (the read, the request, gRPC's copy) their own
+# mmap and unmaps them when freed, so every chunk faulted its pages in again: ~0.3 page faults
+# per span, half the shipper's CPU. Serving them from the heap, kept between chunks, removes that.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest; well above CHUNK_BYTES
+TRIM_THRESHOLD = 64 << 20
 
 
 class Sender:
@@ -318,6 +326,20 @@ class Shipper:
         return self.stats.pending_bytes
 
 
+def keep_chunk_memory() -> bool:
+    """Have glibc keep freed chunk-sized buffers for the next chunk instead of unmapping them
+    (mallopt); False where the C library has no mallopt (then nothing changes)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
 def _take_lock(root: Path) -> int:
     """One shipper per spool: wait for the lock (a previous shipper still draining)."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -332,6 +354,7 @@ def run(root: str, drain_seconds: float = 5.0) -> None:
     from service.server import configure_logging
 
     configure_logging()
+    keep_chunk_memory()
     path = Path(root)
     lock = _take_lock(path)
     sender = Sender()
