@@ -420,9 +420,7 @@ def load_rights(
     if merge:
         existing = store.get_rights(k for k, _ in records)
         if existing:
-            records = [
-                (k, _merged(existing[k], v) if k in existing else v) for k, v in records
-            ]
+            records = [(k, _merged(existing[k], v) if k in existing else v) for k, v in records]
     dataset_id = uuid.uuid4().hex
     changes = _rights_changes(store, records, replace=not merge)
     store.write_rights(

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzz import importer as fuzz_importer
+from fuzz.wire import HypothesisChoices
 from harness import OTHER_AMC, PHARMACY_AMC, Right, cli, make_identity, write_rights_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,8 +24,6 @@ from test_importer import BAD_FIELDS, CASE_IDS, HEADER, bad_row, csv_line, good_
 import fastpath
 from fastpath import rules
 from fastpath.rules import Keys
-from fuzz import importer as fuzz_importer
-from fuzz.wire import HypothesisChoices
 from service import importer
 from service.importer import MAX_RIGHTS_PER_BENEFICIARY, RIGHTS_COLUMNS, ImportRejected
 from service.store import META_DATASET, Store
@@ -117,15 +117,20 @@ VALID_FILES: dict[str, Callable[[list[str]], str | bytes]] = {
     "blank lines": lambda lines: HEADER + "\n\n" + "\r\n\n".join(lines) + "\n\r\n",
     "byte order mark": lambda lines: "\ufeff" + HEADER + "\n" + "".join(lines),
     "quoted fields": lambda lines: (
-        HEADER + "\n" + "".join(
-            csv_line(next(csv.reader([x]))) if i % 2 else _quote_all(x)
-            for i, x in enumerate(lines)
+        HEADER
+        + "\n"
+        + "".join(
+            csv_line(next(csv.reader([x]))) if i % 2 else _quote_all(x) for i, x in enumerate(lines)
         )
     ),
-    "text after a closing quote": lambda lines: HEADER + "\n" + "".join(
-        ",".join(f'"{v[:-1]}"{v[-1]}' if len(v) > 1 else v for v in x[:-1].split(",")) + "\n"
-        for x in lines
-    ),  # fmt: skip
+    "text after a closing quote": lambda lines: (
+        HEADER
+        + "\n"
+        + "".join(
+            ",".join(f'"{v[:-1]}"{v[-1]}' if len(v) > 1 else v for v in x[:-1].split(",")) + "\n"
+            for x in lines
+        )
+    ),
 }
 
 
@@ -199,23 +204,30 @@ def _rows_file(rows: list[str], header: str = HEADER) -> str:
 
 GOOD = lines_of(good_rights(4))
 ROW = GOOD[1][:-1]
+
+
+def _with(old: str, new: str, *after: str) -> str:
+    """A file of one good row, then ROW with `old` replaced by `new`, then `after`."""
+    return _rows_file([GOOD[0], ROW.replace(old, new) + "\n", *after])
+
+
 # (file, whether the reference accepts it): files the C reader never takes.
 DECLINED: dict[str, tuple[str | bytes, bool]] = {
     "a field short": (_rows_file([GOOD[0], ROW.rsplit(",", 1)[0] + "\n"]), False),
-    "a field more": (_rows_file([GOOD[0], ROW + ",PHAR\n"]), False),
+    "a field more": (_with(",TP01,", ",TP01,PHAR,"), False),
     "a field more, empty": (_rows_file([GOOD[0], ROW + ",\n"]), False),
     "a lone space": (_rows_file([GOOD[0], " \n"]), False),
     "a quote left open at the end": (_rows_file([GOOD[0], ROW[:-8] + '"' + ROW[-8:]]), True),
-    "a quote left open mid-file": (_rows_file([GOOD[0], ROW[:-8] + '"' + ROW[-8:] + "\n", GOOD[2]]), False),
-    "a doubled quote": (_rows_file([ROW.replace(",PHAR,", ',"PH""AR",') + "\n"]), False),
-    "a quote inside": (_rows_file([ROW.replace(",PHAR,", ",PH\"AR,") + "\n"]), False),
-    "a line break inside quotes": (_rows_file([ROW.replace(",TP01,", ',"TP\n01",') + "\n"]), False),
-    "a space after a closing quote": (_rows_file([ROW.replace(",TP01,", ',"TP01" ,') + "\n"]), False),
-    "a NUL": (_rows_file([ROW.replace(",TP01,", ",TP\x0001,") + "\n"]), False),
-    "not UTF-8": (_rows_file([GOOD[0]]).encode() + ROW.replace(",TP01,", ",TP\xff01,").encode("latin-1") + b"\n", False),
-    "accented": (_rows_file([ROW.replace(",TP01,", ",TPé1,") + "\n"]), False),
-    "a field too long": (_rows_file([ROW.replace(",TP01,", "," + "T" * 300 + ",") + "\n"]), False),
-    "a field beyond the csv limit": (_rows_file([ROW.replace(",TP01,", "," + "T" * 140_000 + ",") + "\n", GOOD[2]]), False),
+    "a quote left open mid-file": (_with(",TP01,", ',TP01,"', GOOD[2]), False),
+    "a doubled quote": (_with(",PHAR,", ',"PH""AR",'), False),
+    "a quote inside": (_with(",PHAR,", ',PH"AR,'), False),
+    "a line break inside quotes": (_with(",TP01,", ',"TP\n01",'), False),
+    "a space after a closing quote": (_with(",TP01,", ',"TP01" ,'), False),
+    "a NUL": (_with(",TP01,", ",TP\x0001,"), False),
+    "not UTF-8": (_with(",TP01,", ",TP01,").encode().replace(b"TP01", b"TP\xff1", 2), False),
+    "accented": (_with(",TP01,", ",TPé1,"), False),
+    "a field too long": (_with(",TP01,", "," + "T" * 300 + ","), False),
+    "a field beyond the csv limit": (_with(",TP01,", "," + "T" * 140_000 + ",", GOOD[2]), False),
     "header with spaces": (_rows_file(GOOD, " " + HEADER.replace(",", " , ") + "\t"), True),
     "header quoted": (_rows_file(GOOD, '"' + HEADER.replace(",", '","') + '"'), True),
     "header after a no-break space": (_rows_file(GOOD, "\u00a0" + HEADER), True),
@@ -228,7 +240,7 @@ DECLINED: dict[str, tuple[str | bytes, bool]] = {
     "header without a line break": (HEADER, False),
     "empty": (b"", False),
     "blank": ("\n", False),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(DECLINED))

@@ -72,8 +72,8 @@ cdef int _key_order(const void* a, const void* b) noexcept nogil:
     return memcmp((<const KeyOrder*>a).key, (<const KeyOrder*>b).key, STORAGE_KEY_SIZE)
 
 
-cdef int _grow_array(void** buffer, Py_ssize_t* capacity, Py_ssize_t used, Py_ssize_t more,
-               size_t item) except -1:
+cdef int _grow_array(void** buffer, Py_ssize_t* capacity, Py_ssize_t used,
+                     Py_ssize_t more, size_t item) except -1:
     """Room for `more` items after `used` in a PyMem buffer, doubling it as needed."""
     cdef Py_ssize_t want = used + more
     cdef Py_ssize_t size = capacity[0] if capacity[0] > 0 else 1024
@@ -142,7 +142,7 @@ cdef class _RightsBuild:
                 return i
             at = (at + 1) & (self.table_size - 1)
         _grow_array(<void**>&self.people, &self.people_capacity, self.people_used, 1,
-              sizeof(Beneficiary))
+                    sizeof(Beneficiary))
         i = self.people_used
         self.people_used += 1
         memcpy(self.people[i].key, key, STORAGE_KEY_SIZE)
@@ -486,5 +486,3 @@ def rights_records(const unsigned char[::1] data, keys, columns, Py_ssize_t max_
     if rows == 0:
         return None
     return build.records(), rows
-
-

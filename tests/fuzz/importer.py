@@ -13,6 +13,8 @@ One beneficiary may hold at most MAX_RIGHTS rows here, so that the limit is reac
     PYTHONPATH=tests python -m fuzz.importer --seconds 60                  # atheris
     PYTHONPATH=tests python -m fuzz.importer --engine hypothesis --seconds 60
     PYTHONPATH=tests python -m fuzz.importer --explain FILE...              # what saved inputs do
+    make fuzz FUZZ_TARGET=fuzz.importer        # the same through make; make fuzz-asan too (the
+                                               # C reader built with ASan + UBSan, --gate-c)
 
 A divergence stops the run and leaves the input in build/fuzz/importer/crash-<sha1>; atheris's
 corpus is build/fuzz/importer/corpus, the seed corpus tests/fuzz/corpus_importer (replayed by
@@ -22,6 +24,7 @@ corpus is build/fuzz/importer/corpus, the seed corpus tests/fuzz/corpus_importer
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import random
 import sys
@@ -31,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fastpath import rules
 from fuzz.wire import Choices, RandomChoices, pick
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +52,19 @@ _PEOPLE = (
     ("3030999123999", "20031231", "9"),
     ("7850775123456", "18500101", "1"),
 )
-IDENTITIES = tuple(
-    (nir, f"{rules.nir_key_for(nir.upper()):02d}", birth, rank) for nir, birth, rank in _PEOPLE
-)
+
+
+@functools.cache
+def identities() -> tuple[tuple[str, str, str, str], ...]:
+    """(nir, nir_key, birth_date, birth_rank). fastpath is imported here, not at the top: with
+    --gate-c, the extension given must be loaded before anything imports fastpath."""
+    from fastpath import rules
+
+    return tuple(
+        (nir, f"{rules.nir_key_for(nir.upper()):02d}", birth, rank) for nir, birth, rank in _PEOPLE
+    )
+
+
 VALID = {
     "amc_number": ("123456789", "987654321", "1122", "0000000001"),
     "member_number": ("", "A0001234", "m1", "Z" * 20, "abc123"),
@@ -65,15 +77,15 @@ VALID = {
 # Values each column must refuse, and some any column must.
 INVALID = {
     "nir": ("0850775123456", "9850775123456", "18507751234A6", "185072C123456", "185077512345",
-            "18507751234567", "1850775123456 ", "１850775123456"),
+            "18507751234567", "1850775123456 ", "\uff11850775123456"),
     "nir_key": ("8", "4a", "008", "00", "98", " 8"),
     "birth_date": ("19850230", "19850431", "18000101", "19851301", "1985070", "19850732",
                    "20000229x", "19000229"),
-    "birth_rank": ("0", "10", "x", "01", "١"),
-    "amc_number": ("12345678901", "12345678a", "-1", "１"),
+    "birth_rank": ("0", "10", "x", "01", "\u0661"),
+    "amc_number": ("12345678901", "12345678a", "-1", "\uff11"),
     "member_number": ("M-0001", "M" * 21, "é", "M 1"),
     "domain": ("PHARM", "phar", "PHA", "Phar"),
-    "rate_percent": ("-1", "101", "1000", "+1", "0x1", " 1", "١"),
+    "rate_percent": ("-1", "101", "1000", "+1", "0x1", " 1", "\u0661"),
     "convention_type": ("TP-1", "X" * 17, "é"),
     "start_date": ("20240230", "20240000", "18991231", "22000101", "2024010"),
     "end_date": ("20241301", "20230229", "2024-01-01"),
@@ -159,10 +171,10 @@ def random_file(ch: Choices) -> bytes:
     """A rights file, valid more often than not."""
     header = pick(ch, HEADERS[1:]) if rare(ch, 5) else HEADERS[0]
     lines = [header]
-    identity = pick(ch, IDENTITIES)
+    identity = pick(ch, identities())
     for _ in range(ch.integer(0, 14)):
         if rare(ch, 3):
-            identity = pick(ch, IDENTITIES)  # a beneficiary's rows need not follow each other
+            identity = pick(ch, identities())  # a beneficiary's rows need not follow each other
         if rare(ch, 12):
             lines.append("")
             continue
@@ -264,10 +276,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--explain", nargs="+", metavar="FILE", help="run saved inputs")
     parser.add_argument("--make-corpus", action="store_true", help="regenerate the seed corpus")
+    parser.add_argument("--gate-c", help="the C extension to load (e.g. an ASan build)")
     args, passthrough = parser.parse_known_args()
     if args.make_corpus:
         make_corpus()
         return 0
+    if args.gate_c:
+        from fuzz.__main__ import load_gates
+
+        gate_c = load_gates(args.gate_c)[0]  # before anything else imports fastpath
+        import fastpath
+
+        fastpath.rights_records = gate_c.rights_records
     with tempfile.TemporaryDirectory(prefix="covergate-fuzz-import-") as tmp:
         checker = _session(Path(tmp))
         if args.explain:
