@@ -356,3 +356,19 @@ def test_the_cli_stores_what_the_reference_stores(tmp_path: Path) -> None:
         cli("import", "rights", str(path), "--pepper-file", str(pepper),
             data_dir=tmp_path / name, env=env)  # fmt: skip
     assert stored(tmp_path / "compiled") == stored(tmp_path / "reference")
+
+
+def test_progress_is_reported_as_the_file_is_read(tmp_path: Path) -> None:
+    """The callback gets every byte of the file, in steps, and changes nothing read."""
+    rights = good_rights(60_000, seed=3)
+    path = write_rights_csv(tmp_path / "big.csv", rights)
+    data = path.read_bytes()
+    assert len(data) > 4 << 20
+    steps: list[int] = []
+    assert fastpath.rights_records is not None
+    found = fastpath.rights_records(
+        data, KEYS, RIGHTS_COLUMNS, MAX_RIGHTS_PER_BENEFICIARY, steps.append
+    )
+    assert found is not None and found == compiled(data)
+    assert sum(steps) == len(data) and len(steps) >= 2
+    assert importer.read_rights_records(path, KEYS, progress=True, compiled=True) == found
