@@ -7,8 +7,6 @@ being served stays as it was. Reports name the line and the field, never the val
 from __future__ import annotations
 
 import csv
-import mmap
-import os
 import sys
 import time
 import uuid
@@ -244,7 +242,8 @@ def read_rights(
     progress: bool | None = None,
 ) -> tuple[dict[bytes, list[RightRow]], int]:
     """Validate a whole rights file; (rows by storage key, row count) or ImportRejected. The
-    reference: read_rights_records gives the same, encoded, from compiled code."""
+    reference reading: read_rights_records gives the same records, encoded, from compiled code
+    where it can."""
     errors: list[RowError] = []
     by_key: dict[bytes, list[RightRow]] = {}
     rows = 0
@@ -357,30 +356,25 @@ def read_rights_records(
 def _read_compiled(
     path: Path, keys: Keys, progress: bool | None
 ) -> tuple[list[tuple[bytes, bytes]], int] | None:
-    """fastpath.rights_records over the file's bytes (mapped, not copied), with a progress bar
-    on stderr for large files; None when the reference must read it."""
+    """fastpath.rights_records over the file's bytes, with a progress bar on stderr for large
+    files; None when the reference must read it. The file is read into memory, not mapped: a
+    file truncated meanwhile must not end the process with SIGBUS."""
     if fastpath.rights_records is None:
         raise RuntimeError("the compiled importer needs the Cython extension (make install)")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            show = progress if progress is not None else (size >= PROGRESS_MIN_BYTES)
-            if not show:
-                return fastpath.rights_records(
-                    data, keys, RIGHTS_COLUMNS, MAX_RIGHTS_PER_BENEFICIARY
-                )
-            bar = _progress_bar()
-            with bar:
-                task = bar.add_task(f"importing {path.name}", total=size)
-                return fastpath.rights_records(
-                    data,
-                    keys,
-                    RIGHTS_COLUMNS,
-                    MAX_RIGHTS_PER_BENEFICIARY,
-                    lambda n: bar.advance(task, n),
-                )
+    data = path.read_bytes()
+    show = progress if progress is not None else (len(data) >= PROGRESS_MIN_BYTES)
+    if not show:
+        return fastpath.rights_records(data, keys, RIGHTS_COLUMNS, MAX_RIGHTS_PER_BENEFICIARY)
+    bar = _progress_bar()
+    with bar:
+        task = bar.add_task(f"importing {path.name}", total=len(data))
+        return fastpath.rights_records(
+            data,
+            keys,
+            RIGHTS_COLUMNS,
+            MAX_RIGHTS_PER_BENEFICIARY,
+            lambda n: bar.advance(task, n),
+        )
 
 
 def import_rights(
