@@ -3,17 +3,19 @@ run a fresh process on one core into a fresh data dir: the import rate of a chan
 replaced, measured in the same minutes.
 
     python -m bench.import_pair FILE --old /path/to/other/checkout [--rounds 5] [--cpu 1]
+        [--json OUT.json]
 
 `--old` is a checkout whose Cython extension is built in place (`setup.py build_ext --inplace`);
 it runs on this interpreter with that tree first on PYTHONPATH. "new" is this tree. For the
 bench's sample, FILE is `bench/.cache/<dataset>/import-sample.csv`. Each run reports the rows/s
 the command prints, the whole command's wall time and its CPU time (user + system); the summary
-gives medians and the per-round ratio of the two.
+gives medians and the per-round ratio of the two (with --json, every run as well).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--old", type=Path, required=True, help="the other source tree")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cpu", type=int, default=1, help="the core both run on")
+    parser.add_argument("--json", type=Path, help="write the runs and medians there")
     args = parser.parse_args()
     trees = {"old": args.old.resolve(), "new": ROOT}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
@@ -85,6 +88,23 @@ def main() -> int:
         + ", ".join(f"{r:.1f}x" for r in ratios)
         + f"; median {statistics.median(ratios):.1f}x"
     )
+    if args.json:
+        runs = {
+            name: [{"rows_per_s": r, "wall_s": w, "cpu_s": c} for r, w, c in found]
+            for name, found in results.items()
+        }
+        summary = {
+            "file": str(args.file),
+            "old": str(trees["old"]),
+            "cpu": args.cpu,
+            "runs": runs,
+            "median_rows_per_s": {
+                name: statistics.median(r[0] for r in found) for name, found in results.items()
+            },
+            "ratios": ratios,
+            "median_ratio": statistics.median(ratios),
+        }
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 
