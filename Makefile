@@ -22,8 +22,9 @@ FUZZ_ENGINE ?= atheris
 STAMP_FUZZ := $(VENV)/.fuzz-stamp
 ASAN_DIR := build/asan
 ASAN_FLAGS := -fsanitize=address,undefined
+FUZZ_TARGET ?= fuzz
 FUZZ_RUN = PYTHONPATH=tests COVERGATE_REQUIRE_EXTENSIONS=1 \
-	$(PY) -m fuzz --engine $(FUZZ_ENGINE) --seconds $(FUZZ_SECONDS)
+	$(PY) -m $(FUZZ_TARGET) --engine $(FUZZ_ENGINE) --seconds $(FUZZ_SECONDS)
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or set PYTHON=...)"; exit 1; }
@@ -76,6 +77,7 @@ bench: install
 
 ## Differential fuzzing of both gates and upb for FUZZ_SECONDS (tests/fuzz/__init__.py explains
 ## findings); FUZZ_ENGINE=hypothesis needs no atheris; FUZZ_ARGS go to libFuzzer (flags, inputs).
+## FUZZ_TARGET=fuzz.importer fuzzes the compiled rights-file reader against the reference instead.
 fuzz: install $(STAMP_FUZZ)
 	$(FUZZ_RUN) $(FUZZ_ARGS)
 

@@ -8,6 +8,7 @@ makes a missing or broken extension a hard error instead of a silent fallback (C
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastpath import baselines, rules
@@ -22,6 +23,7 @@ __all__ = [
     "batch_items",
     "complete_spans",
     "observe_baseline",
+    "rights_records",
     "rules",
 ]
 
@@ -49,6 +51,10 @@ def _observe_baseline(
 if _NO_EXTENSIONS and _REQUIRE_EXTENSIONS:
     raise RuntimeError("COVERGATE_NO_EXTENSIONS and COVERGATE_REQUIRE_EXTENSIONS are both set")
 
+# The compiled reader of rights files (service.importer.read_rights_records); None without the
+# extension: service.importer's reference then reads every file.
+rights_records: Callable[..., tuple[list[tuple[bytes, bytes]], int] | None] | None = None
+
 if TYPE_CHECKING or _NO_EXTENSIONS:
     from fastpath._gate_py import IMPLEMENTATION, Gate
     from fastpath.trace import complete_spans
@@ -63,6 +69,7 @@ else:
             batch_items,
             complete_spans,
             observe_baseline,
+            rights_records,
         )
     except ImportError:
         if _REQUIRE_EXTENSIONS:
@@ -72,3 +79,4 @@ else:
 
         batch_items = _batch_items
         observe_baseline = _observe_baseline
+        rights_records = None

@@ -100,6 +100,9 @@ include "_c/baselines.pxi"
 include "_c/quota.pxi"
 # Spans, ids, and the gate's span buffer (fastpath.trace):
 include "_c/trace.pxi"
+# The rights file of an import, read into records (service.importer.read_rights, then
+# rules.encode_record):
+include "_c/importer.pxi"
 
 
 cdef class Gate:

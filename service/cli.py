@@ -201,12 +201,12 @@ def cmd_import(args: argparse.Namespace) -> int:
             keys = Keys(pepper)
             started = time.perf_counter()
             progress = False if args.no_progress else None
-            by_key, rows = importer.read_rights(path, keys, progress=progress)
+            rights, rows = importer.read_rights_records(path, keys, progress=progress)
             if new_pepper is not None:
                 _write_pepper(new_pepper, pepper)
             with Store(directory, config.store) as store:
                 report = importer.load_rights(
-                    store, keys, by_key, rows, path.name, merge=args.merge, started=started
+                    store, keys, rights, rows, path.name, merge=args.merge, started=started
                 )
             print(
                 f"imported {report.rows:,} rights rows for {report.beneficiaries:,} "

@@ -26,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+import fastpath
 from fastpath import rules
 from fastpath.rules import Keys, RightRow
 from service.config import PROFESSIONS
@@ -90,6 +91,18 @@ class ImportReport:
 # -- reading ---------------------------------------------------------------------------------------
 
 
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
 @contextmanager
 def _open_csv(path: Path, progress: bool | None) -> Iterator[IO[str]]:
     """Open a UTF-8 CSV, with a progress bar on stderr for large files."""
@@ -99,15 +112,7 @@ def _open_csv(path: Path, progress: bool | None) -> Iterator[IO[str]]:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             yield f
         return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    bar = _progress_bar()
     with (
         bar,
         bar.open(
@@ -236,7 +241,9 @@ def read_rights(
     *,
     progress: bool | None = None,
 ) -> tuple[dict[bytes, list[RightRow]], int]:
-    """Validate a whole rights file; (rows by storage key, row count) or ImportRejected."""
+    """Validate a whole rights file; (rows by storage key, row count) or ImportRejected. The
+    reference reading: read_rights_records gives the same records, encoded, from compiled code
+    where it can."""
     errors: list[RowError] = []
     by_key: dict[bytes, list[RightRow]] = {}
     rows = 0
@@ -320,6 +327,56 @@ def read_rights(
     return by_key, rows
 
 
+def read_rights_records(
+    path: Path,
+    keys: Keys,
+    *,
+    progress: bool | None = None,
+    compiled: bool | None = None,
+) -> tuple[list[tuple[bytes, bytes]], int]:
+    """Validate a whole rights file: its records (storage key, rules.encode_record of that
+    beneficiary's rows), sorted by key, and its row count; or ImportRejected.
+
+    `compiled` (by default: when the Cython extension is built) reads the file in C
+    (fastpath.rights_records), which gives the reference's records byte for byte. It takes only
+    files the reference accepts: any other file, and the few valid ones it declines, are read by
+    `read_rights`, the reference, which reports the invalid rows. False: the reference only.
+    """
+    path = Path(path)
+    if compiled is None:
+        compiled = fastpath.IMPLEMENTATION == "cython"
+    if compiled:
+        found = _read_compiled(path, keys, progress)
+        if found is not None:
+            return found
+    by_key, rows = read_rights(path, keys, progress=progress)
+    return [(k, rules.encode_record(by_key[k])) for k in sorted(by_key)], rows
+
+
+def _read_compiled(
+    path: Path, keys: Keys, progress: bool | None
+) -> tuple[list[tuple[bytes, bytes]], int] | None:
+    """fastpath.rights_records over the file's bytes, with a progress bar on stderr for large
+    files; None when the reference must read it. The file is read into memory, not mapped: a
+    file truncated meanwhile must not end the process with SIGBUS."""
+    if fastpath.rights_records is None:
+        raise RuntimeError("the compiled importer needs the Cython extension (make install)")
+    data = path.read_bytes()
+    show = progress if progress is not None else (len(data) >= PROGRESS_MIN_BYTES)
+    if not show:
+        return fastpath.rights_records(data, keys, RIGHTS_COLUMNS, MAX_RIGHTS_PER_BENEFICIARY)
+    bar = _progress_bar()
+    with bar:
+        task = bar.add_task(f"importing {path.name}", total=len(data))
+        return fastpath.rights_records(
+            data,
+            keys,
+            RIGHTS_COLUMNS,
+            MAX_RIGHTS_PER_BENEFICIARY,
+            lambda n: bar.advance(task, n),
+        )
+
+
 def import_rights(
     store: Store,
     keys: Keys,
@@ -327,40 +384,38 @@ def import_rights(
     *,
     merge: bool = False,
     progress: bool | None = None,
+    compiled: bool | None = None,
 ) -> ImportReport:
     """Validate then load a rights file in one transaction.
 
     By default the file is the full dataset and replaces every right. With `merge`, only the
     beneficiaries in the file change: their rights at the insurers (AMCs) present in the file are
-    replaced, their rights at other insurers are kept.
+    replaced, their rights at other insurers are kept. `compiled` as in read_rights_records.
     """
     started = time.perf_counter()
-    by_key, rows = read_rights(Path(path), keys, progress=progress)
-    return load_rights(store, keys, by_key, rows, Path(path).name, merge=merge, started=started)
+    records, rows = read_rights_records(Path(path), keys, progress=progress, compiled=compiled)
+    return load_rights(store, keys, records, rows, Path(path).name, merge=merge, started=started)
 
 
 def load_rights(
     store: Store,
     keys: Keys,
-    by_key: dict[bytes, list[RightRow]],
+    records: list[tuple[bytes, bytes]],
     rows: int,
     source: str,
     *,
     merge: bool = False,
     started: float | None = None,
 ) -> ImportReport:
-    """Write rights validated by `read_rights` (the second half of `import_rights`). The report's
-    `extra` counts beneficiaries added, removed and changed against the data served before."""
+    """Write the records of `read_rights_records` (the second half of `import_rights`). The
+    report's `extra` counts beneficiaries added, removed and changed against the data served
+    before."""
     started = time.perf_counter() if started is None else started
     if merge:
-        existing = store.get_rights(by_key)
-        for skey, new_rows in by_key.items():
-            if skey in existing:
-                amcs = {r.amc_number for r in new_rows}
-                kept = [r for r in rules.decode_record(existing[skey]) if r.amc_number not in amcs]
-                by_key[skey] = kept + new_rows
+        existing = store.get_rights(k for k, _ in records)
+        if existing:
+            records = [(k, _merged(existing[k], v) if k in existing else v) for k, v in records]
     dataset_id = uuid.uuid4().hex
-    records = [(k, rules.encode_record(by_key[k])) for k in sorted(by_key)]
     changes = _rights_changes(store, records, replace=not merge)
     store.write_rights(
         iter(records),
@@ -375,8 +430,17 @@ def load_rights(
         },
     )
     return ImportReport(
-        "rights", rows, len(by_key), time.perf_counter() - started, dataset_id, changes
+        "rights", rows, len(records), time.perf_counter() - started, dataset_id, changes
     )
+
+
+def _merged(old: bytes, new: bytes) -> bytes:
+    """A merge's record: the beneficiary's stored rows at insurers the file does not list, then
+    the file's rows."""
+    new_rows = rules.decode_record(new)
+    amcs = {r.amc_number for r in new_rows}
+    kept = [r for r in rules.decode_record(old) if r.amc_number not in amcs]
+    return rules.encode_record(kept + new_rows)
 
 
 def _rights_changes(
