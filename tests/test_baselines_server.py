@@ -168,12 +168,16 @@ def test_in_shadow_a_walk_is_an_anomaly_event_and_a_metric_by_profession_and_sig
         {kv.key: kv.value for kv in event.attributes}["covergate.anomaly.signal"].string_value
         for _, event in events
     }
-    assert raised == {"new_today", "new_share"}, raised
+    assert raised == {"new_today", "new_share", "new_excess"}, raised
     for span, event in events:
         values = {kv.key: kv.value for kv in event.attributes}
         assert values["covergate.anomaly.score"].int_value > 0
         assert attributes(span)["covergate.practitioner.id"] == PHARMACIST_ID
-    assert counted == {("pharmacist", "new_today"): 1, ("pharmacist", "new_share"): 1}
+    assert counted == {
+        ("pharmacist", "new_today"): 1,
+        ("pharmacist", "new_share"): 1,
+        ("pharmacist", "new_excess"): 1,
+    }
 
 
 def anomalies(receiver: object) -> dict[tuple[str, str], int]:
