@@ -91,7 +91,7 @@ class BaselineProfile:
     """
 
     learn_days: int = 14
-    min_lookups: int = 20
+    min_lookups: int = 15
     new_share_percent: int = 50
     share_margin: int = 15
     new_min: int = 10

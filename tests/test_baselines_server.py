@@ -99,10 +99,10 @@ def test_a_list_walk_is_suspended_by_the_policy_until_reinstated(tmp_path: Path)
     config.write_text('[baselines]\nenforce = ["new_today", "new_share"]\n')
     requests = covered_requests(ds)
     with RunningServer(ds.data_dir, args=["--config", str(config)]) as server:
-        # new_today is raised at the 10th new person, new_share once 20 lookups are made (the
-        # default min_lookups): both, so the 20th lookup suspends and the 21st is refused.
+        # new_today is raised at the 10th new person, new_share once 15 lookups are made (the
+        # default min_lookups): both, so the 15th lookup suspends and the 16th is refused.
         answered, reason = walk(server, ds, requests)
-        assert (answered, reason) == (20, "PRACTITIONER_SUSPENDED"), server.log()
+        assert (answered, reason) == (15, "PRACTITIONER_SUSPENDED"), server.log()
         assert "baseline policy suspended practitioner" in server.log()
     shown = cli(
         "practitioner", "show", PHARMACIST_ID, "--config", str(config), data_dir=ds.data_dir
