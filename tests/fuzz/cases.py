@@ -43,9 +43,21 @@ PROFILES = (
 # Baselines, by the case's profile: none, every signal on a hair trigger (shadow, then enforcing
 # new_excess alone), and the defaults enforcing new_share and new_excess.
 _HAIR_TRIGGER = dict(
-    learn_days=1, min_lookups=1, new_share_percent=0, share_margin=0, new_min=1,
-    new_mult_percent=0, sigma=1, volume_min=1, volume_mult_percent=0, off_permille=500,
-    off_min=1, share_sigma=1, excess_min=1, excess_sigma=1, excess_share_sigma=1,
+    learn_days=1,
+    min_lookups=1,
+    new_share_percent=0,
+    share_margin=0,
+    new_min=1,
+    new_mult_percent=0,
+    sigma=1,
+    volume_min=1,
+    volume_mult_percent=0,
+    off_permille=500,
+    off_min=1,
+    share_sigma=1,
+    excess_min=1,
+    excess_sigma=1,
+    excess_share_sigma=1,
     excess_margin=0,
 )
 BASELINE_PROFILES = (

@@ -31,11 +31,11 @@ from fastpath.quota import (
 )
 from fuzz.cases import (
     PROFILES,
-    baseline_record,
     SLOT_TABLE_FULL,
     SLOT_TABLE_HALF,
     SLOTS,
     Case,
+    baseline_record,
     head_fields,
     slot_fields,
     with_slot_fields,
