@@ -370,6 +370,8 @@ def test_observe_baseline_identical_in_c_and_python(
     [
         ("[baselines]\nenforce = ['caps']\n", "enforce must list"),
         ("[baselines]\nsigma = 0\n", "sigma"),
+        ("[baselines]\nexcess_share_sigma = 9\n", "excess_share_sigma must be 1..8"),
+        ("[professions.transport.baselines]\nexcess_min = 0\n", "excess_min must be 1.."),
         ("[baselines]\nlearn = 3\n", "no setting 'learn'"),
         ("[professions.hospital.baselines]\nnew_min = 'x'\n", "new_min must be an integer"),
     ],
@@ -389,7 +391,7 @@ def test_baseline_settings_reach_the_profile(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         "[baselines]\nenforce = ['new_today', 'new_share']\nlearn_days = 7\n"
-        "[professions.hospital.baselines]\nsigma = 6\n"
+        "[professions.hospital.baselines]\nsigma = 6\nexcess_margin = 8\n"
     )
     config = load_config(path)
     hospital, pharmacist = (
@@ -402,6 +404,10 @@ def test_baseline_settings_reach_the_profile(tmp_path: Path) -> None:
         BaselineProfile.sigma,
         7,
     )
+    assert (hospital.excess_margin, pharmacist.excess_margin) == (8, BaselineProfile.excess_margin)
     assert pharmacist.enforce == baselines.SIG_NEW_TODAY | baselines.SIG_NEW_SHARE
+    path.write_text("[baselines]\nenforce = ['new_excess']\n")
+    dentist = load_config(path).baseline_profile("dentist")
+    assert dentist is not None and dentist.enforce == baselines.SIG_NEW_EXCESS
     path.write_text("[baselines]\nenabled = false\n")
     assert load_config(path).baseline_profile("pharmacist") is None
