@@ -63,14 +63,14 @@ MAX_SIGMA = 8
 MAX_PERCENT = 1_000_000
 _U32 = 0xFFFFFFFF
 
-SIGNALS = ("new_share", "new_today", "off_hours", "volume")
-SIG_NEW_SHARE, SIG_NEW_TODAY, SIG_OFF_HOURS, SIG_VOLUME = 1, 2, 4, 8
+SIGNALS = ("new_share", "new_today", "off_hours", "volume", "new_excess")
+SIG_NEW_SHARE, SIG_NEW_TODAY, SIG_OFF_HOURS, SIG_VOLUME, SIG_NEW_EXCESS = 1, 2, 4, 8, 16
 SIGNAL_BITS = {name: 1 << i for i, name in enumerate(SIGNALS)}
 N_SIGNALS = len(SIGNALS)
 
 _HEAD = struct.Struct("<14I5Q24I24I")
 # BaselineProfile.packed, as the Cython gate reads it (fastpath/_c/baselines.pxi: BaseProfile).
-PROFILE_VIEW = struct.Struct("<13q")
+PROFILE_VIEW = struct.Struct("<17q")
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,16 @@ class BaselineProfile:
     `share_sigma` binomial standard deviations above it (a share of many lookups varies less).
     `new_today` and `volume`: at least `new_min` (`volume_min`), `*_mult_percent` of the
     baseline, and `sigma` standard deviations above it. `off_hours`: `off_min` lookups today at
-    hours that hold less than `off_permille` of its past lookups. `enforce`: the signals
+    hours that hold less than `off_permille` of its past lookups. `new_excess`: at least
+    `excess_min` new people today, `excess_sigma` standard deviations above the usual count
+    and, at once, a new share `excess_margin` points and `excess_share_sigma` binomial
+    deviations above the usual share: two moderate excesses together, where `new_today` and
+    `new_share` each want a large one. `enforce`: the signals
     (SIGNAL_BITS) that, all raised the same day, suspend the practitioner; 0: shadow only.
     """
 
     learn_days: int = 14
-    min_lookups: int = 20
+    min_lookups: int = 15
     new_share_percent: int = 50
     share_margin: int = 15
     new_min: int = 10
@@ -98,22 +102,28 @@ class BaselineProfile:
     off_permille: int = 5
     off_min: int = 15
     share_sigma: int = 4
+    excess_min: int = 10
+    excess_sigma: int = 3
+    excess_share_sigma: int = 2
+    excess_margin: int = 15
     enforce: int = 0
     packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.sigma <= MAX_SIGMA or not 1 <= self.share_sigma <= MAX_SIGMA:
-            raise ValueError(f"sigma and share_sigma must be 1..{MAX_SIGMA}")
+        for name in ("sigma", "share_sigma", "excess_sigma", "excess_share_sigma"):
+            if not 1 <= getattr(self, name) <= MAX_SIGMA:
+                raise ValueError(f"{name} must be 1..{MAX_SIGMA}")
         for name in (
             "new_mult_percent",
             "volume_mult_percent",
             "new_share_percent",
             "share_margin",
             "off_permille",
+            "excess_margin",
         ):
             if not 0 <= getattr(self, name) <= MAX_PERCENT:
                 raise ValueError(f"{name} must be 0..{MAX_PERCENT}")
-        for name in ("learn_days", "min_lookups", "new_min", "volume_min", "off_min"):
+        for name in ("learn_days", "min_lookups", "new_min", "volume_min", "off_min", "excess_min"):
             if not 1 <= getattr(self, name) <= _U32:
                 raise ValueError(f"{name} must be 1..{_U32}")
         if not 0 <= self.enforce < 1 << N_SIGNALS:
@@ -131,6 +141,10 @@ class BaselineProfile:
             self.off_permille,
             self.off_min,
             self.share_sigma,
+            self.excess_min,
+            self.excess_sigma,
+            self.excess_share_sigma,
+            self.excess_margin,
             self.enforce,
         )
         object.__setattr__(self, "packed", PROFILE_VIEW.pack(*values))
@@ -339,11 +353,12 @@ def observe(
     if learned:
         x, n = min(s.lookups, COUNT_CAP), min(s.new, COUNT_CAP)
         scores = signal_scores(s)
+        usual = min(s.mean_share // FIXED, 100)
         if (
             x >= profile.min_lookups
             and n * 100 >= profile.new_share_percent * x
             and n * 100 * FIXED >= (s.mean_share + profile.share_margin * FIXED) * x
-            and _share_above(n, x, min(s.mean_share // FIXED, 100), profile.share_sigma)
+            and _share_above(n, x, usual, profile.share_sigma)
         ):
             fire |= SIG_NEW_SHARE
         if (
@@ -360,6 +375,13 @@ def observe(
             and _above(x, s.mean_lookups, s.square_lookups, profile.sigma)
         ):
             fire |= SIG_VOLUME
+        if (
+            n >= profile.excess_min
+            and n * 100 * FIXED >= (s.mean_share + profile.excess_margin * FIXED) * x
+            and _above(n, s.mean_new, s.square_new, profile.excess_sigma)
+            and _share_above(n, x, usual, profile.excess_share_sigma)
+        ):
+            fire |= SIG_NEW_EXCESS
     fresh = fire & ~s.fired
     s.fired |= fire
     enforce = profile.enforce
@@ -372,13 +394,16 @@ def observe(
 
 def signal_scores(s: BaselineState) -> list[int]:
     """Today's score of each signal (SIGNALS order): new share in percent, new beneficiaries and
-    lookups in percent of their baseline, lookups at unusual hours."""
+    lookups in percent of their baseline, lookups at unusual hours, and the points by which
+    today's new share exceeds the usual one (0 when it does not)."""
     x, n = min(s.lookups, COUNT_CAP), min(s.new, COUNT_CAP)
+    share = n * 100 // x if x else 0
     return [
-        n * 100 // x if x else 0,
+        share,
         n * 100 * FIXED // max(s.mean_new, 1),
         min(s.off_hours, COUNT_CAP),
         x * 100 * FIXED // max(s.mean_lookups, 1),
+        max(share - min(s.mean_share // FIXED, 100), 0),
     ]
 
 

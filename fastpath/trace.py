@@ -371,7 +371,7 @@ EVENT_ANOMALY = "covergate.anomaly"
 
 
 # The signals of fastpath.baselines, in their bit order.
-ANOMALY_SIGNALS = ("new_share", "new_today", "off_hours", "volume")
+ANOMALY_SIGNALS = ("new_share", "new_today", "off_hours", "volume", "new_excess")
 _ANOMALY_HEADS = tuple(
     field_bytes(0x12, EVENT_ANOMALY.encode())
     + _event_attr(attr_str("covergate.anomaly.signal", signal))

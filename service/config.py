@@ -177,6 +177,10 @@ class BaselineSettings:
     off_permille: int = BaselineProfile.off_permille
     off_min: int = BaselineProfile.off_min
     share_sigma: int = BaselineProfile.share_sigma
+    excess_min: int = BaselineProfile.excess_min
+    excess_sigma: int = BaselineProfile.excess_sigma
+    excess_share_sigma: int = BaselineProfile.excess_share_sigma
+    excess_margin: int = BaselineProfile.excess_margin
 
 
 BASELINE_FIELDS = (

@@ -125,7 +125,9 @@ def baseline_lines(data_dir: Path, slot: int, today: int, profile: BaselineProfi
             f"today scores  {s.lookups} lookups, {s.new} new: new_share {scores[0]}% (at "
             f"{profile.new_share_percent}%), new_today {scores[1]}% of baseline (at "
             f"{profile.new_mult_percent}%), off_hours {scores[2]} (at {profile.off_min}), volume "
-            f"{scores[3]}% of baseline (at {profile.volume_mult_percent}%); raised: "
+            f"{scores[3]}% of baseline (at {profile.volume_mult_percent}%), new_excess "
+            f"+{scores[4]} points of share (at +{profile.excess_margin}, with "
+            f"{profile.excess_sigma} sd more new people); raised: "
             + (", ".join(raised) or "none")
             + ("" if not learning else " (learning: none counts)")
         )

@@ -99,10 +99,10 @@ def test_a_list_walk_is_suspended_by_the_policy_until_reinstated(tmp_path: Path)
     config.write_text('[baselines]\nenforce = ["new_today", "new_share"]\n')
     requests = covered_requests(ds)
     with RunningServer(ds.data_dir, args=["--config", str(config)]) as server:
-        # new_today is raised at the 10th new person, new_share once 20 lookups are made (the
-        # default min_lookups): both, so the 20th lookup suspends and the 21st is refused.
+        # new_today is raised at the 10th new person, new_share once 15 lookups are made (the
+        # default min_lookups): both, so the 15th lookup suspends and the 16th is refused.
         answered, reason = walk(server, ds, requests)
-        assert (answered, reason) == (20, "PRACTITIONER_SUSPENDED"), server.log()
+        assert (answered, reason) == (15, "PRACTITIONER_SUSPENDED"), server.log()
         assert "baseline policy suspended practitioner" in server.log()
     shown = cli(
         "practitioner", "show", PHARMACIST_ID, "--config", str(config), data_dir=ds.data_dir
@@ -168,12 +168,16 @@ def test_in_shadow_a_walk_is_an_anomaly_event_and_a_metric_by_profession_and_sig
         {kv.key: kv.value for kv in event.attributes}["covergate.anomaly.signal"].string_value
         for _, event in events
     }
-    assert raised == {"new_today", "new_share"}, raised
+    assert raised == {"new_today", "new_share", "new_excess"}, raised
     for span, event in events:
         values = {kv.key: kv.value for kv in event.attributes}
         assert values["covergate.anomaly.score"].int_value > 0
         assert attributes(span)["covergate.practitioner.id"] == PHARMACIST_ID
-    assert counted == {("pharmacist", "new_today"): 1, ("pharmacist", "new_share"): 1}
+    assert counted == {
+        ("pharmacist", "new_today"): 1,
+        ("pharmacist", "new_share"): 1,
+        ("pharmacist", "new_excess"): 1,
+    }
 
 
 def anomalies(receiver: object) -> dict[tuple[str, str], int]:

@@ -13,11 +13,12 @@ cdef enum:
     BASE_FIXED = 256
     BASE_COUNT_CAP = 1 << 20
     BASE_HOURS_TOTAL_CAP = 1 << 24
-    N_SIGNALS = 4
+    N_SIGNALS = 5
     SIG_NEW_SHARE = 1
     SIG_NEW_TODAY = 2
     SIG_OFF_HOURS = 4
     SIG_VOLUME = 8
+    SIG_NEW_EXCESS = 16
 
 
 cdef struct BaseRecord:
@@ -57,6 +58,10 @@ cdef struct BaseProfile:
     long long off_permille
     long long off_min
     long long share_sigma
+    long long excess_min
+    long long excess_sigma
+    long long excess_share_sigma
+    long long excess_margin
     long long enforce
 
 
@@ -206,7 +211,7 @@ cdef void _observe(BaseCall* b, uint32_t today, long long now_ms, int domain,
     cdef bint seen = False
     cdef bint all_set, learned
     cdef int g, i, hour, segment
-    cdef long long x, n, usual
+    cdef long long x, n, usual, share
     cdef uint32_t fire = 0
     if s.day != today:
         _base_roll(s, today)
@@ -247,12 +252,15 @@ cdef void _observe(BaseCall* b, uint32_t today, long long now_ms, int domain,
     if learned:
         x = s.lookups if s.lookups < BASE_COUNT_CAP else BASE_COUNT_CAP
         n = s.new if s.new < BASE_COUNT_CAP else BASE_COUNT_CAP
-        b.scores[0] = n * 100 / x
+        share = n * 100 / x
+        b.scores[0] = share
         usual = <long long>(s.mean_share / BASE_FIXED)
+        if usual > 100:
+            usual = 100
         if (x >= p.min_lookups and n * 100 >= p.new_share_percent * x
                 and n * 100 * BASE_FIXED
                 >= (<long long>s.mean_share + p.share_margin * BASE_FIXED) * x
-                and _share_above(n, x, usual if usual < 100 else 100, p.share_sigma)):
+                and _share_above(n, x, usual, p.share_sigma)):
             fire |= SIG_NEW_SHARE
         b.scores[1] = n * 100 * BASE_FIXED / (<long long>s.mean_new if s.mean_new > 1 else 1)
         if (n >= p.new_min and n * 100 * BASE_FIXED >= p.new_mult_percent * <long long>s.mean_new
@@ -267,6 +275,13 @@ cdef void _observe(BaseCall* b, uint32_t today, long long now_ms, int domain,
                 and x * 100 * BASE_FIXED >= p.volume_mult_percent * <long long>s.mean_lookups
                 and _above(x, s.mean_lookups, s.square_lookups, p.sigma)):
             fire |= SIG_VOLUME
+        b.scores[4] = share - usual if share > usual else 0
+        if (n >= p.excess_min
+                and n * 100 * BASE_FIXED
+                >= (<long long>s.mean_share + p.excess_margin * BASE_FIXED) * x
+                and _above(n, s.mean_new, s.square_new, p.excess_sigma)
+                and _share_above(n, x, usual, p.excess_share_sigma)):
+            fire |= SIG_NEW_EXCESS
     b.fresh = fire & ~s.fired
     s.fired |= fire
     b.suspend = (b.fresh != 0 and p.enforce != 0

@@ -3,14 +3,16 @@ official protobuf parser (upb, through the generated classes): a hand-written pa
 surface, and these are authorization decisions.
 
 One *case* (`fuzz.cases.Case`) is a method (check, check_item, check_batch), a caller (quota
-profile, scope, profession), a clock, an optional corrupted quota slot, and the request bytes; it
+profile, scope, profession, and the baseline profile and learned baseline record that go with
+them), a clock, an optional corrupted quota slot, and the request bytes; it
 is encoded as bytes so that any byte string is a case and libFuzzer's own mutations stay useful.
 `fuzz.differential.Checker` runs a case on both gates, each on a fresh copy of the same state
-(its own quota file, same trace seed), and compares after every call: results and exceptions,
-store reads, spans (clock readings masked in the raw bytes, everything else byte for byte),
-lookup counts, suspensions and the quota file's bytes. It also checks the parser oracle: bytes
-upb accepts are never "malformed", bytes it rejects always are (or are refused for the caller's
-rate or suspension, once garbage is metered), and a gate never raises on client bytes.
+(its own quota and baseline files, same trace seed), and compares after every call: results and
+exceptions, store reads, spans (clock readings masked in the raw bytes, everything else byte for
+byte), lookup and anomaly counts, suspensions and the quota and baseline files' bytes. It also
+checks the parser oracle: bytes upb accepts are never "malformed", bytes it rejects always are
+(or are refused for the caller's rate or suspension, once garbage is metered), and a gate never
+raises on client bytes.
 `fuzz.wire` holds the structure-aware mutations of valid requests: duplicated and unknown fields of
 every wire type, over-long varints, truncation, wrong wire types, non-ASCII and invalid UTF-8
 strings, huge lengths, negative enums, many items, groups.

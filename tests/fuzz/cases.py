@@ -4,19 +4,25 @@ byte encoding (any byte string decodes to a case), and its generation from valid
 
 from __future__ import annotations
 
+import datetime
+import functools
+import hashlib
 import struct
+import zoneinfo
 from dataclasses import dataclass, replace
 
 from conftest import KNOWN_IDENTITIES, NOW, TODAY, UNKNOWN_IDENTITY
 
 from covergate.v1 import covergate_pb2 as pb
-from fastpath import rules
+from fastpath import baselines, rules
+from fastpath.baselines import BaselineProfile
 from fastpath.quota import MAX_DISTINCT_LIMIT, SLOT_HEAD, QuotaProfile
 from fastpath.rules import Practitioner
 from fuzz import wire
 from fuzz.wire import Choices, pick
 
 METHODS = ("check", "check_item", "check_batch")
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
 # Quotas are always on; the profiles reach every rule within a few calls.
 PROFILES = (
@@ -32,6 +38,33 @@ PROFILES = (
     # a hair-trigger guard over the widest window
     QuotaProfile(rate_per_minute=6000, burst=10, daily_limit=50, distinct_limit=20,
                  guard_window=64, guard_min_lookups=1, guard_bad_percent=1),
+)  # fmt: skip
+
+# Baselines, by the case's profile: none, every signal on a hair trigger (shadow, then enforcing
+# new_excess alone), and the defaults enforcing new_share and new_excess.
+_HAIR_TRIGGER = dict(
+    learn_days=1,
+    min_lookups=1,
+    new_share_percent=0,
+    share_margin=0,
+    new_min=1,
+    new_mult_percent=0,
+    sigma=1,
+    volume_min=1,
+    volume_mult_percent=0,
+    off_permille=500,
+    off_min=1,
+    share_sigma=1,
+    excess_min=1,
+    excess_sigma=1,
+    excess_share_sigma=1,
+    excess_margin=0,
+)
+BASELINE_PROFILES = (
+    None,
+    BaselineProfile(**_HAIR_TRIGGER),
+    BaselineProfile(**_HAIR_TRIGGER, enforce=baselines.SIG_NEW_EXCESS),
+    BaselineProfile(enforce=baselines.SIG_NEW_SHARE | baselines.SIG_NEW_EXCESS),
 )  # fmt: skip
 
 _AMC_A, _AMC_B, _AMC_C = "123456789", "987654321", "1122"
@@ -144,6 +177,7 @@ class Case:
             slot=self.slot_index,
             domains=domains,
             quota=PROFILES[self.profile],
+            baseline=BASELINE_PROFILES[self.profile],
         )
 
     def calls(self) -> list[tuple[int, float]]:
@@ -191,6 +225,28 @@ def with_slot_fields(case: Case, **changes: int) -> Case:
     return replace(
         case, slot_head=_HEAD.pack(*(fields[n] for n in SLOT_FIELDS)) + head[_HEAD.size :]
     )
+
+
+@functools.cache
+def baseline_record(caller: int) -> bytes:
+    """The baseline record planted in the case's slot, by caller: none yet; 35 learned days (over
+    two filter generations) at 5% new people a day; 35 at 50% new; and the latter with today
+    half counted. Each is written by the reference's own observe, as the gates would write it."""
+    record = bytearray(baselines.RECORD_SIZE)
+    if caller == 0:
+        return bytes(record)
+    new_every = 20 if caller == 1 else 2
+    profile = BaselineProfile()
+    for d in range(36 if caller == 3 else 35):
+        for k in range(40 if d < 35 else 20):
+            # regulars 0..99 come back; every new_every-th lookup is someone never seen
+            person = 10_000 + d * 100 + k if k % new_every == 0 else (d * 7 + k) % 100
+            key = hashlib.blake2b(person.to_bytes(8, "little"), digest_size=8).digest()
+            now = NOW - (35 - d) * 86400 + k * 60
+            today = int(datetime.datetime.fromtimestamp(now, PARIS).strftime("%Y%m%d"))
+            h = int.from_bytes(key, "little")
+            baselines.observe(record, 0, profile, today, now * 1000, 1, h)
+    return bytes(record)
 
 
 # -- valid requests, the seeds of every mutation ---------------------------------------------------

@@ -19,6 +19,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from covergate.v1 import covergate_pb2 as pb
 from fastpath import rules
+from fastpath.baselines import RECORD_SIZE, BaselineFile
 from fastpath.quota import (
     DISTINCT_CAPACITY,
     FLAG_SUSPENDED,
@@ -34,6 +35,7 @@ from fuzz.cases import (
     SLOT_TABLE_HALF,
     SLOTS,
     Case,
+    baseline_record,
     head_fields,
     slot_fields,
     with_slot_fields,
@@ -81,6 +83,8 @@ class Step:
     suspensions: tuple[str, ...]
     spans_dropped: int
     quota: bytes  # the quota file's slots, every byte
+    anomaly_counts: tuple[int, ...] = ()
+    baseline: bytes = b""  # the baseline file's records, every byte
 
 
 # -- spans, clock readings masked in place ---------------------------------------------------------
@@ -210,12 +214,15 @@ class Checker:
             self._tmp = tempfile.TemporaryDirectory(prefix="covergate-fuzz-")
             workdir = Path(self._tmp.name)
         self.quota = [QuotaFile(workdir / name / "state", SLOTS) for name in ("c", "reference")]
+        self.baseline = [
+            BaselineFile(workdir / name / "baseline", SLOTS) for name in ("c", "reference")
+        ]
         self.cases = 0
         self.calls = 0
 
     def close(self) -> None:
-        for q in self.quota:
-            q.close()
+        for f in (*self.baseline, *self.quota):
+            f.close()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -228,6 +235,10 @@ class Checker:
     # -- state -------------------------------------------------------------------------------------
 
     def _plant(self, case: Case) -> None:
+        for b in self.baseline:
+            b.map[HEADER_SIZE:] = bytes(len(b.map) - HEADER_SIZE)
+            start = b.offset(case.slot_index)
+            b.map[start : start + RECORD_SIZE] = baseline_record(case.caller)
         for q in self.quota:
             q.map[HEADER_SIZE:] = bytes(len(q.map) - HEADER_SIZE)
             if not case.slot_mode:
@@ -257,15 +268,16 @@ class Checker:
                 self.store.keys,
                 max_batch_items=case.max_batch_items,
                 quota=q,
+                baseline=b,
                 trace=True,
                 trace_seed=TRACE_SEED,
             )
-            for factory, q in zip(self.factories, self.quota, strict=True)
+            for factory, q, b in zip(self.factories, self.quota, self.baseline, strict=True)
         ]
         try:
             for today, now in case.calls():
                 steps = []
-                for gate, q in zip(gates, self.quota, strict=True):
+                for gate, q, b in zip(gates, self.quota, self.baseline, strict=True):
                     before = gate.store_reads
                     result = outcome(
                         getattr(gate, case.method_name),
@@ -284,6 +296,8 @@ class Checker:
                             suspensions=tuple(gate.suspensions),
                             spans_dropped=gate.spans_dropped,
                             quota=bytes(q.map[HEADER_SIZE:]),
+                            anomaly_counts=tuple(gate.anomaly_counts()),
+                            baseline=bytes(b.map[HEADER_SIZE:]),
                         )
                     )
                     gate.suspensions.clear()
@@ -433,7 +447,7 @@ def compare(c: Step, py: Step, where: str) -> None:
         raise Divergence("spans", f"unreadable spans: {exc} ({where})") from exc
     if spans[0] != spans[1]:
         raise Divergence("spans", f"C {c.spans.hex()} != reference {py.spans.hex()} ({where})")
-    for name in ("lookup_counts", "suspensions", "spans_dropped"):
+    for name in ("lookup_counts", "anomaly_counts", "suspensions", "spans_dropped"):
         if getattr(c, name) != getattr(py, name):
             raise Divergence(
                 name.replace("_", "-"),
@@ -448,3 +462,9 @@ def compare(c: Step, py: Step, where: str) -> None:
             f"{c.quota[slot * SLOT_SIZE : slot * SLOT_SIZE + SLOT_HEAD].hex()} != reference "
             f"{py.quota[slot * SLOT_SIZE : slot * SLOT_SIZE + SLOT_HEAD].hex()} ({where})",
         )
+    if c.baseline != py.baseline:
+        first = next(
+            i for i, (a, b) in enumerate(zip(c.baseline, py.baseline, strict=True)) if a != b
+        )
+        slot, offset = divmod(first, RECORD_SIZE)
+        raise Divergence("baseline-file", f"slot {slot} differs from byte {offset} ({where})")

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from covergate.v1 import covergate_pb2 as pb
-from fastpath import rules
+from fastpath import baselines, rules
 from fastpath.quota import SLOT_HEAD
 from fuzz import wire
-from fuzz.cases import SLOT_HEAD_ONLY, Case, random_case, with_slot_fields
+from fuzz.cases import SLOT_HEAD_ONLY, Case, baseline_record, random_case, with_slot_fields
 from fuzz.differential import Checker, Divergence, Step, compare, masked_spans, official_parse
 
 CORPUS = sorted((Path(__file__).resolve().parent / "corpus").iterdir())
@@ -116,6 +116,10 @@ def test_compare_flags_every_observable(checker: Checker) -> None:
         "suspensions": {"suspensions": ("10001234567",)},
         "spans-dropped": {"spans_dropped": 1},
         "quota-file": {"quota": c.quota[:100] + bytes([c.quota[100] ^ 1]) + c.quota[101:]},
+        "anomaly-counts": {"anomaly_counts": (c.anomaly_counts[0] + 1, *c.anomaly_counts[1:])},
+        "baseline-file": {
+            "baseline": c.baseline[:100] + bytes([c.baseline[100] ^ 1]) + c.baseline[101:]
+        },
     }
     at = c.spans.index(b"covergate.lookup")  # one byte of a span's name
     changes["spans"] = {"spans": c.spans[:at] + b"C" + c.spans[at + 1 :]}
@@ -123,6 +127,28 @@ def test_compare_flags_every_observable(checker: Checker) -> None:
         with pytest.raises(Divergence) as caught:
             compare(dataclasses.replace(c, **change), py, "changed")
         assert caught.value.kind == kind, kind
+
+
+def test_baseline_signals_and_their_suspension_are_in_reach(checker: Checker) -> None:
+    """Cases reach the baselines: a learned record planted (by caller), signals raised on a hair
+    trigger (by profile), and the policy suspending when new_excess alone is enforced."""
+    strangers = pb.CheckCoverageBatchRequest(
+        items=[UNKNOWN_IDENTITY.request(birth_rank=1 + i) for i in range(9)]
+    ).SerializeToString()
+
+    def batch(profile: int) -> Case:
+        return Case(method=2, profile=profile, caller=1, small_batches=False, request=strangers)
+
+    shadow, enforcing = steps_of(checker, batch(1)), steps_of(checker, batch(2))
+    compare(*shadow, "shadow")
+    compare(*enforcing, "enforcing")
+    new_excess = baselines.SIGNALS.index("new_excess")
+    assert sum(shadow[0].anomaly_counts[new_excess :: baselines.N_SIGNALS]) == 1
+    assert shadow[0].suspensions == () and enforcing[0].suspensions == ("10001234567",)
+    assert b"new_excess" in enforcing[0].spans
+    # No baseline profile (profile 0): the planted record is left as it was.
+    c, _ = steps_of(checker, batch(0))
+    assert not any(c.anomaly_counts) and c.baseline[: baselines.RECORD_SIZE] == baseline_record(1)
 
 
 def test_span_clock_readings_and_only_them_are_masked(checker: Checker) -> None:
