@@ -321,7 +321,7 @@ class BaselineSync:
         hashes = await self.backend._call(second)
         changed = 0
         for slot, fields in zip(read, hashes, strict=True):
-            others = []
+            others: list[Publication] = []
             mine = False
             seq = 0
             for name, value in fields.items():
@@ -330,8 +330,8 @@ class BaselineSync:
                     seq = int(value)
                 elif name == host:
                     mine = True
-                elif (p := Publication.from_bytes(bytes(value))) is not None:
-                    others.append(p)
+                elif (theirs := Publication.from_bytes(bytes(value))) is not None:
+                    others.append(theirs)
             if not mine:
                 self._published.pop(slot, None)  # Redis lost it (or it expired): publish again
             self._seen_seq[slot] = seq
