@@ -34,6 +34,7 @@ from fastpath import baselines
 from fastpath.baselines import (
     FILTER_BYTES,
     FILTER_GENERATIONS,
+    GENERATION_DAYS,
     HEADER_SIZE,
     RECORD_HEAD,
     RECORD_SIZE,
@@ -49,11 +50,10 @@ KEY_TTL_SECONDS = 3 * 86400
 _U32 = 0xFFFFFFFF
 
 # A publication: version, the record's day, the host's own totals that day (lookups, new,
-# off-hours lookups), the day's raised signals and care domains, the generation of each filter
-# segment, then the segments (zlib: a practice's filters are mostly zeros).
+# off-hours lookups), the day's raised signals and care domains, how many filter segments follow,
+# their generations, then their bits (zlib: a practice's filters are mostly zeros).
 PUBLICATION_VERSION = 1
-_PUBLICATION = struct.Struct("<10I")
-_PUBLICATION_FILTERS = FILTER_GENERATIONS * FILTER_BYTES
+_PUBLICATION = struct.Struct("<8I")
 
 # A slot's entry in DIR/quota/baseline-merged: the record's day when the merge last ran, and the
 # other hosts' totals for that day already included in the record's counters.
@@ -61,8 +61,14 @@ _MERGED = struct.Struct("<4I")
 MERGED_MAGIC = b"CGBMRG01"
 
 
-def baseline_key(practitioner_id: str) -> str:
-    return f"cg:{{{practitioner_id}}}:b"
+# The two hashes of a practitioner: every host's day (changed by each lookup) and past segments
+# (changed when a generation passes). Each has one field per host and `seq`.
+DAY, PAST = "b", "bp"
+PARTS = (DAY, PAST)
+
+
+def baseline_key(practitioner_id: str, part: str = DAY) -> str:
+    return f"cg:{{{practitioner_id}}}:{part}"
 
 
 @dataclass(frozen=True)
@@ -109,21 +115,21 @@ def own_counts(s: BaselineState, merged: Merged) -> Counts:
 
 @dataclass(frozen=True)
 class Publication:
-    """One host's baseline of a practitioner, as published: its own totals for `day`, the day's
-    raised signals and domains, and its filter segments with their generations."""
+    """Part of one host's baseline of a practitioner, as published: its own totals for `day` (0:
+    none), the day's raised signals and domains, and filter segments as (generation, bits)."""
 
     day: int
     own: Counts
     fired: int
     domains: int
-    generation: tuple[int, ...]
-    filters: bytes
+    segments: tuple[tuple[int, bytes], ...]
 
     def to_bytes(self) -> bytes:
-        head = _PUBLICATION.pack(PUBLICATION_VERSION, self.day, self.own.lookups, self.own.new,
-                                 self.own.off_hours, self.fired, self.domains,
-                                 *self.generation)  # fmt: skip
-        return head + zlib.compress(self.filters, 1)
+        o = self.own
+        head = _PUBLICATION.pack(PUBLICATION_VERSION, self.day, o.lookups, o.new, o.off_hours,
+                                 self.fired, self.domains, len(self.segments))  # fmt: skip
+        generations = struct.pack(f"<{len(self.segments)}I", *(g for g, _ in self.segments))
+        return head + generations + zlib.compress(b"".join(b for _, b in self.segments), 1)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Publication | None:
@@ -132,39 +138,53 @@ class Publication:
         if len(raw) < _PUBLICATION.size:
             return None
         v = _PUBLICATION.unpack_from(raw)
-        if v[0] != PUBLICATION_VERSION:
+        count = v[7]
+        at = _PUBLICATION.size + 4 * count
+        if v[0] != PUBLICATION_VERSION or count > FILTER_GENERATIONS or len(raw) < at:
             return None
+        generations = struct.unpack_from(f"<{count}I", raw, _PUBLICATION.size)
         try:
-            filters = zlib.decompressobj().decompress(raw[_PUBLICATION.size :],
-                                                      _PUBLICATION_FILTERS)  # fmt: skip
+            bits = zlib.decompressobj().decompress(raw[at:], count * FILTER_BYTES)
         except zlib.error:
             return None
-        if len(filters) != _PUBLICATION_FILTERS:
+        if len(bits) != count * FILTER_BYTES:
             return None
-        return cls(v[1], Counts(v[2], v[3], v[4]), v[5], v[6], tuple(v[7:10]), filters)
+        segments = tuple((g, bits[i * FILTER_BYTES : (i + 1) * FILTER_BYTES])
+                         for i, g in enumerate(generations))  # fmt: skip
+        return cls(v[1], Counts(v[2], v[3], v[4]), v[5], v[6], segments)
 
     def fingerprint(self) -> tuple[int, ...]:
-        """What changes when this host's own lookups change the record (bits merged from the
-        other hosts are theirs to publish)."""
+        """What changes when this host's own lookups change what it publishes (bits merged from
+        the other hosts are theirs to publish)."""
         o = self.own
         return (self.day, o.lookups, o.new, o.off_hours, self.fired, self.domains,
-                *self.generation)  # fmt: skip
+                *(g for g, _ in self.segments))  # fmt: skip
 
 
-def publication(buffer: Any, offset: int, merged: Merged) -> Publication:
-    """The record at `offset` as this host publishes it (read under the slot's mutex)."""
+def publications(buffer: Any, offset: int, merged: Merged) -> tuple[Publication, Publication]:
+    """The record at `offset` as this host publishes it (read under the slot's mutex): its day
+    (own totals, signals, domains and the current generation's segment, which the gates set bits
+    in) and its past (the older segments: this host's bits in them are fixed once their
+    generation has passed, so they are published again only when the generations move)."""
     s = BaselineState.unpack(buffer, offset)
-    start = offset + RECORD_HEAD
-    return Publication(s.day, own_counts(s, merged), s.fired, s.domains, tuple(s.generation),
-                       bytes(buffer[start : start + _PUBLICATION_FILTERS]))  # fmt: skip
+    base = offset + RECORD_HEAD
+    current = (baselines.day_number(s.day) // GENERATION_DAYS + 1) & _U32 if s.day else 0
+    today: list[tuple[int, bytes]] = []
+    past: list[tuple[int, bytes]] = []
+    for g in range(FILTER_GENERATIONS):
+        if s.generation[g]:
+            bits = bytes(buffer[base + g * FILTER_BYTES : base + (g + 1) * FILTER_BYTES])
+            (today if s.generation[g] == current else past).append((s.generation[g], bits))
+    return (Publication(s.day, own_counts(s, merged), s.fired, s.domains, tuple(today)),
+            Publication(0, Counts(), 0, 0, tuple(past)))  # fmt: skip
 
 
 def merge(buffer: Any, offset: int, merged: Merged, others: list[Publication]) -> Merged:
     """The other hosts' publications into the record at `offset` (under the slot's mutex); returns
-    what the record now includes of theirs. Filters: each segment ORed with the others' segment
-    of the same generation (another generation's bits are dropped). Counters: the record's own
-    plus the sum of the others' totals for the record's day (another day's are not added), never
-    below what was merged before that day (a host whose publication expired still counted).
+    what the record now includes of theirs. Filters: each segment ORed with the others' segments
+    of the generation it holds (another generation's bits are dropped). Counters: the record's
+    own plus the sum of the others' totals for the record's day (another day's are not added),
+    never below what was merged before that day (a host whose publication expired still counted).
     Idempotent: merging the same publications again changes no byte."""
     s = BaselineState.unpack(buffer, offset)
     if s.day == 0:
@@ -172,15 +192,15 @@ def merge(buffer: Any, offset: int, merged: Merged, others: list[Publication]) -
     base = offset + RECORD_HEAD
     for g in range(FILTER_GENERATIONS):
         mine = s.generation[g]
-        parts = [p.filters[g * FILTER_BYTES : (g + 1) * FILTER_BYTES]
-                 for p in others if mine and p.generation[g] == mine]  # fmt: skip
+        parts = [bits for p in others for generation, bits in p.segments
+                 if mine and generation == mine]  # fmt: skip
         if not parts:
             continue
         start = base + g * FILTER_BYTES
-        bits = int.from_bytes(buffer[start : start + FILTER_BYTES], "little")
+        union = int.from_bytes(buffer[start : start + FILTER_BYTES], "little")
         for part in parts:
-            bits |= int.from_bytes(part, "little")
-        buffer[start : start + FILTER_BYTES] = bits.to_bytes(FILTER_BYTES, "little")
+            union |= int.from_bytes(part, "little")
+        buffer[start : start + FILTER_BYTES] = union.to_bytes(FILTER_BYTES, "little")
     own = own_counts(s, merged)
     today = [p for p in others if p.day == s.day]
     before = merged.others if merged.day == s.day else Counts()
@@ -214,8 +234,9 @@ class BaselineSync:
         self._practitioners = practitioners  # slot: practitioner id, from this host's store
         self._ids: dict[int, str] = {}
         self.interval = interval
-        self._published: dict[int, tuple[int, ...]] = {}  # slot: fingerprint in Redis
-        self._seen_seq: dict[int, int] = {}  # slot: the seq of the publications last merged
+        # Per (slot, part): the fingerprint this host last published, and the seq it last merged.
+        self._published: dict[tuple[int, str], tuple[int, ...]] = {}
+        self._seen_seq: dict[tuple[int, str], int] = {}
         self._files: tuple[QuotaFile, BaselineFile, MergedFile] | None = None
         self.rounds = 0
 
@@ -275,55 +296,53 @@ class BaselineSync:
         slots = self._named(self._active(base, today))
         if not slots:
             return 0
-        publish: dict[int, Publication] = {}
+        publish: dict[tuple[int, str], Publication] = {}
         for slot in slots:
             with self._locked(quota, slot):
-                p = publication(base.map, base.offset(slot), merged_file.read(slot))
-            if self._published.get(slot) != p.fingerprint():
-                publish[slot] = p
+                parts = publications(base.map, base.offset(slot), merged_file.read(slot))
+            for part, p in zip(PARTS, parts, strict=True):
+                if self._published.get((slot, part)) != p.fingerprint():
+                    publish[(slot, part)] = p
         host = self.backend.host
-        order = list(slots)
+        polled = [(slot, part) for slot in slots for part in PARTS]
 
         async def first() -> Any:
             pipe = self.backend.client.pipeline(transaction=False)
-            for slot, p in publish.items():
-                key = baseline_key(slots[slot])
+            for (slot, part), p in publish.items():
+                key = baseline_key(slots[slot], part)
                 pipe.hset(key, host, p.to_bytes())
                 pipe.hincrby(key, "seq", 1)
                 pipe.expire(key, KEY_TTL_SECONDS)
-            for slot in order:
-                pipe.hget(baseline_key(slots[slot]), "seq")
+            for slot, part in polled:
+                pipe.hget(baseline_key(slots[slot], part), "seq")
             return await pipe.execute()
 
         replies = await self.backend._call(first)
-        own_seq = {slot: int(replies[3 * i + 1]) for i, slot in enumerate(publish)}
-        for slot, p in publish.items():
-            self._published[slot] = p.fingerprint()
-        current = replies[3 * len(publish) :]
+        own_seq = {which: int(replies[3 * i + 1]) for i, which in enumerate(publish)}
+        for which, p in publish.items():
+            self._published[which] = p.fingerprint()
         read = []
-        for slot, seq in zip(order, current, strict=True):
+        for which, seq in zip(polled, replies[3 * len(publish) :], strict=True):
             seq = int(seq or 0)
-            seen = self._seen_seq.get(slot)
-            if seen is not None and (seq == seen or (seq == own_seq.get(slot) == seen + 1)):
-                self._seen_seq[slot] = seq  # nothing new, or only this host's own publication
-                continue
-            read.append(slot)
+            seen = self._seen_seq.get(which)
+            if seen is not None and (seq == seen or seq == own_seq.get(which) == seen + 1):
+                self._seen_seq[which] = seq  # nothing new, or only this host's own publication
+            else:
+                read.append(which)
         self.rounds += 1
         if not read:
             return 0
 
         async def second() -> Any:
             pipe = self.backend.client.pipeline(transaction=False)
-            for slot in read:
-                pipe.hgetall(baseline_key(slots[slot]))
+            for slot, part in read:
+                pipe.hgetall(baseline_key(slots[slot], part))
             return await pipe.execute()
 
         hashes = await self.backend._call(second)
-        changed = 0
-        for slot, fields in zip(read, hashes, strict=True):
-            others: list[Publication] = []
-            mine = False
-            seq = 0
+        others: dict[int, list[Publication]] = {}
+        for which, fields in zip(read, hashes, strict=True):
+            mine, seq = False, 0
             for name, value in fields.items():
                 name = name.decode() if isinstance(name, bytes) else str(name)
                 if name == "seq":
@@ -331,19 +350,17 @@ class BaselineSync:
                 elif name == host:
                     mine = True
                 elif (theirs := Publication.from_bytes(bytes(value))) is not None:
-                    others.append(theirs)
+                    others.setdefault(which[0], []).append(theirs)
             if not mine:
-                self._published.pop(slot, None)  # Redis lost it (or it expired): publish again
-            self._seen_seq[slot] = seq
-            if not others:
-                continue
+                self._published.pop(which, None)  # Redis lost it (or it expired): publish again
+            self._seen_seq[which] = seq
+        for slot, publications_read in others.items():
             with self._locked(quota, slot):
                 before = merged_file.read(slot)
-                after = merge(base.map, base.offset(slot), before, others)
+                after = merge(base.map, base.offset(slot), before, publications_read)
                 if after != before:
                     merged_file.write(slot, after)
-            changed += 1
-        return changed
+        return len(others)
 
     async def run(self, stop: asyncio.Event, today: Callable[[], int]) -> None:
         """Rounds every interval until `stop`; Redis failing only skips rounds (each host goes on

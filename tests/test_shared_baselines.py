@@ -25,7 +25,7 @@ from fastpath.baselines import (
     BaselineProfile,
     BaselineState,
 )
-from service.shared_baselines import Counts, Merged, Publication, merge, own_counts, publication
+from service.shared_baselines import Counts, Merged, Publication, merge, own_counts, publications
 
 TODAY = 20250615
 NOON_MS = 1_749_981_600_000  # 2025-06-15 12:00 Paris
@@ -87,18 +87,24 @@ class Host:
     def state(self) -> BaselineState:
         return BaselineState.unpack(self.record, 0)
 
-    def published(self) -> Publication:
-        return Publication.from_bytes(publication(self.record, 0, self.merged).to_bytes())  # type: ignore[return-value]
+    def published(self) -> list[Publication]:
+        """Its day and its past, as the other hosts read them from Redis."""
+        parts = [
+            Publication.from_bytes(p.to_bytes()) for p in publications(self.record, 0, self.merged)
+        ]
+        assert None not in parts
+        return parts  # type: ignore[return-value]
 
     def take(self, *others: Host) -> None:
-        self.merged = merge(self.record, 0, self.merged, [o.published() for o in others])
+        self.merged = merge(self.record, 0, self.merged, [p for o in others for p in o.published()])
 
 
 def sync(*hosts: Host) -> None:
     """Every host publishes, then every host merges the others' publications."""
-    publications = [h.published() for h in hosts]
+    published = [h.published() for h in hosts]
     for i, h in enumerate(hosts):
-        h.merged = merge(h.record, 0, h.merged, publications[:i] + publications[i + 1 :])
+        others = [p for j, parts in enumerate(published) if j != i for p in parts]
+        h.merged = merge(h.record, 0, h.merged, others)
 
 
 def test_a_beneficiary_seen_on_one_host_is_a_repeat_on_the_other(observe: Observe) -> None:
@@ -129,7 +135,7 @@ def test_the_day_s_counts_add_up_and_each_host_publishes_only_its_own(observe: O
     sync(a, b)
     for h in (a, b):
         assert (h.state().lookups, h.state().new) == (15, 15)
-    assert a.published().own == Counts(10, 10, 0) and b.published().own == Counts(5, 5, 0)
+    assert a.published()[0].own == Counts(10, 10, 0) and b.published()[0].own == Counts(5, 5, 0)
     b.look(105)
     sync(a, b)
     assert (a.state().lookups, b.state().lookups) == (16, 16)
@@ -230,7 +236,35 @@ def test_nothing_recorded_here_takes_nothing() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_are_a_publication_or_none(raw: bytes) -> None:
-    head = publication(Host(fastpath._observe_baseline).record, 0, Merged()).to_bytes()[:40]
+    a = Host(fastpath._observe_baseline)
+    a.look(1)
+    head = publications(a.record, 0, Merged())[0].to_bytes()[:36]
     for candidate in (raw, head + raw):
         parsed = Publication.from_bytes(candidate)
         assert parsed is None or len(parsed.filters) == 3 * baselines.FILTER_BYTES
+
+
+def test_past_generations_travel_apart_and_still_make_repeats(observe: Observe) -> None:
+    """A host publishes its day (the current segment, changed by every lookup) apart from its
+    past segments (fixed once their generation passed): a person seen on one host a generation
+    ago is a repeat on the other, from the past part alone."""
+    later, later_ms = TODAY + 100, NOON_MS + 30 * 86_400_000  # 2025-07-15: the next generation
+    a, b = Host(observe), Host(observe)
+    a.look(7)
+    b.look(1000)
+    day, past = a.published()
+    assert len(day.segments) == 1 and past.segments == ()
+    a.look(1001, later, later_ms)
+    b.look(1002, later, later_ms)
+    day, past = a.published()
+    assert [g for g, _ in past.segments] == [
+        g for g in a.state().generation if g and g != day.segments[0][0]
+    ]
+    assert len(past.segments) == 1
+    unmerged = Host(observe, bytearray(b.record))
+    b.merged = merge(b.record, 0, b.merged, [past])  # a's past alone
+    new = b.state().new
+    b.look(7, later, later_ms)
+    assert b.state().new == new  # seen on a last generation: a repeat on b
+    unmerged.look(7, later, later_ms)
+    assert unmerged.state().new == new + 1
