@@ -12,9 +12,10 @@ day's end, count everything the practitioner did. A merge applied twice changes 
 
 What the other hosts added is kept per slot in DIR/quota/baseline-merged (beside the record,
 under the same slot mutex; the gates never touch it), so a host can tell its own totals from the
-merged ones after a restart. Redis holds, per practitioner, the hash `cg:{id}:b`: one field per
-host (its publication) and `seq`, raised by every publication, so a host reads the hash again
-only when another host published.
+merged ones after a restart. Redis holds, per practitioner, two hashes: `cg:{id}:b`, each host's
+day (its totals, signals, domains and current filter segment), and `cg:{id}:bp`, each host's
+older segments (changed only when a generation passes). Each has `seq`, raised by every
+publication, so a host reads a hash again only when another host published.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger("covergate.baselines")
 
 MERGED_FILE = "baseline-merged"
 KEY_TTL_SECONDS = 3 * 86400
+CHUNK = 256  # practitioners per pipeline: a round's first publications stay well under a deadline
 _U32 = 0xFFFFFFFF
 
 # A publication: version, the record's day, the host's own totals that day (lookups, new,
@@ -225,7 +227,8 @@ def merge(buffer: Any, offset: int, merged: Merged, others: list[Publication]) -
 class BaselineSync:
     """Per host, in the cluster sync process: every `interval`, the baselines of the slots this
     host used today or yesterday are published (those its own lookups changed since) and merged
-    with what the other hosts published (when they did), in one or two pipelined round trips."""
+    with what the other hosts published (when they did): one or two pipelined round trips per
+    CHUNK practitioners."""
 
     def __init__(self, data_dir: Path, backend: Any, practitioners: Callable[[], dict[int, str]],
                  interval: float) -> None:  # fmt: skip
@@ -293,9 +296,18 @@ class BaselineSync:
         if files is None:
             return 0
         quota, base, merged_file = files
-        slots = self._named(self._active(base, today))
-        if not slots:
-            return 0
+        named = self._named(self._active(base, today))
+        order = list(named)
+        merged = 0
+        for i in range(0, len(order), CHUNK):
+            chunk = {slot: named[slot] for slot in order[i : i + CHUNK]}
+            merged += await self._round(quota, base, merged_file, chunk)
+        self.rounds += 1
+        return merged
+
+    async def _round(self, quota: QuotaFile, base: BaselineFile, merged_file: MergedFile,
+                     slots: dict[int, str]) -> int:  # fmt: skip
+        """Publish and merge the baselines of `slots` (slot: practitioner id)."""
         publish: dict[tuple[int, str], Publication] = {}
         for slot in slots:
             with self._locked(quota, slot):
@@ -329,7 +341,6 @@ class BaselineSync:
                 self._seen_seq[which] = seq  # nothing new, or only this host's own publication
             else:
                 read.append(which)
-        self.rounds += 1
         if not read:
             return 0
 
