@@ -146,7 +146,8 @@ def table(result: dict[str, Any]) -> str:
         f"{s['hosts']} hosts, {s['practitioners']} practitioners active on each, 60 days of "
         f"{s['per_day']} lookups ({s['new_per_day']} new) a day; per host and merge round:",
         "",
-        "| round | Redis read events | bytes to Redis | bytes from Redis | CPU ms | records merged |",
+        "| round | Redis read events | bytes to Redis | bytes from Redis | CPU ms "
+        "| records merged |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, r in result["rounds"].items():
