@@ -726,6 +726,7 @@ def run_sync(
                 quota.close()
 
         jobs = []
+        merge_backend: Backend | None = None
         if snapshot_settings is not None and snapshot_settings.public_key:
             from fastpath.rules import Keys
             from service import snapshots
@@ -746,8 +747,11 @@ def run_sync(
                 from service.shared_baselines import BaselineSync
 
                 clock = ParisClock()
+                # Its own connection and circuit: a slow merge never holds up admin changes.
+                merge_backend = Backend(replace(settings, timeout_ms=max(settings.timeout_ms,
+                                                                         1000)))  # fmt: skip
                 merger = BaselineSync(
-                    Path(data_dir), backend,
+                    Path(data_dir), merge_backend,
                     lambda: {r.slot: r.practitioner_id for r in store.practitioners()
                              if r.slot >= 0},
                     settings.baseline_interval_seconds,
@@ -759,6 +763,8 @@ def run_sync(
                 follow_admin(backend, store, directory / "admin.cursor", stop, reinstate), *jobs
             )
         await backend.close()
+        if merge_backend is not None:
+            await merge_backend.close()
 
     asyncio.run(main())
 

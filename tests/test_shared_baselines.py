@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -268,3 +269,17 @@ def test_past_generations_travel_apart_and_still_make_repeats(observe: Observe) 
     assert b.state().new == new  # seen on a last generation: a repeat on b
     unmerged.look(7, later, later_ms)
     assert unmerged.state().new == new + 1
+
+
+@pytest.mark.parametrize("value", ["0", "301", "'2'"])
+def test_the_merge_interval_is_checked(tmp_path: Path, value: str) -> None:
+    from service.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[cluster]\nredis = "redis://127.0.0.1:1/0"\nbaseline_interval_seconds = {value}\n'
+    )
+    with pytest.raises(ConfigError, match="baseline_interval_seconds"):
+        load_config(path)
+    path.write_text('[cluster]\nredis = "redis://127.0.0.1:1/0"\nbaseline_interval_seconds = 5\n')
+    assert load_config(path).cluster.baseline_interval_seconds == 5
