@@ -245,6 +245,7 @@ class ClusterSettings:
     breaker_failures: int = 3  # consecutive failures that open the circuit ...
     breaker_open_seconds: float = 1.0  # ... for this long
     fail_open: bool = False  # opt-in: admit without Redis (bounded, printed at start)
+    baseline_interval_seconds: float = 2.0  # baselines published and merged this often
 
     @property
     def enabled(self) -> bool:
@@ -691,10 +692,12 @@ def run_sync(
     store_settings: Any,
     snapshot_settings: Any = None,
     pepper_file: str | None = None,
+    baselines: bool = False,
 ) -> None:
     """The cluster sync process of a host (started by `covergate serve` with [cluster]): applies
-    every host's admin changes to this host's store, and serves the cluster's active rights
-    generation (service.snapshots)."""
+    every host's admin changes to this host's store, serves the cluster's active rights
+    generation (service.snapshots) and, with `baselines`, merges every host's baselines of a
+    practitioner (service.shared_baselines)."""
     import signal
     from pathlib import Path
 
@@ -723,6 +726,7 @@ def run_sync(
                 quota.close()
 
         jobs = []
+        merge_backend: Backend | None = None
         if snapshot_settings is not None and snapshot_settings.public_key:
             from fastpath.rules import Keys
             from service import snapshots
@@ -738,12 +742,29 @@ def run_sync(
                     snapshot_settings.source, stop,
                 ))  # fmt: skip
         with Store(Path(data_dir), store_settings) as store:
+            if baselines:
+                from service.clock import ParisClock
+                from service.shared_baselines import BaselineSync
+
+                clock = ParisClock()
+                # Its own connection and circuit: a slow merge never holds up admin changes.
+                merge_backend = Backend(replace(settings, timeout_ms=max(settings.timeout_ms,
+                                                                         1000)))  # fmt: skip
+                merger = BaselineSync(
+                    Path(data_dir), merge_backend,
+                    lambda: {r.slot: r.practitioner_id for r in store.practitioners()
+                             if r.slot >= 0},
+                    settings.baseline_interval_seconds,
+                )  # fmt: skip
+                jobs.append(merger.run(stop, lambda: clock.now()[0]))
             log.info("cluster sync: applying every host's admin changes from %s as host %s",
                      redacted(settings.redis), backend.host)  # fmt: skip
             await asyncio.gather(
                 follow_admin(backend, store, directory / "admin.cursor", stop, reinstate), *jobs
             )
         await backend.close()
+        if merge_backend is not None:
+            await merge_backend.close()
 
     asyncio.run(main())
 

@@ -336,6 +336,8 @@ def check_cluster(cluster: ClusterSettings) -> None:
         raise ConfigError("[cluster] block_max from 1 to 1024, timeout_ms from 1 to 5000")
     if not 0.01 <= cluster.report_interval_seconds <= 5:
         raise ConfigError("[cluster] report_interval_seconds from 0.01 to 5")
+    if not 0.05 <= cluster.baseline_interval_seconds <= 300:
+        raise ConfigError("[cluster] baseline_interval_seconds from 0.05 to 300")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -1176,6 +1176,7 @@ def _start_cluster_sync(ctx: Any, options: ServeOptions) -> Any:
             options.config.snapshots,
             options.pepper_file,
             os.getpid(),
+            options.config.baselines.enabled and options.config.quota.enabled,
         ),
         name="covergate-cluster-sync",
     )
@@ -1185,12 +1186,12 @@ def _start_cluster_sync(ctx: Any, options: ServeOptions) -> Any:
 
 def _cluster_sync_process(
     data_dir: str, settings: Any, store_settings: Any, snapshot_settings: Any,
-    pepper_file: str | None, supervisor_pid: int,
+    pepper_file: str | None, supervisor_pid: int, baselines: bool,
 ) -> None:  # fmt: skip
     from service.cluster import run_sync
 
     _die_with_supervisor(supervisor_pid)
-    run_sync(data_dir, settings, store_settings, snapshot_settings, pepper_file)
+    run_sync(data_dir, settings, store_settings, snapshot_settings, pepper_file, baselines)
 
 
 def _shipper_process(root: str, drain_seconds: float, supervisor_pid: int) -> None:
