@@ -318,13 +318,12 @@ def shutdown_meter_provider(provider: Any, timeout: float) -> None:
     """Export the last metrics and stop; with the receiver down, one warning of ours instead of
     the SDK's retry warnings and its ERROR line."""
     failures = _ExportFailures()
-    sdk_log = logging.getLogger(SDK_EXPORTER_LOGGER)
-    sdk_log.addFilter(failures)
-    try:
-        with contextlib.suppress(Exception):
-            provider.shutdown(timeout_millis=timeout * 1000)
-    finally:
-        sdk_log.removeFilter(failures)
+    # The filter stays: an export still retrying when the timeout ends logs "Shutdown in
+    # progress, aborting retry" from its own thread after shutdown() returned (a process ends
+    # after this, so nothing else of the exporter's is left to say).
+    logging.getLogger(SDK_EXPORTER_LOGGER).addFilter(failures)
+    with contextlib.suppress(Exception):
+        provider.shutdown(timeout_millis=timeout * 1000)
     if failures.count:
         log.warning(
             "the last metrics were not exported: the OTLP receiver at %s did not answer",

@@ -27,7 +27,8 @@ from service.store import Store
 
 pytestmark = pytest.mark.slow
 
-ENFORCE = '\n[baselines]\nenforce = ["new_today", "new_share"]\n'
+# min_lookups pinned at 20 (the default is 15): the split walk below counts on it.
+ENFORCE = '\n[baselines]\nenforce = ["new_today", "new_share"]\nmin_lookups = 20\n'
 
 
 def record(host: Host, slot: int) -> BaselineState:
@@ -115,7 +116,8 @@ def test_a_walk_split_over_two_hosts_is_judged_on_everything_it_did(
     until(lambda: ask(host, ds, people[20]) == "PRACTITIONER_SUSPENDED", "suspended everywhere")
     until(lambda: record(a, slot).lookups == record(b, slot).lookups, "both hosts merged")
     fired = {record(h, slot).fired for h in (a, b)}
-    assert len(fired) == 1 and fired.pop() == 3  # new_share and new_today, on both hosts
+    # new_share, new_today (and new_excess, in shadow), the same on both hosts
+    assert len(fired) == 1 and fired.pop() == 1 | 2 | 16
     a.server.stop()  # type: ignore[union-attr]
     b.server.stop()  # type: ignore[union-attr]
     a.server = b.server = None

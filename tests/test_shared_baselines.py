@@ -21,6 +21,7 @@ from fastpath.baselines import (
     FIXED,
     GENERATION_DAYS,
     RECORD_SIZE,
+    SIG_NEW_EXCESS,
     SIG_NEW_SHARE,
     SIG_NEW_TODAY,
     BaselineProfile,
@@ -30,7 +31,8 @@ from service.shared_baselines import Counts, Merged, Publication, merge, own_cou
 
 TODAY = 20250615
 NOON_MS = 1_749_981_600_000  # 2025-06-15 12:00 Paris
-PROFILE = BaselineProfile(enforce=SIG_NEW_SHARE | SIG_NEW_TODAY)
+# min_lookups pinned at 20 (the default is 15): the split-walk arithmetic below counts on it.
+PROFILE = BaselineProfile(enforce=SIG_NEW_SHARE | SIG_NEW_TODAY, min_lookups=20)
 
 
 def _observers() -> list[Any]:
@@ -174,7 +176,8 @@ def test_a_walker_split_over_two_hosts_is_flagged_as_on_one(observe: Observe) ->
             suspended_at.append(i)
         sync(a, b)
     assert suspended_at[:1] == [19]
-    assert a.state().fired == b.state().fired == SIG_NEW_SHARE | SIG_NEW_TODAY
+    # new_excess (two moderate excesses) is raised by the same walk, in shadow.
+    assert a.state().fired == b.state().fired == SIG_NEW_SHARE | SIG_NEW_TODAY | SIG_NEW_EXCESS
 
     a, b = Host(observe), Host(observe)
     assert not any((a, b)[i % 2].look(5000 + i)[1] for i in range(38))
