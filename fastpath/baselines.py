@@ -223,6 +223,11 @@ def day_number(today: int) -> int:
     return days_from_civil(today // 10000, today // 100 % 100, today % 100)
 
 
+def generation_of(today: int) -> int:
+    """The filter generation a YYYYMMDD day belongs to (never 0: 0 marks an unused segment)."""
+    return (day_number(today) // GENERATION_DAYS + 1) & _U32
+
+
 def _last_sunday(year: int, month: int) -> int:
     d = days_from_civil(year, month, 31)
     return d - (d + 4) % 7
@@ -293,7 +298,7 @@ def _roll(buffer: bytearray | mmap.mmap, offset: int, s: BaselineState, today: i
     s.lookups = s.new = s.off_hours = s.domains = s.fired = 0
     s.today_hours = [0] * HOURS
     s.day = today
-    generation = (day_number(today) // GENERATION_DAYS + 1) & _U32
+    generation = generation_of(today)
     segment = generation % FILTER_GENERATIONS
     if s.generation[segment] != generation:
         start = offset + RECORD_HEAD + segment * FILTER_BYTES
@@ -325,7 +330,7 @@ def observe(
     s = BaselineState.unpack(buffer, offset)
     if s.day != today:
         _roll(buffer, offset, s, today)
-    generation = (day_number(today) // GENERATION_DAYS + 1) & _U32
+    generation = generation_of(today)
     segment = generation % FILTER_GENERATIONS
     bits = filter_bits(h)
     seen = False

@@ -35,7 +35,6 @@ from fastpath import baselines
 from fastpath.baselines import (
     FILTER_BYTES,
     FILTER_GENERATIONS,
-    GENERATION_DAYS,
     HEADER_SIZE,
     RECORD_HEAD,
     RECORD_SIZE,
@@ -173,7 +172,7 @@ def publications(buffer: Any, offset: int, merged: Merged) -> tuple[Publication,
     generation has passed, so they are published again only when the generations move)."""
     s = BaselineState.unpack(buffer, offset)
     base = offset + RECORD_HEAD
-    current = (baselines.day_number(s.day) // GENERATION_DAYS + 1) & _U32 if s.day else 0
+    current = baselines.generation_of(s.day) if s.day else 0
     today: list[tuple[int, bytes]] = []
     past: list[tuple[int, bytes]] = []
     for g in range(FILTER_GENERATIONS):

@@ -271,52 +271,47 @@ cdef int _domain_code(const DomainCodes* d, const unsigned char* s,
     return 0
 
 
-cdef bint _valid_right(const RowFields* r, const DomainCodes* domains,
-                       unsigned char* nir) noexcept nogil:
-    """Whether a row passes every check of service.importer (_check_identity, _check_right).
-    Writes the normalised NIR."""
+cdef int _valid_right(const RowFields* r, const DomainCodes* domains,
+                      unsigned char* nir) noexcept nogil:
+    """The row's care domain code when it passes every check of service.importer
+    (_check_identity, _check_right), else 0. Writes the normalised NIR."""
     cdef Py_ssize_t i, n
     cdef unsigned char c
+    cdef int domain
     if r.size[C_NIR] != NIR_SIZE:
-        return False
+        return 0
     for i in range(NIR_SIZE):                       # rules.normalise_nir (ASCII: a-z only)
         c = r.text[C_NIR][i]
         if 97 <= c <= 122:
             c -= 32
         nir[i] = c
     if not _valid_nir(nir):
-        return False
+        return 0
     if (r.size[C_NIR_KEY] != 2 or not _all_digits(r.text[C_NIR_KEY], 2)
             or _number(r.text[C_NIR_KEY], 2) != _nir_key_for(nir)):
-        return False
+        return 0
     if not _valid_birth_date(r.text[C_BIRTH_DATE], r.size[C_BIRTH_DATE]):
-        return False
+        return 0
     if r.size[C_BIRTH_RANK] != 1 or not 49 <= r.text[C_BIRTH_RANK][0] <= 57:
-        return False
+        return 0
     n = r.size[C_AMC]
     if not 1 <= n <= MAX_AMC_NUMBER or not _all_digits(r.text[C_AMC], n):
-        return False
+        return 0
     if r.size[C_MEMBER] > MAX_MEMBER_NUMBER or not _alnum(r.text[C_MEMBER], r.size[C_MEMBER]):
-        return False
-    if _domain_code(domains, r.text[C_DOMAIN], r.size[C_DOMAIN]) == 0:
-        return False
+        return 0
+    domain = _domain_code(domains, r.text[C_DOMAIN], r.size[C_DOMAIN])
+    if domain == 0:
+        return 0
     n = r.size[C_RATE]
     if not 1 <= n <= 3 or not _all_digits(r.text[C_RATE], n) or _number(r.text[C_RATE], n) > 100:
-        return False
+        return 0
     n = r.size[C_CONVENTION]
     if not 1 <= n <= MAX_CONVENTION_TYPE or not _alnum(r.text[C_CONVENTION], n):
-        return False
+        return 0
     if not (_valid_calendar_date(r.text[C_START], r.size[C_START])
             and _valid_calendar_date(r.text[C_END], r.size[C_END])):
-        return False
-    return memcmp(r.text[C_START], r.text[C_END], 8) <= 0
-
-
-cdef inline void _put_u32le(unsigned char* out, uint32_t v) noexcept nogil:
-    out[0] = <unsigned char>(v & 0xFF)
-    out[1] = <unsigned char>((v >> 8) & 0xFF)
-    out[2] = <unsigned char>((v >> 16) & 0xFF)
-    out[3] = <unsigned char>(v >> 24)
+        return 0
+    return domain if memcmp(r.text[C_START], r.text[C_END], 8) <= 0 else 0
 
 
 cdef Py_ssize_t _rights_header(const unsigned char* p, Py_ssize_t n, bytes header) noexcept:
@@ -376,6 +371,7 @@ def rights_records(const unsigned char[::1] data, keys, columns, Py_ssize_t max_
     cdef const unsigned char* mhash
     cdef unsigned char c
     cdef bint have_last = False
+    cdef int domain
     cdef bytes name
 
     if tuple(columns) != _RIGHTS_COLUMNS:
@@ -424,7 +420,8 @@ def rights_records(const unsigned char[::1] data, keys, columns, Py_ssize_t max_
             pos += 1
         rows += 1
 
-        if not _valid_right(&r, &domains, identity):
+        domain = _valid_right(&r, &domains, identity)
+        if domain == 0:
             return None
         memcpy(identity + NIR_SIZE, r.text[C_BIRTH_DATE], BIRTH_DATE_SIZE)
         identity[IDENTITY_SIZE - 1] = r.text[C_BIRTH_RANK][0]
@@ -457,7 +454,7 @@ def rights_records(const unsigned char[::1] data, keys, columns, Py_ssize_t max_
         # rules.encode_record's row: domain, rate, start, end, flags, AMC, convention, member
         _grow_array(<void**>&build.rows, &build.rows_capacity, build.rows_used, ROW_MAX_SIZE, 1)
         row = build.rows + build.rows_used
-        row[0] = <unsigned char>_domain_code(&domains, r.text[C_DOMAIN], r.size[C_DOMAIN])
+        row[0] = <unsigned char>domain
         row[1] = <unsigned char>_number(r.text[C_RATE], r.size[C_RATE])
         _put_u32le(row + 2, <uint32_t>_number(r.text[C_START], 8))
         _put_u32le(row + 6, <uint32_t>_number(r.text[C_END], 8))

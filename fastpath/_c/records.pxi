@@ -13,6 +13,13 @@ cdef inline long long _u32le(const unsigned char* p) noexcept nogil:
                        | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24))
 
 
+cdef inline void _put_u32le(unsigned char* out, uint32_t v) noexcept nogil:
+    out[0] = <unsigned char>(v & 0xFF)
+    out[1] = <unsigned char>((v >> 8) & 0xFF)
+    out[2] = <unsigned char>((v >> 16) & 0xFF)
+    out[3] = <unsigned char>(v >> 24)
+
+
 cdef inline Py_ssize_t _available(Py_ssize_t pos, Py_ssize_t want,
                                   Py_ssize_t n) noexcept nogil:
     """How many bytes the Python slice value[pos:pos + want] really holds."""
