@@ -76,6 +76,19 @@ def files(tmp_path: Path) -> Any:
     quota.close()
 
 
+def traced_gate(gate_module: ModuleType, rights_env: RightsStore, quota: Any, base: Any) -> Any:
+    """A gate with quotas, baselines and tracing (spans of a fixed seed)."""
+    return gate_module.Gate(
+        rights_env.env,
+        rights_env.db,
+        rights_env.keys,
+        quota=quota,
+        baseline=base,
+        trace=True,
+        trace_seed=5,
+    )
+
+
 def run_days(
     gate: Any, p: Practitioner, days: list[list[int]], start: float = NOW, hour: int = 10
 ) -> float:
@@ -119,15 +132,7 @@ def test_a_list_walker_is_flagged_on_its_first_day_and_the_policy_suspends(
     gate_module: ModuleType, rights_env: RightsStore, files: Any
 ) -> None:
     quota, base = files
-    gate = gate_module.Gate(
-        rights_env.env,
-        rights_env.db,
-        rights_env.keys,
-        quota=quota,
-        baseline=base,
-        trace=True,
-        trace_seed=5,
-    )
+    gate = traced_gate(gate_module, rights_env, quota, base)
     enforce = baselines.SIG_NEW_TODAY | baselines.SIG_NEW_SHARE
     p = practitioner(BaselineProfile(enforce=enforce))
     try:
@@ -163,15 +168,7 @@ def test_a_slow_walker_within_its_practice_s_noise_raises_new_excess(
     for new_today (under 4 deviations) and new_share (under 4 binomial deviations), and raises
     new_excess (3 and 2), which suspends on its own when enforced."""
     quota, base = files
-    gate = gate_module.Gate(
-        rights_env.env,
-        rights_env.db,
-        rights_env.keys,
-        quota=quota,
-        baseline=base,
-        trace=True,
-        trace_seed=5,
-    )
+    gate = traced_gate(gate_module, rights_env, quota, base)
     p = practitioner(BaselineProfile(enforce=baselines.SIG_NEW_EXCESS))
 
     def day_of(d: int, walked: int = 0) -> list[int]:
