@@ -50,9 +50,7 @@ def fill(ds: bench_dataset.Dataset, root: Path, spans: int, config_path: str | N
         store.env, store.rights_db, keys, max_batch_items=500, quota=quota, trace=True
     )
     covered = ds.pools[COVERED]
-    batches = [
-        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
-    ]
+    batches = frames.whole_batches(covered)
     settings = SpoolSettings(root, 1 << 40, "refuse", 8 << 20)
     writer = SpoolWriter(
         settings,

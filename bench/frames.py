@@ -126,6 +126,13 @@ def batch_bytes(specs: Sequence[CheckSpec], id_prefix: str = "b") -> bytes:
     return batch.SerializeToString()
 
 
+def whole_batches(specs: Sequence[CheckSpec], size: int = 100) -> list[bytes]:
+    """`specs` cut into batch requests of `size` items each (a last, shorter one left out)."""
+    return [
+        batch_bytes(specs[i : i + size], f"b{i}-") for i in range(0, len(specs) - size + 1, size)
+    ]
+
+
 def mixed(
     pools: Mapping[str, Sequence[CheckSpec]],
     weights: Mapping[str, int],

@@ -92,9 +92,7 @@ def decisions(
     now = int(time.time())
     covered = ds.pools[COVERED]
     singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
-    batches = [
-        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
-    ]
+    batches = frames.whole_batches(covered)
     mix_specs = frames.mixed(ds.pools, dict(COUNTER_MIX), 100 * 40)
     mixed_batches = [frames.batch_bytes(mix_specs[i : i + 100]) for i in range(0, 4000, 100)]
 
@@ -215,9 +213,7 @@ def pairs(
     now = int(time.time())
     covered = ds.pools[COVERED]
     singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
-    batches = [
-        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
-    ]
+    batches = frames.whole_batches(covered)
     plain = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500, quota=quota)
     # Quotas off: a gate without the quota file (one with it refuses a caller without a slot).
     free = _gate_c.Gate(store.env, store.rights_db, keys, max_batch_items=500)
@@ -304,9 +300,7 @@ def baseline_pairs(
     now = int(time.time())
     covered = ds.pools[COVERED]
     singles = [frames.request_bytes(s, f"r{i:08d}") for i, s in enumerate(covered)]
-    batches = [
-        frames.batch_bytes(covered[i : i + 100], f"b{i}-") for i in range(0, len(covered) - 99, 100)
-    ]
+    batches = frames.whole_batches(covered)
     scratch = tempfile.TemporaryDirectory(prefix="covergate-baselines-")
     base = BaselineFile(Path(scratch.name) / "baseline", quota.slots)
     record = base.read(served_as.slot)
